@@ -1,0 +1,52 @@
+# incept — build and test.  `make` builds ./incept; `make test` runs the whole suite;
+# `make test SAN=1` does the same under AddressSanitizer + UBSan (objects in build-san/).
+CC      ?= cc
+SAN     ?= 0
+OPT     ?= -O2
+CFLAGS  ?=
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra $(OPT) -g -pthread -Isrc -I/usr/include/stb
+LDLIBS  += -lm -lz -lpthread
+ifeq ($(SAN),1)
+  BUILD := build-san
+  CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+  LDFLAGS += -fsanitize=address,undefined
+  BIN := $(BUILD)/incept
+else
+  BUILD := build
+  BIN := incept
+endif
+
+LIB_SRC  := $(sort $(wildcard src/*/*.c))
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o)
+TEST_SRC := $(sort $(wildcard tests/*.c))
+TEST_BIN := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+PY       := /usr/bin/python3
+
+.PHONY: all test clean deps run bench
+all: $(BIN) $(TEST_BIN)
+
+$(BUILD)/%.o: %.c $(wildcard src/*/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libincept.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BIN): $(BUILD)/cli/incept.o $(BUILD)/libincept.a
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libincept.a $(wildcard src/*/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libincept.a -o $@ $(LDLIBS)
+
+# Debian packages the build and the tests need; installed when missing (root), else named.
+DEBS := python3-torch python3-torchvision python3-numpy zlib1g-dev libstb-dev dataset-fashion-mnist
+deps:
+	@tools/ensure-debs.sh $(DEBS)
+
+test: deps all
+	INCEPT_BIN=$(abspath $(BIN)) INCEPT_BUILD=$(abspath $(BUILD)) $(PY) tests/run.py
+
+clean:
+	rm -rf build build-san incept
