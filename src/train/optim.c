@@ -1,0 +1,167 @@
+// SGD / Adam / AdamW as torch/optim/{sgd,adam,adamw}.py (_single_tensor_* in torch 1.13).
+// Every tensor op there is an elementwise float32 op whose scalar argument is a Python float
+// (double) rounded to float; the loops below do the same ops in the same order, so results
+// agree with PyTorch to float rounding (PyTorch's vectorised kernels use FMA, we do not).
+#include "train/optim.h"
+#include "util/err.h"
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+void optim_config_default(optim_config *cfg, int kind) {
+    memset(cfg, 0, sizeof *cfg);
+    cfg->kind = kind;
+    cfg->beta1 = 0.9;
+    cfg->beta2 = 0.999;
+    cfg->eps = 1e-8;
+    cfg->weight_decay = kind == OPT_ADAMW ? 1e-2 : 0.0;
+}
+
+int optim_kind_parse(const char *s) {
+    if (!strcmp(s, "sgd")) return OPT_SGD;
+    if (!strcmp(s, "adam")) return OPT_ADAM;
+    if (!strcmp(s, "adamw")) return OPT_ADAMW;
+    return err_set("unknown optimiser '%s' (expected sgd, adam or adamw)", s);
+}
+
+const char *optim_kind_name(int kind) {
+    switch (kind) {
+    case OPT_SGD: return "sgd";
+    case OPT_ADAM: return "adam";
+    case OPT_ADAMW: return "adamw";
+    default: return "?";
+    }
+}
+
+// PyTorch's constructor checks, with the same meaning.
+static int config_check(const optim_config *c) {
+    if (c->kind != OPT_SGD && c->kind != OPT_ADAM && c->kind != OPT_ADAMW)
+        return err_set("optimiser: unknown kind %d", c->kind);
+    if (!(c->weight_decay >= 0)) return err_set("optimiser: weight decay %g < 0", c->weight_decay);
+    if (c->kind == OPT_SGD) {
+        if (!(c->momentum >= 0)) return err_set("sgd: momentum %g < 0", c->momentum);
+        if (!(c->dampening >= 0 && c->dampening <= 1))
+            return err_set("sgd: dampening %g outside [0, 1]", c->dampening);
+        if (c->nesterov && (c->momentum <= 0 || c->dampening != 0))
+            return err_set("sgd: nesterov momentum requires momentum > 0 and zero dampening");
+    } else {
+        if (!(c->eps >= 0)) return err_set("%s: eps %g < 0", optim_kind_name(c->kind), c->eps);
+        if (!(c->beta1 >= 0 && c->beta1 < 1))
+            return err_set("%s: beta1 %g outside [0, 1)", optim_kind_name(c->kind), c->beta1);
+        if (!(c->beta2 >= 0 && c->beta2 < 1))
+            return err_set("%s: beta2 %g outside [0, 1)", optim_kind_name(c->kind), c->beta2);
+    }
+    return 0;
+}
+
+int optim_init(optim *o, const optim_config *cfg, size_t n_floats) {
+    memset(o, 0, sizeof *o);
+    if (config_check(cfg)) return -1;
+    o->cfg = *cfg;
+    o->n = n_floats;
+    int nbuf = cfg->kind == OPT_SGD ? (cfg->momentum != 0) : 2 + (cfg->amsgrad != 0);
+    float **bufs[3] = {&o->buf1, &o->buf2, &o->buf3};
+    for (int i = 0; i < nbuf; i++) {
+        *bufs[i] = calloc(n_floats ? n_floats : 1, sizeof(float));
+        if (!*bufs[i]) {
+            optim_free(o);
+            return err_set("optimiser: out of memory for %zu-float state", n_floats);
+        }
+    }
+    return 0;
+}
+
+void optim_free(optim *o) {
+    free(o->buf1);
+    free(o->buf2);
+    free(o->buf3);
+    o->buf1 = o->buf2 = o->buf3 = NULL;
+}
+
+int optim_check_spans(const optim *o, const param_span *spans, int n_spans) {
+    for (int i = 0; i < n_spans; i++) {
+        if (spans[i].off > o->n || spans[i].n > o->n - spans[i].off)
+            return err_set("optimiser: span %d [%zu, +%zu) outside the %zu parameters", i,
+                           spans[i].off, spans[i].n, o->n);
+        for (int j = 0; j < i; j++)
+            if (spans[i].off < spans[j].off + spans[j].n && spans[j].off < spans[i].off + spans[i].n)
+                return err_set("optimiser: spans %d and %d overlap", j, i);
+    }
+    return 0;
+}
+
+float *optim_buffer(optim *o, int i) {
+    return i == 0 ? o->buf1 : i == 1 ? o->buf2 : i == 2 ? o->buf3 : NULL;
+}
+
+const char *optim_buffer_name(const optim *o, int i) {
+    const float *b = optim_buffer((optim *)o, i);
+    if (!b) return NULL;
+    if (o->cfg.kind == OPT_SGD) return "optim.momentum_buffer";
+    return i == 0 ? "optim.exp_avg" : i == 1 ? "optim.exp_avg_sq" : "optim.max_exp_avg_sq";
+}
+
+// torch.optim.SGD: d_p = g + wd*p; buf = d_p (first step) or momentum*buf + (1-dampening)*d_p;
+// d_p = nesterov ? d_p + momentum*buf : buf; p -= lr*d_p.
+static void sgd_span(const optim_config *c, int first, float *p, const float *g, float *buf,
+                     size_t n, double wd, double lr) {
+    const float wdf = (float)wd, mom = (float)c->momentum, keep = (float)(1.0 - c->dampening);
+    const float neg_lr = (float)-lr;
+    for (size_t i = 0; i < n; i++) {
+        float d = g[i];
+        if (wd != 0) d = d + wdf * p[i];
+        if (buf) {
+            buf[i] = first ? d : buf[i] * mom + keep * d;
+            d = c->nesterov ? d + mom * buf[i] : buf[i];
+        }
+        p[i] = p[i] + neg_lr * d;
+    }
+}
+
+// torch.optim.Adam / AdamW (step already incremented): m = b1*m + (1-b1)*g;
+// v = b2*v + (1-b2)*g*g; denom = sqrt(v or vmax) / sqrt(1-b2^t) + eps;
+// p += -(lr / (1-b1^t)) * m / denom. Adam adds wd*p to g; AdamW first does p *= 1 - lr*wd.
+static void adam_span(const optim_config *c, int64_t step, float *p, const float *g, float *m,
+                      float *v, float *vmax, size_t n, double wd, double lr) {
+    const int decoupled = c->kind == OPT_ADAMW;
+    const float wdf = (float)wd, shrink = (float)(1.0 - lr * wd);
+    const float b1 = (float)c->beta1, one_b1 = (float)(1.0 - c->beta1);
+    const float b2 = (float)c->beta2, one_b2 = (float)(1.0 - c->beta2);
+    const double t = (double)(float)step;   // PyTorch keeps the step count in a float tensor
+    const double bc1 = 1.0 - pow(c->beta1, t), bc2 = 1.0 - pow(c->beta2, t);
+    const float neg_step_size = (float)-(lr / bc1);
+    const float bc2_sqrt = (float)sqrt(bc2), eps = (float)c->eps;
+    for (size_t i = 0; i < n; i++) {
+        float gi = g[i];
+        if (decoupled) p[i] = p[i] * shrink;
+        else if (wd != 0) gi = gi + wdf * p[i];
+        m[i] = m[i] * b1 + one_b1 * gi;
+        v[i] = v[i] * b2 + one_b2 * gi * gi;
+        float s = v[i];
+        if (vmax) {
+            // torch.maximum: a NaN on either side wins
+            vmax[i] = isnan(vmax[i]) || vmax[i] >= s ? vmax[i] : s;
+            s = vmax[i];
+        }
+        const float denom = sqrtf(s) / bc2_sqrt + eps;
+        p[i] = p[i] + neg_step_size * m[i] / denom;
+    }
+}
+
+void optim_step(optim *o, float *params, const float *grads, const param_span *spans,
+                int n_spans, double lr) {
+    const optim_config *c = &o->cfg;
+    const int first = o->step == 0;
+    o->step++;
+    for (int s = 0; s < n_spans; s++) {
+        const size_t off = spans[s].off, n = spans[s].n;
+        const double wd = spans[s].no_decay && !c->decay_bn_bias ? 0.0 : c->weight_decay;
+        float *p = params + off;
+        const float *g = grads + off;
+        if (c->kind == OPT_SGD)
+            sgd_span(c, first, p, g, o->buf1 ? o->buf1 + off : NULL, n, wd, lr);
+        else
+            adam_span(c, o->step, p, g, o->buf1 + off, o->buf2 + off,
+                      o->buf3 ? o->buf3 + off : NULL, n, wd, lr);
+    }
+}
