@@ -95,7 +95,7 @@ float *optim_buffer(optim *o, int i) {
 }
 
 const char *optim_buffer_name(const optim *o, int i) {
-    const float *b = optim_buffer((optim *)o, i);
+    const float *b = i == 0 ? o->buf1 : i == 1 ? o->buf2 : i == 2 ? o->buf3 : NULL;
     if (!b) return NULL;
     if (o->cfg.kind == OPT_SGD) return "optim.momentum_buffer";
     return i == 0 ? "optim.exp_avg" : i == 1 ? "optim.exp_avg_sq" : "optim.max_exp_avg_sq";

@@ -14,6 +14,8 @@
 //   Adam/AdamW: buf1 = exp_avg, buf2 = exp_avg_sq, buf3 = max_exp_avg_sq (only with amsgrad)
 // Save `step` and each non-NULL buffer; to resume, optim_init() with the same config and size,
 // then copy them back. Buffers have the layout of `params` (entries outside spans stay 0).
+// SGD counts steps too: at step 0 the momentum buffer starts as the gradient (PyTorch's
+// "buf is None" case), so a restored momentum run must restore `step` as well.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
