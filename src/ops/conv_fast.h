@@ -1,0 +1,25 @@
+// Fast conv2d on the GEMM of gemm.h: the same semantics as conv2d_forward / conv2d_backward in
+// ops.h (PyTorch's, to float32 rounding), plus a caller-given workspace.
+//
+// Forward:  out[n] = W[K x C*k*k] * im2col(in[n]) + b, with the batch folded into the GEMM's
+//           columns and the im2col matrix packed straight from the image (no im2col buffer).
+// Backward: dW += dout * im2col(in)^T (batch folded into the GEMM's depth);
+//           din += (for stride 1) a forward convolution of dout with the flipped, transposed
+//           weights (again no buffer), else W^T * dout per image followed by col2im.
+#pragma once
+#include <stddef.h>
+
+// Workspace in floats for conv2d_fast_forward and conv2d_fast_backward with these sizes, at
+// the current thread count (cpu_threads()).
+size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int stride, int pad);
+
+// in [N,C,H,W], w [K,C,k,k], b [K] or NULL -> out [N,K,OH,OW] (overwritten); relu != 0 applies
+// max(x, 0) to the output (fusing a following ReLU).
+void conv2d_fast_forward(float *out, const float *in, const float *w, const float *b, int N,
+                         int C, int H, int W, int K, int k, int stride, int pad, int relu,
+                         float *ws);
+
+// Accumulates (+=) into din [N,C,H,W], dw [K,C,k,k] and db [K]; any of them may be NULL.
+void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, const float *in,
+                          const float *w, int N, int C, int H, int W, int K, int k, int stride,
+                          int pad, float *ws);

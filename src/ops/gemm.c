@@ -1,0 +1,442 @@
+// GEMM driver: blocking, packing, thread split and the plain-C micro-kernel. See gemm.h.
+//
+// Loop nest per thread (C block rows m0..m1, columns n0..n1):
+//   for ic in rows, MC at a time (MC is large: usually all the rows at once):
+//     for each K block (KC deep):    pack A[ic block, K block] -> ap   (each element once)
+//       for jc in columns, NC at a time: pack B[K block, jc block] -> bp  (stays in L2)
+//         for each MR-row panel of ap:     (stays in L1)
+//           for each NR-column sliver of bp: micro-kernel -> C tile
+// The K blocks are the same for every thread count, and each C tile is summed over them in
+// order, which makes results independent of the thread split.
+#include "ops/gemm.h"
+#include "ops/cpu.h"
+#include <stdint.h>
+#include <string.h>
+
+#define MR_MAX 8
+#define NR_MAX 48
+
+typedef struct {
+    int MR, NR;      // micro-tile
+    int KC, MC, NC;  // cache blocks (MC a multiple of MR, NC of NR)
+    gemm_kernel_fn *kernel;
+} gemm_config;
+
+static gemm_kernel_fn kernel_scalar;
+
+// Block sizes measured on a Zen 5 core (48 KiB L1d, 1 MiB L2); see bench/kernels.c.
+static const gemm_config configs[3] = {
+    [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar},
+    [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2},
+    [CPU_ISA_AVX512] = {GEMM_AVX512_MR, GEMM_AVX512_NR, 384, 512, 480, gemm_kernel_avx512},
+};
+
+// ---------------------------------------------------------------------------------------------
+// Plain-C micro-kernel (4 x 16). ISO C mode keeps a*b+c as two roundings (no contraction).
+
+enum { SMR = 4, SNR = 16 };
+
+static void kernel_scalar(int kc, const float *a, const float *b, float *c, ptrdiff_t ldc,
+                          int mr, int nr, const gemm_epilogue *e) {
+    float acc[SMR][SNR];
+    memset(acc, 0, sizeof acc);
+    for (int k = 0; k < kc; k++) {
+        const float *bk = b + (ptrdiff_t)k * SNR;
+        for (int i = 0; i < SMR; i++) {
+            float ai = a[k * SMR + i];
+            for (int j = 0; j < SNR; j++) acc[i][j] += ai * bk[j];
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + i * ldc;
+        for (int j = 0; j < nr; j++) {
+            float x = acc[i][j];
+            if (e->load_c) x = ci[j] + x;
+            if (e->bias_row) x += e->bias_row[i];
+            if (e->bias_col) x += e->bias_col[j];
+            if (e->relu && x < 0.0f) x = 0.0f;  // NaN < 0 is false: NaN stays
+            ci[j] = x;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing
+
+static int ceil_div(int a, int b) { return (a + b - 1) / b; }
+static size_t round_up(size_t a, size_t b) { return (a + b - 1) / b * b; }
+
+// A dense operand's element (r, c) address for a column segment that does not cross a fold.
+static const float *dense_at(const gemm_operand *o, int r, int c) {
+    ptrdiff_t off = (ptrdiff_t)r * o->rs;
+    if (o->fold) off += (ptrdiff_t)(c / o->fold) * o->fold_stride + (ptrdiff_t)(c % o->fold) * o->cs;
+    else off += (ptrdiff_t)c * o->cs;
+    return o->p + off;
+}
+
+// Length of the run of columns from c on (at most n) that stays within one fold.
+static int dense_run(const gemm_operand *o, int c, int n) {
+    if (!o->fold) return n;
+    int left = o->fold - c % o->fold;
+    return left < n ? left : n;
+}
+
+// A rows i0..i0+mc-1, columns k0..k0+kc-1 -> panels of MR rows: dst[p][k][i]; rows >= M are 0.
+static void pack_a(float *dst, const gemm_operand *a, int M, int i0, int mc, int k0, int kc,
+                   int MR) {
+    for (int p = 0; p < ceil_div(mc, MR); p++) {
+        float *d = dst + (size_t)p * MR * kc;
+        for (int i = 0; i < MR; i++) {
+            int r = i0 + p * MR + i;
+            if (r >= M || r >= i0 + mc) {
+                for (int k = 0; k < kc; k++) d[k * MR + i] = 0.0f;
+                continue;
+            }
+            for (int k = 0; k < kc;) {
+                int n = dense_run(a, k0 + k, kc - k);
+                const float *s = dense_at(a, r, k0 + k);
+                ptrdiff_t cs = a->cs;
+                if (cs == 1)
+                    for (int t = 0; t < n; t++) d[(k + t) * MR + i] = s[t];
+                else
+                    for (int t = 0; t < n; t++) d[(k + t) * MR + i] = s[t * cs];
+                k += n;
+            }
+        }
+    }
+}
+
+// Zeroes the columns nc..(slivers*NR) of the last sliver: the kernel computes them too.
+static void pack_b_pad(float *dst, int kc, int nc, int NR) {
+    int tail = nc % NR;
+    if (!tail) return;
+    float *d = dst + (size_t)(nc / NR) * NR * kc;
+    for (int k = 0; k < kc; k++)
+        for (int j = tail; j < NR; j++) d[k * NR + j] = 0.0f;
+}
+
+// Address of element (k, j) of the packed B block.
+static inline float *bp_at(float *dst, int kc, int NR, int k, int j) {
+    return dst + ((size_t)(j / NR) * kc + k) * NR + j % NR;
+}
+
+static void pack_b_dense(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
+                         int NR) {
+    if (b->cs == 1) {  // rows contiguous: copy runs along each row
+        for (int k = 0; k < kc; k++) {
+            if (k + 4 < kc && !b->fold) {  // rows are far apart: help the hardware prefetcher
+                const char *next = (const char *)dense_at(b, k0 + k + 4, j0);
+                for (int j = 0; j < nc; j += 16) __builtin_prefetch(next + 4 * j);
+            }
+            for (int j = 0; j < nc;) {
+                int n = dense_run(b, j0 + j, nc - j);
+                int in_sliver = NR - j % NR;
+                if (n > in_sliver) n = in_sliver;
+                float *d = bp_at(dst, kc, NR, k, j);
+                const float *src = dense_at(b, k0 + k, j0 + j);
+                if (n == 48) memcpy(d, src, 48 * sizeof(float));  // fixed sizes inline
+                else if (n == 16) memcpy(d, src, 16 * sizeof(float));
+                else memcpy(d, src, n * sizeof(float));
+                j += n;
+            }
+        }
+    } else {  // e.g. a transposed B: walk down each column instead
+        for (int j = 0; j < nc; j++) {
+            const float *s = dense_at(b, k0, j0 + j);
+            float *d = bp_at(dst, kc, NR, 0, j);
+            for (int k = 0; k < kc; k++) d[k * NR] = s[k * b->rs];
+        }
+    }
+    pack_b_pad(dst, kc, nc, NR);
+}
+
+// One run of an image row for im2col: out[t] = src row at x = x0 + t*stride, 0 outside [0,W).
+// dstep is the distance between consecutive outputs.
+static void im2col_run(float *out, ptrdiff_t dstep, const float *row, int W, int x0, int stride,
+                       int n) {
+    if (!row) {
+        for (int t = 0; t < n; t++) out[t * dstep] = 0.0f;
+        return;
+    }
+    // valid t: 0 <= x0 + t*stride < W
+    int lo = x0 >= 0 ? 0 : ceil_div(-x0, stride);
+    int hi = x0 >= W ? 0 : ceil_div(W - x0, stride);
+    if (lo > n) lo = n;
+    if (hi > n) hi = n;
+    if (hi < lo) hi = lo;
+    int t = 0;
+    for (; t < lo; t++) out[t * dstep] = 0.0f;
+    if (stride == 1 && dstep == 1) {
+        memcpy(out + lo, row + x0 + lo, (size_t)(hi - lo) * sizeof(float));
+        t = hi;
+    } else {
+        for (; t < hi; t++) out[t * dstep] = row[x0 + t * stride];
+    }
+    for (; t < n; t++) out[t * dstep] = 0.0f;
+}
+
+// Walks pixels j0..j0+n-1 of the folded (n, oy, ox) range in runs along ox. For each run calls
+// emit(run start offset from j0, image, oy, ox, run length).
+typedef struct {
+    int img, oy, ox;
+} pixel_pos;
+
+static pixel_pos pixel_of(const gemm_operand *o, int j) {
+    int ohw = o->OH * o->OW;
+    pixel_pos p = {j / ohw, (j % ohw) / o->OW, j % o->OW};
+    return p;
+}
+
+// The input row that output row oy reads at kernel row dy, or NULL if it is padding.
+static const float *im2col_row(const gemm_operand *o, int img, int ch, int oy, int dy) {
+    int y = oy * o->stride - o->pad + dy;
+    if (y < 0 || y >= o->H) return NULL;
+    return o->p + (((size_t)img * o->C + ch) * o->H + y) * o->W;
+}
+
+static void pack_b_im2col(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
+                          int NR) {
+    int kk = b->k * b->k;
+    for (int r = 0; r < kc; r++) {
+        int q = k0 + r, ch = q / kk, dy = q % kk / b->k, dx = q % b->k;
+        pixel_pos pos = pixel_of(b, j0);
+        for (int j = 0; j < nc;) {
+            int n = b->OW - pos.ox;
+            if (n > nc - j) n = nc - j;
+            int in_sliver = NR - j % NR;
+            if (n > in_sliver) n = in_sliver;
+            im2col_run(bp_at(dst, kc, NR, r, j), 1, im2col_row(b, pos.img, ch, pos.oy, dy), b->W,
+                       pos.ox * b->stride - b->pad + dx, b->stride, n);
+            j += n;
+            pos.ox += n;
+            if (pos.ox == b->OW) {
+                pos.ox = 0;
+                if (++pos.oy == b->OH) pos.oy = 0, pos.img++;
+            }
+        }
+    }
+    pack_b_pad(dst, kc, nc, NR);
+}
+
+// B(k, j) = im2col(j, k): rows are pixels, columns are (ch, dy, dx).
+static void pack_b_im2col_t(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
+                            int NR) {
+    int kk = b->k * b->k;
+    for (int j = 0; j < nc; j++) {
+        int q = j0 + j, ch = q / kk, dy = q % kk / b->k, dx = q % b->k;
+        pixel_pos pos = pixel_of(b, k0);
+        float *d = bp_at(dst, kc, NR, 0, j);
+        for (int r = 0; r < kc;) {
+            int n = b->OW - pos.ox;
+            if (n > kc - r) n = kc - r;
+            im2col_run(d + (ptrdiff_t)r * NR, NR, im2col_row(b, pos.img, ch, pos.oy, dy), b->W,
+                       pos.ox * b->stride - b->pad + dx, b->stride, n);
+            r += n;
+            pos.ox += n;
+            if (pos.ox == b->OW) {
+                pos.ox = 0;
+                if (++pos.oy == b->OH) pos.oy = 0, pos.img++;
+            }
+        }
+    }
+    pack_b_pad(dst, kc, nc, NR);
+}
+
+static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc, int NR) {
+    switch (b->kind) {
+    case GEMM_DENSE: pack_b_dense(dst, b, k0, kc, j0, nc, NR); break;
+    case GEMM_IM2COL: pack_b_im2col(dst, b, k0, kc, j0, nc, NR); break;
+    case GEMM_IM2COL_T: pack_b_im2col_t(dst, b, k0, kc, j0, nc, NR); break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver
+
+typedef struct {
+    const gemm_config *cfg;
+    const gemm_output *c;
+    const gemm_operand *a, *b;
+    const float *bias;
+    int M, N, K, flags;
+    int nkb, kcb;     // K blocks: nkb blocks of kcb (the last may be shorter)
+    int split_rows;   // threads split the rows of C (else the columns)
+    float *ws;
+    size_t ws_thread; // floats per thread
+} gemm_job;
+
+static void k_blocks(const gemm_config *cfg, int K, int *nkb, int *kcb);
+static size_t bp_floats(const gemm_config *cfg, int N, int kcb);
+
+static float *align64(float *p) { return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
+
+// One MR x NR tile of C at (i, j). A tile whose columns cross a fold (a batch boundary) goes
+// through a contiguous scratch tile.
+static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, int i, int j,
+                     int mr, int nr, const gemm_epilogue *e) {
+    const gemm_output *c = g->c;
+    ptrdiff_t base;
+    if (!c->fold) {
+        base = (ptrdiff_t)i * c->ldc + j;
+    } else {
+        int f = j / c->fold, r = j % c->fold;
+        base = (ptrdiff_t)f * c->fold_stride + (ptrdiff_t)i * c->ldc + r;
+        if (r + nr > c->fold) {
+            float tmp[MR_MAX * NR_MAX];
+            int NR = g->cfg->NR;
+            for (int ii = 0; ii < mr; ii++)
+                for (int jj = 0; jj < nr && e->load_c; jj++) {
+                    int col = j + jj;
+                    tmp[ii * NR + jj] = c->p[(ptrdiff_t)(col / c->fold) * c->fold_stride +
+                                             (ptrdiff_t)(i + ii) * c->ldc + col % c->fold];
+                }
+            g->cfg->kernel(kc, a, b, tmp, NR, mr, nr, e);
+            for (int ii = 0; ii < mr; ii++)
+                for (int jj = 0; jj < nr; jj++) {
+                    int col = j + jj;
+                    c->p[(ptrdiff_t)(col / c->fold) * c->fold_stride +
+                         (ptrdiff_t)(i + ii) * c->ldc + col % c->fold] = tmp[ii * NR + jj];
+                }
+            return;
+        }
+    }
+    g->cfg->kernel(kc, a, b, c->p + base, c->ldc, mr, nr, e);
+}
+
+static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int n1) {
+    const gemm_config *cfg = g->cfg;
+    int MR = cfg->MR, NR = cfg->NR;
+    float *bp = align64(ws);
+    float *ap = align64(bp + bp_floats(cfg, g->N, g->kcb));
+    for (int ic = m0; ic < m1; ic += cfg->MC) {
+        int mc = m1 - ic < cfg->MC ? m1 - ic : cfg->MC;
+        for (int kb = 0; kb < g->nkb; kb++) {
+            int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
+            int last = kb == g->nkb - 1;
+            pack_a(ap, g->a, g->M, ic, mc, pc, kc, MR);
+            for (int jc = n0; jc < n1; jc += cfg->NC) {
+                int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
+                pack_b(bp, g->b, pc, kc, jc, nc, NR);
+                for (int ir = 0; ir < mc; ir += MR) {
+                    int mr = mc - ir < MR ? mc - ir : MR;
+                    for (int jr = 0; jr < nc; jr += NR) {
+                        int nr = nc - jr < NR ? nc - jr : NR;
+                        gemm_epilogue e = {
+                            .load_c = kb > 0 || (g->flags & GEMM_ACCUMULATE),
+                            .bias_row = last && (g->flags & GEMM_BIAS_ROW) ? g->bias + ic + ir : NULL,
+                            .bias_col = last && (g->flags & GEMM_BIAS_COL) ? g->bias + jc + jr : NULL,
+                            .relu = last && (g->flags & GEMM_RELU),
+                        };
+                        run_tile(g, kc, ap + (size_t)ir * kc, bp + (size_t)jr * kc, ic + ir,
+                                 jc + jr, mr, nr, &e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Part t of n: a contiguous range of MR-row panels or NR-column slivers.
+static void gemm_task(void *ctx, int t, int n) {
+    const gemm_job *g = ctx;
+    float *ws = g->ws + (size_t)t * g->ws_thread;
+    if (g->split_rows) {
+        int MR = g->cfg->MR, units = ceil_div(g->M, MR);
+        int u0 = (int)((long)units * t / n), u1 = (int)((long)units * (t + 1) / n);
+        int m1 = u1 * MR < g->M ? u1 * MR : g->M;
+        if (u0 < u1) gemm_block(g, ws, u0 * MR, m1, 0, g->N);
+    } else {
+        int NR = g->cfg->NR, units = ceil_div(g->N, NR);
+        int u0 = (int)((long)units * t / n), u1 = (int)((long)units * (t + 1) / n);
+        int n1 = u1 * NR < g->N ? u1 * NR : g->N;
+        if (u0 < u1) gemm_block(g, ws, 0, g->M, u0 * NR, n1);
+    }
+}
+
+// K blocks of near-equal depth, at most KC: depends on K only, never on the thread count.
+static void k_blocks(const gemm_config *cfg, int K, int *nkb, int *kcb) {
+    *nkb = K > 0 ? ceil_div(K, cfg->KC) : 0;
+    *kcb = K > 0 ? ceil_div(K, *nkb) : 0;
+}
+
+// Floats of the packed B block: kcb deep, NC (or all N, if fewer) wide.
+static size_t bp_floats(const gemm_config *cfg, int N, int kcb) {
+    return (size_t)kcb * round_up((size_t)(N < cfg->NC ? N : cfg->NC), cfg->NR);
+}
+
+static size_t ws_per_thread(const gemm_config *cfg, int M, int N, int K) {
+    int nkb, kcb;
+    k_blocks(cfg, K, &nkb, &kcb);
+    size_t mc = round_up((size_t)(M < cfg->MC ? M : cfg->MC), cfg->MR);
+    return bp_floats(cfg, N, kcb) + mc * kcb + 3 * 16;  // + 64-byte alignment of each part
+}
+
+size_t gemm_workspace_size(int M, int N, int K) {
+    size_t best = 0;
+    for (int l = 0; l < 3; l++) {
+        size_t s = ws_per_thread(&configs[l], M, N, K);
+        if (s > best) best = s;
+    }
+    return best * (size_t)cpu_threads();
+}
+
+// K = 0: C = (C or 0) + bias, then ReLU.
+static void gemm_no_k(const gemm_output *c, const float *bias, int M, int N, int flags) {
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            float *x = c->fold ? c->p + (ptrdiff_t)(j / c->fold) * c->fold_stride +
+                                     (ptrdiff_t)i * c->ldc + j % c->fold
+                               : c->p + (ptrdiff_t)i * c->ldc + j;
+            float v = flags & GEMM_ACCUMULATE ? *x : 0.0f;
+            if (flags & GEMM_BIAS_ROW) v += bias[i];
+            if (flags & GEMM_BIAS_COL) v += bias[j];
+            if ((flags & GEMM_RELU) && v < 0.0f) v = 0.0f;
+            *x = v;
+        }
+}
+
+void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
+             const float *bias, int M, int N, int K, int flags, float *ws) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {
+        gemm_no_k(c, bias, M, N, flags);
+        return;
+    }
+    gemm_job g = {.cfg = &configs[cpu_isa()], .c = c, .a = a, .b = b, .bias = bias,
+                  .M = M, .N = N, .K = K, .flags = flags, .ws = ws};
+    k_blocks(g.cfg, K, &g.nkb, &g.kcb);
+    // Same layout as gemm_workspace_size() so a workspace sized for any level fits.
+    size_t per = 0;
+    for (int l = 0; l < 3; l++) {
+        size_t s = ws_per_thread(&configs[l], M, N, K);
+        if (s > per) per = s;
+    }
+    g.ws_thread = per;
+
+    // Thread split: compare the estimated per-thread time of splitting rows or columns
+    // (tiles computed, plus the packing each thread repeats). Small problems stay on one thread.
+    int T = cpu_threads();
+    double macs = (double)M * N * K;
+    if (macs < 2e5) T = 1;
+    int MR = g.cfg->MR, NR = g.cfg->NR;
+    int mp = ceil_div(M, MR), sp = ceil_div(N, NR);
+    double tile = (double)MR * NR * K / 32.0;  // ~cycles per tile at peak
+    double by_cols = ceil_div(sp, T) * (double)mp * tile + (double)M * K + (double)K * NR * ceil_div(sp, T);
+    double by_rows = ceil_div(mp, T) * (double)sp * tile + (double)K * N + (double)MR * K * ceil_div(mp, T);
+    g.split_rows = by_rows < by_cols;
+    int units = g.split_rows ? mp : sp;
+    if (T > units) T = units;
+    cpu_parallel(gemm_task, &g, T);
+}
+
+void gemm(float *C, int ldc, const float *A, int lda, const float *B, int ldb, const float *bias,
+          int M, int N, int K, int flags, float *ws) {
+    gemm_output c = {.p = C, .ldc = ldc};
+    gemm_operand a = {.kind = GEMM_DENSE, .p = A};
+    gemm_operand b = {.kind = GEMM_DENSE, .p = B};
+    if (flags & GEMM_TRANS_A) a.rs = 1, a.cs = lda;
+    else a.rs = lda, a.cs = 1;
+    if (flags & GEMM_TRANS_B) b.rs = 1, b.cs = ldb;
+    else b.rs = ldb, b.cs = 1;
+    gemm_ex(&c, &a, &b, bias, M, N, K, flags & ~(GEMM_TRANS_A | GEMM_TRANS_B), ws);
+}

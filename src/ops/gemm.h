@@ -1,0 +1,86 @@
+// Single-precision GEMM for the fast kernels: C[M x N] (+)= A[M x K] * B[K x N], row-major.
+//
+// GotoBLAS/BLIS structure: B is packed block by block (KC x NC, kept in L2) into slivers NR
+// columns wide, A into panels MR rows tall (one panel stays in L1 while the slivers stream
+// past it), and a register-blocked micro-kernel computes MR x NR tiles of C with broadcast-FMA:
+//   avx512: 8 x 48 (24 zmm accumulators),  avx2: 6 x 16 (12 ymm),  scalar: 4 x 16.
+// The kernel follows cpu_isa() at call time. Work is split over cpu_threads() threads by
+// blocks of rows or of columns of C; every element of C is computed by one thread with the
+// same sequence of operations whatever the thread count, so results are bit-identical for any
+// number of threads (but differ in rounding between ISA levels).
+//
+// The caller provides the packing workspace (the functions never allocate).
+#pragma once
+#include <stddef.h>
+
+enum {
+    GEMM_TRANS_A    = 1 << 0,  // A is stored as [K x M]: A(i,k) = A[k*lda + i]
+    GEMM_TRANS_B    = 1 << 1,  // B is stored as [N x K]: B(k,j) = B[j*ldb + k]
+    GEMM_ACCUMULATE = 1 << 2,  // C += A*B (+ bias); without it C is overwritten
+    GEMM_BIAS_ROW   = 1 << 3,  // + bias[i] (bias has M entries; e.g. conv output channels)
+    GEMM_BIAS_COL   = 1 << 4,  // + bias[j] (bias has N entries; e.g. linear layers)
+    GEMM_RELU       = 1 << 5,  // C = max(C, 0) last, after accumulation and bias (NaN stays)
+};
+
+// Workspace (in floats) that gemm() needs for these sizes at the current thread count
+// (cpu_threads()); enough for every ISA level. Raising the thread count needs a new size.
+size_t gemm_workspace_size(int M, int N, int K);
+
+// C = A*B (or C += A*B with GEMM_ACCUMULATE), then + bias and ReLU if flagged. lda/ldb/ldc
+// are row strides in floats of the matrices as stored. bias may be NULL without a BIAS flag.
+// ws: gemm_workspace_size(M, N, K) floats, any alignment. M, N, K >= 0 (K = 0 gives bias only).
+void gemm(float *C, int ldc, const float *A, int lda, const float *B, int ldb, const float *bias,
+          int M, int N, int K, int flags, float *ws);
+
+// ---- generalised operands, for the convolutions in conv_fast.c ----
+// The matrices of a convolution are views of NCHW tensors: the batch is folded into a
+// dimension of the GEMM, and im2col matrices are read straight from the image while packing
+// (no im2col buffer).
+typedef enum {
+    GEMM_DENSE,     // (r,c) = p[(c / fold) * fold_stride + r*rs + (c % fold) * cs]; fold 0 = none
+    GEMM_IM2COL,    // rows q = (ch, dy, dx) of C*k*k, columns j = (n, oy, ox) of N*OH*OW:
+                    // (q,j) = p[n][ch][oy*stride - pad + dy][ox*stride - pad + dx], 0 outside
+    GEMM_IM2COL_T,  // the transpose: rows are pixels j, columns are q
+} gemm_operand_kind;
+
+typedef struct {
+    gemm_operand_kind kind;
+    const float *p;
+    ptrdiff_t rs, cs;                       // GEMM_DENSE
+    int fold;                               // GEMM_DENSE: columns fold over the batch
+    ptrdiff_t fold_stride;
+    int C, H, W, k, stride, pad, OH, OW;    // GEMM_IM2COL(_T): image [C,H,W] per batch item
+} gemm_operand;
+
+// C(i,j) = p[(j / fold) * fold_stride + i*ldc + j % fold]; fold 0 = plain row-major.
+typedef struct {
+    float *p;
+    ptrdiff_t ldc;
+    int fold;
+    ptrdiff_t fold_stride;
+} gemm_output;
+
+// gemm() on these views (A may only be GEMM_DENSE). Flags as above except the TRANS ones
+// (express a transpose through rs/cs). ws: gemm_workspace_size(M, N, K) floats.
+void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
+             const float *bias, int M, int N, int K, int flags, float *ws);
+
+// ---- internal: the micro-kernels (gemm.c, gemm_avx2.c, gemm_avx512.c) ----
+// A kernel computes one tile: acc = sum_k a[k*MR + i] * b[k*NR + j] over kc steps from packed
+// panels, then writes C (rows ldc apart) for i < mr, j < nr only.
+typedef struct {
+    int load_c;             // C = C + acc (else C = acc)
+    const float *bias_row;  // + bias_row[i], or NULL
+    const float *bias_col;  // + bias_col[j], or NULL
+    int relu;               // then max(., 0), keeping NaN
+} gemm_epilogue;
+
+typedef void gemm_kernel_fn(int kc, const float *a, const float *b, float *c, ptrdiff_t ldc,
+                            int mr, int nr, const gemm_epilogue *e);
+
+gemm_kernel_fn gemm_kernel_avx512;  // MR 8, NR 48
+gemm_kernel_fn gemm_kernel_avx2;    // MR 6, NR 16
+#define GEMM_AVX512_MR 8
+#define GEMM_AVX512_NR 48
+#define GEMM_AVX2_MR 6
+#define GEMM_AVX2_NR 16
