@@ -12,6 +12,7 @@ void relu_forward(float *out, const float *in, size_t n) {
 }
 
 void relu_backward(float *din, const float *dout, const float *out, size_t n) {
+    if (!din) return;
     // PyTorch's threshold_backward zeroes where out <= 0, so a NaN output passes its gradient.
     for (size_t i = 0; i < n; i++)
         if (!(out[i] <= 0.0f)) din[i] += dout[i];
@@ -70,6 +71,7 @@ void dropout_forward(float *out, float *mask, const float *in, size_t n, float p
 }
 
 void dropout_backward(float *din, const float *dout, const float *mask, size_t n) {
+    if (!din) return;
     for (size_t i = 0; i < n; i++) din[i] += dout[i] * mask[i];
 }
 
@@ -121,6 +123,7 @@ void transform_input_forward(float *out, const float *in, int N, int HW) {
 }
 
 void transform_input_backward(float *din, const float *dout, int N, int HW) {
+    if (!din) return;
     for (int n = 0; n < N; n++)
         for (int c = 0; c < 3; c++) {
             const float a = (float)(TI_STD[c] / 0.5);
@@ -167,6 +170,7 @@ float cross_entropy_forward(float *probs, const float *logits, const int64_t *ta
 
 void cross_entropy_backward(float *dlogits, const float *probs, const int64_t *target,
                             int N, int K, float smoothing, float dloss) {
+    if (!dlogits) return;
     const float scale = dloss / (float)N, off = smoothing / (float)K;
     for (int n = 0; n < N; n++) {
         const float *p = probs + (size_t)n * K;

@@ -163,6 +163,7 @@ void lrn_forward(float *out, const float *in, int N, int C, int HW,
 // recomputed per use: plain and obviously right; LRN is a tiny part of the network's cost.
 void lrn_backward(float *din, const float *dout, const float *in, int N, int C, int HW,
                   int size, float alpha, float beta, float k) {
+    if (!din) return;
     double d[LRN_BLOCK], t[LRN_BLOCK];
     const double coef = 2.0 * alpha * beta / size;
     for (int n = 0; n < N; n++) {

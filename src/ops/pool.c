@@ -53,6 +53,7 @@ void maxpool2d_forward(float *out, const float *in, int N, int C, int H, int W,
 
 void maxpool2d_backward(float *din, const float *dout, const float *in, int N, int C, int H, int W,
                         int k, int stride, int pad, int ceil_mode) {
+    if (!din) return;
     const int OH = pool_out_size(H, k, stride, pad, ceil_mode);
     const int OW = pool_out_size(W, k, stride, pad, ceil_mode);
     for (size_t p = 0; p < (size_t)N * C; p++) {
@@ -112,6 +113,7 @@ void avgpool2d_forward(float *out, const float *in, int N, int C, int H, int W,
 
 void avgpool2d_backward(float *din, const float *dout, int N, int C, int H, int W,
                         int k, int stride, int pad, int ceil_mode, int count_include_pad) {
+    if (!din) return;
     const int OH = pool_out_size(H, k, stride, pad, ceil_mode);
     const int OW = pool_out_size(W, k, stride, pad, ceil_mode);
     for (size_t p = 0; p < (size_t)N * C; p++) {
@@ -158,6 +160,7 @@ void adaptive_avgpool2d_forward(float *out, const float *in, int N, int C, int H
 
 void adaptive_avgpool2d_backward(float *din, const float *dout, int N, int C, int H, int W,
                                  int OH, int OW) {
+    if (!din) return;
     for (size_t p = 0; p < (size_t)N * C; p++) {
         const float *g = dout + p * OH * OW;
         float *dx = din + p * H * W;
