@@ -138,7 +138,7 @@ void crop_draw(crop *c, int H, int W, const preprocess *p, rng *r, int train) {
 }
 
 // Source position of output index o when `len` crop pixels starting at `start` are resized
-// to `out` (PyTorch's float arithmetic, align_corners=False). Indices are into a row padded
+// to `out` (PyTorch's arithmetic, align_corners=False). Indices are into a row padded
 // with one zero on each side: 0 = outside the image, k+1 = pixel k.
 static void tap(int *i0, int *i1, float *l0, float *l1, int o, int start, int len, int out,
                 int size) {
@@ -149,11 +149,11 @@ static void tap(int *i0, int *i1, float *l0, float *l1, int o, int start, int le
         lam = 0.0f;
     } else {
         float scale = (float)len / (float)out;
-        float src = scale * ((float)o + 0.5f) - 0.5f;
-        if (src < 0.0f) src = 0.0f;
+        double src = (double)scale * (o + 0.5) - 0.5;   // as image.c: PyTorch's promotions
+        if (src < 0.0) src = 0.0;
         x0 = (int)src;
         if (x0 > len - 1) x0 = len - 1;
-        lam = src - (float)x0;
+        lam = (float)(src - x0);
         if (lam > 1.0f) lam = 1.0f;
         x1 = x0 + (x0 < len - 1);
     }

@@ -321,7 +321,7 @@ static int dir_list(strlist *out, const char *dir, int want_dirs) {
         if (strlist_add(out, e->d_name)) { closedir(d); return -1; }
     }
     closedir(d);
-    qsort(out->v, out->n, sizeof *out->v, str_cmp);
+    if (out->n > 1) qsort(out->v, out->n, sizeof *out->v, str_cmp);
     return 0;
 }
 

@@ -75,16 +75,17 @@ int image_decode(uint8_t **pix, int *H, int *W, const char *path, int C) {
     return 0;
 }
 
-// Source index and weights of one output coordinate, as PyTorch's CPU upsample_bilinear2d
-// computes them in float (area_pixel_compute_source_index, align_corners=False).
+// Source index and weights of one output coordinate exactly as PyTorch's CPU
+// upsample_bilinear2d computes them (align_corners=False): the scale in float, the source
+// position in double (int + 0.5 promotes), the weight rounded to float.
 static void linear_coord(int *i0, int *i1, float *l0, float *l1, int o, int in, int out) {
     if (in == out) { *i0 = *i1 = o; *l0 = 1.0f; *l1 = 0.0f; return; }
     float scale = (float)in / (float)out;
-    float src = scale * ((float)o + 0.5f) - 0.5f;
-    if (src < 0.0f) src = 0.0f;
+    double src = (double)scale * (o + 0.5) - 0.5;
+    if (src < 0.0) src = 0.0;
     int x0 = (int)src;
     if (x0 > in - 1) x0 = in - 1;
-    float lam = src - (float)x0;
+    float lam = (float)(src - x0);
     if (lam > 1.0f) lam = 1.0f;
     *i0 = x0;
     *i1 = x0 + (x0 < in - 1);
@@ -132,19 +133,19 @@ void image_resize(float *out, const float *in, int C, int H, int W, int OH, int 
 // Antialiased weights of output index o (PyTorch _compute_indices_weights_aa, bilinear =
 // triangle filter of support 1, widened by the scale when shrinking). wt gets *n weights.
 static void aa_weights(int *start, int *n, float *wt, int o, int in, int out) {
+    // Mixed float/double arithmetic on purpose: it is what the C++ promotions in PyTorch do.
     float scale = (float)in / (float)out;
     float support = scale >= 1.0f ? scale : 1.0f;
     float invscale = scale >= 1.0f ? 1.0f / scale : 1.0f;
-    float center = scale * ((float)o + 0.5f);
-    int xmin = (int)(center - support + 0.5f);
+    float center = (float)((double)scale * (o + 0.5));
+    int xmin = (int)((double)center - support + 0.5);
     if (xmin < 0) xmin = 0;
-    int xmax = (int)(center + support + 0.5f);
+    int xmax = (int)((double)center + support + 0.5);
     if (xmax > in) xmax = in;
     float total = 0.0f;
     for (int j = 0; j < xmax - xmin; j++) {
-        float x = ((float)(j + xmin) - center + 0.5f) * invscale;
-        float w = 1.0f - fabsf(x);
-        if (w < 0.0f) w = 0.0f;
+        float x = (float)(((double)(j + xmin) - center + 0.5) * invscale);
+        float w = fabsf(x) < 1.0f ? 1.0f - fabsf(x) : 0.0f;
         wt[j] = w;
         total += w;
     }
