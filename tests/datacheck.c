@@ -6,7 +6,7 @@
 //   datacheck rrc H W SEED S0 S1 R0 R1 N           -> JSON: draws per attempt and boxes
 //   datacheck decode PATH C OUT                    -> raw uint8 CHW, JSON {H, W}
 //   datacheck image PATH OUT RESIZE imagenet | C H W m0 m1 m2 s0 s1 s2
-//   datacheck bench [SOURCE]                       -> JSON timings
+//   datacheck bench [SOURCE [SIZE [OUT_C]]]        -> JSON timings
 // Errors: "datacheck: <message>" on stderr, exit 1.
 #include "data/data.h"
 #include "util/err.h"
@@ -108,9 +108,10 @@ static int cmd_resize(int argc, char **argv) {
     if (!in) return fail();
     if (n != sizeof(float) * C * H * W) { free(in); return err_set("%s: size mismatch", argv[2]), fail(); }
     float *out = malloc(sizeof(float) * C * OH * OW), *tmp = malloc(sizeof(float) * C * H * OW);
-    if (aa) image_resize_aa(out, tmp, in, C, H, W, OH, OW);
+    int rc = 0;
+    if (aa) rc = image_resize_aa(out, tmp, in, C, H, W, OH, OW);
     else image_resize(out, in, C, H, W, OH, OW);
-    int rc = write_file(argv[3], "", out, sizeof(float) * C * OH * OW);
+    rc = rc || write_file(argv[3], "", out, sizeof(float) * C * OH * OW);
     free(in); free(out); free(tmp);
     return rc ? fail() : 0;
 }
@@ -243,7 +244,8 @@ static int cmd_bench(int argc, char **argv) {
     if (dataset_load(&tr, &te, src, 0)) return fail();
     double load = now() - t0;
     preprocess p;
-    if (preprocess_default(&p, &tr, 32, 0, 1)) return fail();
+    int size = argc > 3 ? atoi(argv[3]) : 32, out_c = argc > 4 ? atoi(argv[4]) : 0;
+    if (preprocess_default(&p, &tr, size, out_c, 1)) return fail();
     int B = 128, reps = 20;
     float *x = malloc(sizeof(float) * B * p.out_C * p.out_H * p.out_W);
     int64_t *y = malloc(sizeof(int64_t) * B);

@@ -99,7 +99,8 @@ typedef struct { int top, left, h, w, flip; } crop;
 // top, then for the left), then the flip (rng_uniform(r) < 0.5). Otherwise the centre box of
 // p->eval_crop, no randomness (r may be NULL).
 void crop_draw(crop *c, int H, int W, const preprocess *p, rng *r, int train);
-// Renders one sample: out [out_C x out_H x out_W] from img [C x H x W] uint8 and crop c.
+// Renders one sample: out [out_C x out_H x out_W] from img [C x H x W] uint8 and crop c
+// (H, W <= 4096, as every loaded data set is).
 void crop_render(float *out, const uint8_t *img, int C, int H, int W, const crop *c,
                  const preprocess *p);
 // Fills x [B x out_C x out_H x out_W] and y [B] (y may be NULL) from images idx[0..B) of d:
@@ -126,8 +127,8 @@ int  image_decode(uint8_t **pix, int *H, int *W, const char *path, int C);
 // antialias=False) to float rounding: in [C x H x W] -> out [C x OH x OW].
 void image_resize(float *out, const float *in, int C, int H, int W, int OH, int OW);
 // The same with antialias=True (PIL-style triangle filter widened when shrinking); tmp needs
-// C*H*OW floats. For upsampling both agree.
-void image_resize_aa(float *out, float *tmp, const float *in, int C, int H, int W,
+// C*H*OW floats. For upsampling both agree. Fails only if out of memory (filter weights).
+int  image_resize_aa(float *out, float *tmp, const float *in, int C, int H, int W,
                      int OH, int OW);
 // Shorter side to `size` (longer side int(size*long/short)), then centre crop size x size,
 // antialiased: the storage transform of folder images. out [C x size x size] uint8.

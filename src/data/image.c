@@ -14,6 +14,14 @@
 #define STBI_NO_STDIO
 #include <stb_image.h>   // implementation compiled in stb_image.c
 
+// Prefixes the current error message with "path: " (copied first: err_set writes the buffer
+// err_msg() points into).
+static int err_prefix(const char *path) {
+    char m[1024];
+    snprintf(m, sizeof m, "%s", err_msg());
+    return err_set("%s: %s", path, m);
+}
+
 // The whole file in memory (stb reads from memory so that I/O errors get their own message).
 static int file_slurp(unsigned char **buf, size_t *len, const char *path) {
     *buf = NULL;
@@ -156,11 +164,9 @@ static void aa_weights(int *start, int *n, float *wt, int o, int in, int out) {
 }
 
 // One separable pass: resample `len` samples spaced `stride` apart, for `lines` lines.
-static void aa_pass(float *out, const float *in, int lines, size_t line_in, size_t line_out,
-                    size_t stride, int in_len, int out_len) {
-    // Support is at most 2*scale+1 taps; scale <= in_len.
-    float *wt = malloc(sizeof(float) * ((size_t)in_len + 2));
-    if (!wt) return;   // unreachable in practice; callers size inputs sanely
+// wt holds in_len + 2 floats (the widest support).
+static void aa_pass(float *out, float *wt, const float *in, int lines, size_t line_in,
+                    size_t line_out, size_t stride, int in_len, int out_len) {
     for (int o = 0; o < out_len; o++) {
         int s, n;
         aa_weights(&s, &n, wt, o, in_len, out_len);
@@ -173,23 +179,25 @@ static void aa_pass(float *out, const float *in, int lines, size_t line_in, size
             }
         }
     }
-    free(wt);
 }
 
-void image_resize_aa(float *out, float *tmp, const float *in, int C, int H, int W,
-                     int OH, int OW) {
+int image_resize_aa(float *out, float *tmp, const float *in, int C, int H, int W, int OH, int OW) {
+    float *wt = malloc(sizeof(float) * ((size_t)(H > W ? H : W) + 2));
+    if (!wt) return err_set("out of memory resizing a %dx%d image", W, H);
     // PyTorch resamples the contiguous (width) dimension first, skipping unchanged ones.
     const float *src = in;
     if (OW != W) {
         float *dst = (OH != H) ? tmp : out;
-        aa_pass(dst, in, C * H, W, OW, 1, W, OW);
+        aa_pass(dst, wt, in, C * H, W, OW, 1, W, OW);
         src = dst;
     }
     if (OH != H) {
-        aa_pass(out, src, C, (size_t)H * OW, (size_t)OH * OW, OW, H, OH);
+        aa_pass(out, wt, src, C, (size_t)H * OW, (size_t)OH * OW, OW, H, OH);
         src = out;
     }
     if (src != out) memcpy(out, in, sizeof(float) * C * H * W);
+    free(wt);
+    return 0;
 }
 
 // Python's round() on the ratio x/2 (half to even), as torchvision's center_crop offsets.
@@ -214,7 +222,7 @@ static int resize_center(float *out, const uint8_t *in, int C, int H, int W, int
     if (!f) return err_set("out of memory resizing a %dx%d image", H, W);
     float *tmp = f + n_in, *res = tmp + (size_t)C * H * RW;
     for (size_t i = 0; i < n_in; i++) f[i] = in[i];
-    image_resize_aa(res, tmp, f, C, H, W, RH, RW);
+    if (image_resize_aa(res, tmp, f, C, H, W, RH, RW)) { free(f); return -1; }
     int top = half_round(RH - OH), left = half_round(RW - OW);
     for (int c = 0; c < C; c++)
         for (int y = 0; y < OH; y++)
@@ -239,14 +247,14 @@ int image_resize_square(uint8_t *out, const uint8_t *in, int C, int H, int W, in
 }
 
 int image_load(float *out, const char *path, int resize, const preprocess *p) {
-    if (preprocess_check(p, p->out_C)) return err_set("%s: %s", path, err_msg());
+    if (preprocess_check(p, p->out_C)) return err_prefix(path);
     uint8_t *pix;
     int H, W, C = p->out_C, OH = p->out_H, OW = p->out_W;
     if (image_decode(&pix, &H, &W, path, C)) return -1;
     int rc;
     if (resize > 0) {
         rc = resize_center(out, pix, C, H, W, resize, OH, OW);
-        if (rc) err_set("%s: %s", path, err_msg());
+        if (rc) err_prefix(path);
         // Rounded to 8 bits like PIL's Resize and like stored folder images, so a folder
         // model's val pipeline and this agree exactly.
         else for (size_t i = 0; i < (size_t)C * OH * OW; i++) out[i] = pixel_round(out[i]);
@@ -256,8 +264,9 @@ int image_load(float *out, const char *path, int resize, const preprocess *p) {
         rc = f ? 0 : err_set("%s: out of memory (%dx%d)", path, W, H);
         if (f) {
             for (size_t i = 0; i < n_in; i++) f[i] = pix[i];
-            image_resize_aa(out, f + n_in, f, C, H, W, OH, OW);
+            rc = image_resize_aa(out, f + n_in, f, C, H, W, OH, OW);
             free(f);
+            if (rc) err_prefix(path);
         }
     }
     free(pix);
