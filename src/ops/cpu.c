@@ -234,8 +234,9 @@ static struct {
     int nrun;              // parts 1..nrun-1 run on workers (the caller does the rest)
     int pending;           // worker parts of the current job not yet finished
     pthread_t tid[CPU_MAX_THREADS];
+    unsigned long born[CPU_MAX_THREADS];  // job number when each worker was created
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          0, CPU_MAX_THREADS + 1, 0, NULL, NULL, 0, 0, 0, {0}};
+          0, CPU_MAX_THREADS + 1, 0, NULL, NULL, 0, 0, 0, {0}, {0}};
 
 // Held by the one caller that owns the pool during a job (and by cpu_threads_set).
 static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;
@@ -243,7 +244,8 @@ static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;
 static void *worker_main(void *arg) {
     int idx = (int)(intptr_t)arg;
     pthread_mutex_lock(&pool.mu);
-    unsigned long seen = pool.job;
+    // Not pool.job: a job may have been posted between pthread_create and this point.
+    unsigned long seen = pool.born[idx];
     for (;;) {
         while (pool.job == seen && idx < pool.quit_from) pthread_cond_wait(&pool.wake, &pool.mu);
         if (idx >= pool.quit_from) break;
@@ -266,6 +268,7 @@ static int workers_start(int want) {
     pthread_mutex_lock(&pool.mu);
     while (pool.nworkers < want - 1 && pool.nworkers < CPU_MAX_THREADS - 1) {
         int idx = pool.nworkers + 1;
+        pool.born[idx] = pool.job;
         if (pthread_create(&pool.tid[idx], NULL, worker_main, (void *)(intptr_t)idx) != 0) break;
         pool.nworkers = idx;
     }

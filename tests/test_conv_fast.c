@@ -1,0 +1,291 @@
+// conv2d_fast_forward / conv2d_fast_backward at every ISA level against a double-precision
+// direct convolution written here, and against the reference conv2d_forward/backward of ops.h:
+// fixed shapes (1x1 with and without stride, 3x3, 5x5, 7x7 stride 2, stride 3, padding up to
+// k, batch 1 and 7, outputs that do not fill the GEMM tiles) plus random ones; bias or none,
+// fused ReLU; gradients accumulate into what is there; bit-identical results for 1, 2 and 3
+// threads; the workspace never overrun.
+//
+// Error measure: |got - exact| / (sum of |terms| + |initial value| + |bias|), below 1e-5
+// (against the double loop) and 2e-5 (against the float reference, itself rounded).
+#include "ops/conv_fast.h"
+#include "ops/cpu.h"
+#include "ops/ops.h"
+#include "util/err.h"
+#include "util/rng.h"
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TOL_EXACT 1e-5
+#define TOL_REF 2e-5
+
+static int failed;
+
+static void result(int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf(ok ? "ok - " : "not ok - ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+    if (!ok) failed++;
+}
+
+typedef struct {
+    int N, C, H, W, K, k, stride, pad;
+} cshape;
+
+static int osize(int H, int k, int s, int p) { return (H + 2 * p - k) / s + 1; }
+
+static float *rand_buf(size_t n, rng *r) {
+    float *x = malloc((n + 1) * sizeof(float));
+    for (size_t i = 0; i < n + 1; i++) x[i] = (float)(2.0 * rng_uniform(r) - 1.0);
+    return x;
+}
+
+static float *copy_buf(const float *x, size_t n) {
+    float *y = malloc((n + 1) * sizeof(float));
+    memcpy(y, x, (n + 1) * sizeof(float));
+    return y;
+}
+
+// Exact values (double) and magnitudes of all four results for one problem.
+typedef struct {
+    double *out, *out_mag, *din, *din_mag, *dw, *dw_mag, *db, *db_mag;
+} exact;
+
+static void exact_compute(exact *e, const cshape *s, const float *in, const float *w,
+                          const float *b, int relu, const float *dout, const float *din0,
+                          const float *dw0, const float *db0) {
+    int OH = osize(s->H, s->k, s->stride, s->pad), OW = osize(s->W, s->k, s->stride, s->pad);
+    size_t no = (size_t)s->N * s->K * OH * OW, ni = (size_t)s->N * s->C * s->H * s->W;
+    size_t nw = (size_t)s->K * s->C * s->k * s->k;
+    e->out = calloc(no, sizeof(double));
+    e->out_mag = calloc(no, sizeof(double));
+    e->din = calloc(ni, sizeof(double));
+    e->din_mag = calloc(ni, sizeof(double));
+    e->dw = calloc(nw, sizeof(double));
+    e->dw_mag = calloc(nw, sizeof(double));
+    e->db = calloc(s->K, sizeof(double));
+    e->db_mag = calloc(s->K, sizeof(double));
+    for (size_t i = 0; i < ni; i++) e->din[i] = din0[i], e->din_mag[i] = fabs(din0[i]);
+    for (size_t i = 0; i < nw; i++) e->dw[i] = dw0[i], e->dw_mag[i] = fabs(dw0[i]);
+    for (int o = 0; o < s->K; o++) e->db[o] = db0[o], e->db_mag[o] = fabs(db0[o]);
+    for (int n = 0; n < s->N; n++)
+        for (int o = 0; o < s->K; o++)
+            for (int oy = 0; oy < OH; oy++)
+                for (int ox = 0; ox < OW; ox++) {
+                    size_t oi = (((size_t)n * s->K + o) * OH + oy) * OW + ox;
+                    double acc = b ? b[o] : 0.0, mag = b ? fabs(b[o]) : 0.0;
+                    double g = dout[oi];
+                    e->db[o] += g;
+                    e->db_mag[o] += fabs(g);
+                    for (int c = 0; c < s->C; c++)
+                        for (int dy = 0; dy < s->k; dy++)
+                            for (int dx = 0; dx < s->k; dx++) {
+                                int y = oy * s->stride - s->pad + dy, x = ox * s->stride - s->pad + dx;
+                                if (y < 0 || y >= s->H || x < 0 || x >= s->W) continue;
+                                size_t ii = (((size_t)n * s->C + c) * s->H + y) * s->W + x;
+                                size_t wi = (((size_t)o * s->C + c) * s->k + dy) * s->k + dx;
+                                double t = (double)in[ii] * w[wi];
+                                acc += t, mag += fabs(t);
+                                e->din[ii] += g * w[wi], e->din_mag[ii] += fabs(g * w[wi]);
+                                e->dw[wi] += g * in[ii], e->dw_mag[wi] += fabs(g * in[ii]);
+                            }
+                    if (relu && acc < 0) acc = 0;
+                    e->out[oi] = acc, e->out_mag[oi] = mag;
+                }
+}
+
+static void exact_free(exact *e) {
+    free(e->out), free(e->out_mag), free(e->din), free(e->din_mag);
+    free(e->dw), free(e->dw_mag), free(e->db), free(e->db_mag);
+}
+
+// Worst |got - want| / mag; NaN or a changed canary (element n) gives infinity.
+static double err_vs_double(const float *got, const double *want, const double *mag, size_t n,
+                            float canary) {
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs(got[i] - want[i]) / (mag[i] + 1e-30);
+        if (!(e <= worst)) worst = e;
+    }
+    if (memcmp(&got[n], &canary, sizeof canary) != 0) return INFINITY;
+    return worst;
+}
+
+static double err_vs_float(const float *got, const float *want, const double *mag, size_t n) {
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - want[i]) / (mag[i] + 1e-30);
+        if (!(e <= worst)) worst = e;
+    }
+    return worst;
+}
+
+// Results of the fast kernels for one problem under the current ISA and thread settings.
+typedef struct {
+    float *out, *din, *dw, *db;
+    int ws_ok;
+} fast_result;
+
+static fast_result fast_run(const cshape *s, const float *in, const float *w, const float *b,
+                            int relu, const float *dout, const float *din0, const float *dw0,
+                            const float *db0) {
+    int OH = osize(s->H, s->k, s->stride, s->pad), OW = osize(s->W, s->k, s->stride, s->pad);
+    size_t no = (size_t)s->N * s->K * OH * OW, ni = (size_t)s->N * s->C * s->H * s->W;
+    size_t nw = (size_t)s->K * s->C * s->k * s->k;
+    fast_result r;
+    r.out = malloc((no + 1) * sizeof(float));
+    r.out[no] = 777.0f;  // canary
+    r.din = copy_buf(din0, ni);
+    r.dw = copy_buf(dw0, nw);
+    r.db = copy_buf(db0, s->K);
+    size_t wn = conv2d_fast_workspace_size(s->N, s->C, s->H, s->W, s->K, s->k, s->stride, s->pad);
+    float *raw = malloc((wn + 1 + 64) * sizeof(float));
+    float *ws = raw + 1;  // deliberately not 64-byte aligned
+    for (int i = 0; i < 64; i++) ws[wn + i] = -999.0f;
+    conv2d_fast_forward(r.out, in, w, b, s->N, s->C, s->H, s->W, s->K, s->k, s->stride, s->pad,
+                        relu, ws);
+    conv2d_fast_backward(r.din, r.dw, r.db, dout, in, w, s->N, s->C, s->H, s->W, s->K, s->k,
+                         s->stride, s->pad, ws);
+    r.ws_ok = 1;
+    for (int i = 0; i < 64; i++)
+        if (ws[wn + i] != -999.0f) r.ws_ok = 0;
+    free(raw);
+    return r;
+}
+
+static void fast_free(fast_result *r) { free(r->out), free(r->din), free(r->dw), free(r->db); }
+
+static int fast_equal(const fast_result *a, const fast_result *b, size_t no, size_t ni,
+                      size_t nw, size_t nb) {
+    return !memcmp(a->out, b->out, no * 4) && !memcmp(a->din, b->din, ni * 4) &&
+           !memcmp(a->dw, b->dw, nw * 4) && !memcmp(a->db, b->db, nb * 4);
+}
+
+static const cshape fixed[] = {
+    {1, 3, 9, 11, 5, 3, 1, 1},   {7, 4, 8, 8, 6, 1, 1, 0},    {2, 5, 13, 7, 9, 5, 2, 2},
+    {1, 1, 1, 1, 1, 1, 1, 0},    {7, 3, 15, 15, 8, 7, 2, 3},  {3, 16, 14, 14, 24, 3, 1, 1},
+    {2, 8, 10, 10, 17, 1, 2, 0}, {1, 6, 7, 7, 50, 3, 1, 0},   {2, 3, 6, 5, 4, 3, 1, 3},
+    {1, 2, 5, 5, 3, 5, 3, 0},    {7, 32, 7, 7, 48, 3, 1, 1},  {1, 20, 30, 30, 16, 5, 1, 2},
+    {2, 130, 6, 6, 10, 1, 1, 0}, {2, 50, 9, 9, 20, 3, 1, 1},  {1, 2, 2, 2, 3, 3, 1, 1},
+    {7, 4, 12, 12, 9, 3, 2, 1},
+};
+#define N_FIXED (int)(sizeof fixed / sizeof fixed[0])
+#define N_RANDOM 14
+
+static cshape shape_at(int i, rng *r) {
+    if (i < N_FIXED) return fixed[i];
+    static const int ks[] = {1, 2, 3, 5};
+    cshape s;
+    s.N = 1 + (int)rng_below(r, 7);
+    s.C = 1 + (int)rng_below(r, 20);
+    s.K = 1 + (int)rng_below(r, 20);
+    s.k = ks[rng_below(r, 4)];
+    s.stride = 1 + (int)rng_below(r, 3);
+    s.pad = (int)rng_below(r, (uint32_t)s.k + 1);
+    s.H = 1 + (int)rng_below(r, 16);
+    s.W = 1 + (int)rng_below(r, 16);
+    if (s.H + 2 * s.pad < s.k) s.H = s.k;
+    if (s.W + 2 * s.pad < s.k) s.W = s.k;
+    return s;
+}
+
+static void test_level(cpu_isa_level level) {
+    const char *name = cpu_isa_name(level);
+    if (level > cpu_isa_detected()) {
+        result(1, "conv_fast %s (skipped: cpu lacks %s)", name, name);
+        return;
+    }
+    if (cpu_isa_set(level) != 0) {
+        result(0, "conv_fast %s: %s", name, err_msg());
+        return;
+    }
+    rng r;
+    rng_seed(&r, 99 + level);
+    double worst_fwd = 0, worst_bwd = 0, worst_ref_fwd = 0, worst_ref_bwd = 0;
+    char at_fwd[128] = "", at_bwd[128] = "", at_same[160] = "";
+    int same = 1, ws_ok = 1;
+    for (int i = 0; i < N_FIXED + N_RANDOM; i++) {
+        cshape s = shape_at(i, &r);
+        int OH = osize(s.H, s.k, s.stride, s.pad), OW = osize(s.W, s.k, s.stride, s.pad);
+        size_t no = (size_t)s.N * s.K * OH * OW, ni = (size_t)s.N * s.C * s.H * s.W;
+        size_t nw = (size_t)s.K * s.C * s.k * s.k;
+        float *in = rand_buf(ni, &r), *w = rand_buf(nw, &r), *b = rand_buf(s.K, &r);
+        float *dout = rand_buf(no, &r), *din0 = rand_buf(ni, &r), *dw0 = rand_buf(nw, &r);
+        float *db0 = rand_buf(s.K, &r);
+        int relu = i % 3 == 1;
+        const float *bias = i % 2 ? b : NULL;
+        exact e;
+        exact_compute(&e, &s, in, w, bias, relu, dout, din0, dw0, db0);
+
+        cpu_threads_set(1);
+        fast_result f = fast_run(&s, in, w, bias, relu, dout, din0, dw0, db0);
+        ws_ok &= f.ws_ok;
+        char where[100];
+        snprintf(where, sizeof where, "N%d C%d %dx%d K%d k%d s%d p%d", s.N, s.C, s.H, s.W, s.K,
+                 s.k, s.stride, s.pad);
+        double ef = err_vs_double(f.out, e.out, e.out_mag, no, 777.0f);
+        double eb = fmax(err_vs_double(f.din, e.din, e.din_mag, ni, din0[ni]),
+                         fmax(err_vs_double(f.dw, e.dw, e.dw_mag, nw, dw0[nw]),
+                              err_vs_double(f.db, e.db, e.db_mag, s.K, db0[s.K])));
+        if (!(ef <= worst_fwd)) worst_fwd = ef, snprintf(at_fwd, sizeof at_fwd, "%s", where);
+        if (!(eb <= worst_bwd)) worst_bwd = eb, snprintf(at_bwd, sizeof at_bwd, "%s", where);
+
+        // the reference kernels of ops.h (ReLU applied here)
+        float *rout = malloc(no * sizeof(float));
+        float *rdin = copy_buf(din0, ni), *rdw = copy_buf(dw0, nw), *rdb = copy_buf(db0, s.K);
+        conv2d_forward(rout, in, w, bias, s.N, s.C, s.H, s.W, s.K, s.k, s.stride, s.pad);
+        if (relu)
+            for (size_t j = 0; j < no; j++) rout[j] = rout[j] < 0 ? 0 : rout[j];
+        conv2d_backward(rdin, rdw, rdb, dout, in, w, s.N, s.C, s.H, s.W, s.K, s.k, s.stride, s.pad);
+        worst_ref_fwd = fmax(worst_ref_fwd, err_vs_float(f.out, rout, e.out_mag, no));
+        worst_ref_bwd = fmax(worst_ref_bwd,
+                             fmax(err_vs_float(f.din, rdin, e.din_mag, ni),
+                                  fmax(err_vs_float(f.dw, rdw, e.dw_mag, nw),
+                                       err_vs_float(f.db, rdb, e.db_mag, s.K))));
+        free(rout), free(rdin), free(rdw), free(rdb);
+
+        for (int t = 2; t <= 3; t++) {
+            cpu_threads_set(t);
+            fast_result g = fast_run(&s, in, w, bias, relu, dout, din0, dw0, db0);
+            ws_ok &= g.ws_ok;
+            if (same && !fast_equal(&f, &g, no, ni, nw, s.K)) {
+                same = 0;
+                snprintf(at_same, sizeof at_same, "%s, %d threads", where, t);
+            }
+            fast_free(&g);
+        }
+        fast_free(&f);
+        exact_free(&e);
+        free(in), free(w), free(b), free(dout), free(din0), free(dw0), free(db0);
+    }
+    int n = N_FIXED + N_RANDOM;
+    result(worst_fwd <= TOL_EXACT, "conv_fast %s forward vs double loop, %d shapes (worst %.2g at %s)",
+           name, n, worst_fwd, at_fwd);
+    result(worst_bwd <= TOL_EXACT,
+           "conv_fast %s backward din/dw/db vs double loop, %d shapes (worst %.2g at %s)", name, n,
+           worst_bwd, at_bwd);
+    result(worst_ref_fwd <= TOL_REF && worst_ref_bwd <= TOL_REF,
+           "conv_fast %s vs reference conv2d_forward/backward (worst %.2g / %.2g)", name,
+           worst_ref_fwd, worst_ref_bwd);
+    result(same, "conv_fast %s bit-identical for 1, 2, 3 threads%s%s", name,
+           same ? "" : ": differs at ", at_same);
+    result(ws_ok, "conv_fast %s stays inside conv2d_fast_workspace_size()", name);
+}
+
+int main(void) {
+    cpu_isa_level det = cpu_isa_detected();
+    int threads = cpu_threads();
+    test_level(CPU_ISA_SCALAR);
+    test_level(CPU_ISA_AVX2);
+    test_level(CPU_ISA_AVX512);
+    cpu_isa_set(det);
+    cpu_threads_set(threads);
+    cpu_threads_set(1);  // joins the workers
+    return failed ? 1 : 0;
+}

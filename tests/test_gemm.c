@@ -1,0 +1,286 @@
+// gemm() at every ISA level against a double-precision triple loop, on odd shapes (1, primes,
+// sizes that are not multiples of the tiles, several K/M/N blocks), all transpose/accumulate/
+// bias/ReLU combinations and padded leading dimensions; results bit-identical for 1, 2 and 3
+// threads; the workspace never overrun; the thread pool and the ISA settings.
+//
+// Error measure: |c - ref| / (sum_k |a_ik b_kj| + |c_old| + |bias|), the natural scale of a
+// float dot product's rounding error; must stay below 1e-5 (float32 eps is 6e-8, K <= 1100).
+#include "ops/cpu.h"
+#include "ops/gemm.h"
+#include "util/err.h"
+#include "util/rng.h"
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TOL 1e-5
+
+static int failed;
+
+static void result(int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf(ok ? "ok - " : "not ok - ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+    if (!ok) failed++;
+}
+
+static void fill(float *x, size_t n, rng *r) {
+    for (size_t i = 0; i < n; i++) x[i] = (float)(2.0 * rng_uniform(r) - 1.0);
+}
+
+typedef struct {
+    int M, N, K;
+} shape;
+
+// One problem instance, with its inputs fixed so it can be re-run under other settings.
+typedef struct {
+    shape s;
+    int flags, lda, ldb, ldc;
+    float *A, *B, *C0, *bias;
+} problem;
+
+static problem problem_make(shape s, int flags, rng *r) {
+    problem p = {.s = s, .flags = flags};
+    int pad = (int)rng_below(r, 3);  // leading dimensions larger than the rows
+    p.lda = (flags & GEMM_TRANS_A ? s.M : s.K) + pad;
+    p.ldb = (flags & GEMM_TRANS_B ? s.K : s.N) + pad;
+    p.ldc = s.N + pad;
+    size_t na = (size_t)p.lda * (flags & GEMM_TRANS_A ? s.K : s.M) + 1;
+    size_t nb = (size_t)p.ldb * (flags & GEMM_TRANS_B ? s.N : s.K) + 1;
+    p.A = malloc(na * sizeof(float));
+    p.B = malloc(nb * sizeof(float));
+    p.C0 = malloc(((size_t)p.ldc * s.M + 1) * sizeof(float));
+    p.bias = malloc(((size_t)(s.M > s.N ? s.M : s.N) + 1) * sizeof(float));
+    fill(p.A, na, r);
+    fill(p.B, nb, r);
+    fill(p.C0, (size_t)p.ldc * s.M + 1, r);
+    fill(p.bias, (size_t)(s.M > s.N ? s.M : s.N) + 1, r);
+    return p;
+}
+
+static void problem_free(problem *p) {
+    free(p->A);
+    free(p->B);
+    free(p->C0);
+    free(p->bias);
+}
+
+// Runs gemm() into a fresh copy of C0 (returned, caller frees). *ws_ok = 0 if the workspace
+// canary after gemm_workspace_size() floats was overwritten.
+static float *problem_run(const problem *p, int *ws_ok) {
+    size_t cn = (size_t)p->ldc * p->s.M + 1;
+    float *C = malloc(cn * sizeof(float));
+    memcpy(C, p->C0, cn * sizeof(float));
+    size_t wn = gemm_workspace_size(p->s.M, p->s.N, p->s.K);
+    // offset by one float: gemm must cope with any alignment
+    float *raw = malloc((wn + 1 + 64) * sizeof(float));
+    float *ws = raw + 1;
+    for (int i = 0; i < 64; i++) ws[wn + i] = -12345.0f;
+    const float *bias = p->flags & (GEMM_BIAS_ROW | GEMM_BIAS_COL) ? p->bias : NULL;
+    gemm(C, p->ldc, p->A, p->lda, p->B, p->ldb, bias, p->s.M, p->s.N, p->s.K, p->flags, ws);
+    *ws_ok = 1;
+    for (int i = 0; i < 64; i++)
+        if (ws[wn + i] != -12345.0f) *ws_ok = 0;
+    free(raw);
+    return C;
+}
+
+// Worst error ratio of C against the double-precision reference; also checks that the padding
+// columns of C were left alone (ratio = INFINITY if not).
+static double problem_check(const problem *p, const float *C) {
+    const shape s = p->s;
+    double worst = 0.0;
+    for (int i = 0; i < s.M; i++) {
+        for (int j = 0; j < p->ldc; j++) {
+            float got = C[(size_t)i * p->ldc + j];
+            float old = p->C0[(size_t)i * p->ldc + j];
+            if (j >= s.N) {
+                if (memcmp(&got, &old, sizeof got) != 0) return INFINITY;
+                continue;
+            }
+            double sum = 0.0, mag = 0.0;
+            for (int k = 0; k < s.K; k++) {
+                double a = p->flags & GEMM_TRANS_A ? p->A[(size_t)k * p->lda + i]
+                                                   : p->A[(size_t)i * p->lda + k];
+                double b = p->flags & GEMM_TRANS_B ? p->B[(size_t)j * p->ldb + k]
+                                                   : p->B[(size_t)k * p->ldb + j];
+                sum += a * b;
+                mag += fabs(a * b);
+            }
+            if (p->flags & GEMM_ACCUMULATE) sum += old, mag += fabs(old);
+            if (p->flags & GEMM_BIAS_ROW) sum += p->bias[i], mag += fabs(p->bias[i]);
+            if (p->flags & GEMM_BIAS_COL) sum += p->bias[j], mag += fabs(p->bias[j]);
+            if ((p->flags & GEMM_RELU) && sum < 0) sum = 0;
+            double e = fabs(got - sum) / (mag + 1e-30);
+            if (!(e <= worst)) worst = e;  // NaN propagates
+        }
+    }
+    return worst;
+}
+
+static const shape shapes[] = {
+    {1, 1, 1},    {1, 1, 7},     {1, 37, 1},     {5, 1, 3},       {7, 13, 5},
+    {8, 48, 16},  {9, 49, 17},   {16, 16, 16},   {17, 100, 33},   {6, 17, 300},
+    {3, 5, 0},    {33, 95, 391}, {130, 61, 70},  {64, 200, 800},  {600, 20, 30},
+    {20, 1100, 30}, {13, 1031, 9},
+};
+
+static const int flag_sets[] = {
+    0,
+    GEMM_ACCUMULATE,
+    GEMM_BIAS_ROW | GEMM_RELU,
+    GEMM_BIAS_COL | GEMM_ACCUMULATE | GEMM_RELU,
+};
+
+static void test_level(cpu_isa_level level) {
+    const char *name = cpu_isa_name(level);
+    if (level > cpu_isa_detected()) {
+        result(1, "gemm %s (skipped: cpu lacks %s)", name, name);
+        return;
+    }
+    if (cpu_isa_set(level) != 0) {
+        result(0, "gemm %s: cpu_isa_set: %s", name, err_msg());
+        return;
+    }
+    rng r;
+    rng_seed(&r, 1234 + level);
+    double worst = 0.0;
+    char worst_case[160] = "";
+    int ws_ok = 1, same = 1;
+    char diff_case[160] = "";
+    int n_cases = 0;
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        shape s = shapes[si];
+        int big = (double)s.M * s.N * s.K > 2e5;
+        for (int t = 0; t < 4; t++)
+            for (size_t fi = 0; fi < sizeof flag_sets / sizeof flag_sets[0]; fi++) {
+                // all 16 combinations on small shapes; on big ones, each transpose pair once
+                if (big && fi != (size_t)t) continue;
+                int flags = flag_sets[fi] | (t & 1 ? GEMM_TRANS_A : 0) | (t & 2 ? GEMM_TRANS_B : 0);
+                problem p = problem_make(s, flags, &r);
+                float *ref_C = NULL;
+                for (int threads = 1; threads <= 3; threads++) {
+                    cpu_threads_set(threads);
+                    int ok;
+                    float *C = problem_run(&p, &ok);
+                    if (!ok) ws_ok = 0;
+                    if (threads == 1) {
+                        double e = problem_check(&p, C);
+                        n_cases++;
+                        if (!(e <= worst)) {
+                            worst = e;
+                            snprintf(worst_case, sizeof worst_case, "M=%d N=%d K=%d flags=%d",
+                                     s.M, s.N, s.K, flags);
+                        }
+                        ref_C = C;
+                    } else {
+                        if (memcmp(C, ref_C, ((size_t)p.ldc * s.M + 1) * sizeof(float)) != 0 &&
+                            same) {
+                            same = 0;
+                            snprintf(diff_case, sizeof diff_case,
+                                     "M=%d N=%d K=%d flags=%d threads=%d", s.M, s.N, s.K, flags,
+                                     threads);
+                        }
+                        free(C);
+                    }
+                }
+                free(ref_C);
+                problem_free(&p);
+            }
+    }
+    // NaN passes through the fused ReLU (as torch.relu), in full and in edge tiles
+    {
+        enum { M = 11, N = 53, K = 5 };
+        float A[M * K], B[K * N], C[M * N], ws_nan[4096];
+        for (int i = 0; i < M * K; i++) A[i] = (float)(i % 7) - 3.0f;
+        for (int i = 0; i < K * N; i++) B[i] = (float)(i % 5) - 2.0f;
+        A[0] = NAN;      // row 0: all NaN
+        A[9 * K] = NAN;  // row 9 lies in an edge tile for MR 4, 6 and 8
+        int ok = gemm_workspace_size(M, N, K) <= 4096;
+        if (ok) gemm(C, N, A, K, B, N, NULL, M, N, K, GEMM_RELU, ws_nan);
+        for (int j = 0; j < N && ok; j++)
+            ok = isnan(C[j]) && isnan(C[9 * N + j]) && C[N + j] >= 0.0f;
+        result(ok, "gemm %s: ReLU keeps NaN", name);
+    }
+    cpu_threads_set(2);
+    result(worst <= TOL, "gemm %s vs double loop, %d cases (worst err %.2g at %s)", name,
+           n_cases, worst, worst_case);
+    result(same, "gemm %s bit-identical for 1, 2, 3 threads%s%s", name, same ? "" : ": differs at ",
+           diff_case);
+    result(ws_ok, "gemm %s stays inside gemm_workspace_size()", name);
+}
+
+// ---- thread pool ----
+
+typedef struct {
+    int calls[CPU_MAX_THREADS];
+    int bad_n;
+    int nested_ok;
+} pool_probe;
+
+static void probe_inner(void *ctx, int t, int n) {
+    int *seen = ctx;
+    if (t >= 0 && t < n) seen[t]++;
+}
+
+static void probe_task(void *ctx, int t, int n) {
+    pool_probe *p = ctx;
+    if (n != 3) p->bad_n = 1;
+    __atomic_fetch_add(&p->calls[t], 1, __ATOMIC_RELAXED);
+    if (t == 1) {  // a nested call runs its parts serially on this thread
+        int seen[2] = {0, 0};
+        cpu_parallel(probe_inner, seen, 2);
+        p->nested_ok = seen[0] == 1 && seen[1] == 1;
+    }
+}
+
+static void test_pool(void) {
+    int ok = cpu_threads_set(3) == 0;
+    pool_probe p;
+    for (int rep = 0; rep < 50 && ok; rep++) {
+        memset(&p, 0, sizeof p);
+        cpu_parallel(probe_task, &p, 3);
+        ok = p.calls[0] == 1 && p.calls[1] == 1 && p.calls[2] == 1 && !p.bad_n && p.nested_ok;
+    }
+    result(ok, "cpu_parallel runs each part once, nested calls serially");
+    int e1 = cpu_threads_set(0), e2 = cpu_threads_set(CPU_MAX_THREADS + 1);
+    result(e1 == -1 && e2 == -1 && cpu_threads() == 3, "cpu_threads_set rejects 0 and %d",
+           CPU_MAX_THREADS + 1);
+    ok = cpu_threads_set(1) == 0 && cpu_threads() == 1;
+    memset(&p, 0, sizeof p);
+    cpu_parallel(probe_task, &p, 3);  // clamped to 1 part
+    ok = ok && p.calls[0] == 1 && p.calls[1] == 0;
+    ok = ok && cpu_threads_set(2) == 0;
+    result(ok, "cpu_threads_set shrinks and grows the pool");
+}
+
+int main(void) {
+    // A bad INCEPT_ISA is reported by cpu_init() (set before the first cpu_* call).
+    setenv("INCEPT_ISA", "avx9000", 1);
+    int rc = cpu_init();
+    result(rc == -1 && strstr(err_msg(), "INCEPT_ISA") != NULL,
+           "cpu_init reports a bad INCEPT_ISA (%s)", err_msg());
+    cpu_isa_level l;
+    result(cpu_isa_parse("avx2", &l) == 0 && l == CPU_ISA_AVX2 && cpu_isa_parse("AVX2", &l) == -1,
+           "cpu_isa_parse");
+    cpu_isa_level det = cpu_isa_detected();
+    if (det < CPU_ISA_AVX512)
+        result(cpu_isa_set(CPU_ISA_AVX512) == -1, "cpu_isa_set refuses avx512 on this CPU");
+    printf("# detected ISA: %s, %d threads\n", cpu_isa_name(det), cpu_threads());
+    double peak = cpu_fma_peak_gflops(det);
+    result(peak > 0.1, "cpu_fma_peak_gflops(%s) = %.1f", cpu_isa_name(det), peak);
+
+    test_pool();
+    test_level(CPU_ISA_SCALAR);
+    test_level(CPU_ISA_AVX2);
+    test_level(CPU_ISA_AVX512);
+    cpu_isa_set(det);
+    cpu_threads_set(1);  // joins the workers, so leak checkers see a clean exit
+    return failed ? 1 : 0;
+}
