@@ -1,0 +1,206 @@
+// The executor: the one place where model code calls ops. Forward walks the nodes in order,
+// backward in reverse; nodes of the aux heads run only in training mode. A different backend
+// (fast CPU kernels, CUDA) plugs in here without touching the network definitions.
+#include <stdlib.h>
+#include <string.h>
+#include "models/model.h"
+#include "ops/ops.h"
+#include "util/err.h"
+
+#define P(t) (m->params + m->tensors[t].off)
+#define G(t) (m->grads + m->tensors[t].off)
+
+static size_t numel(const model_node *n) { return (size_t)n->C * n->H * n->W; }
+
+static int runs(const model_node *n, int training) { return training || n->head == 0; }
+
+int model_forward(model *m, const float *x, int training) {
+    const int N = m->N;
+    for (int i = 0; i < m->n_nodes; i++) {
+        model_node *n = &m->nodes[i];
+        if (!runs(n, training)) continue;
+        float *out = m->act + n->act;
+        const model_node *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
+        const float *in = a ? m->act + a->act : NULL;
+        int C = a ? a->C : 0, H = a ? a->H : 0, W = a ? a->W : 0;
+        switch (n->op) {
+        case OP_INPUT:
+            memcpy(out, x, (size_t)N * numel(n) * sizeof(float));
+            break;
+        case OP_TRANSFORM_INPUT:
+            transform_input_forward(out, in, N, H * W);
+            break;
+        case OP_CONV:
+            conv2d_forward(out, in, P(n->weight), n->bias >= 0 ? P(n->bias) : NULL,
+                           N, C, H, W, n->C, n->k, n->stride, n->pad);
+            break;
+        case OP_BN:
+            if (training) {
+                if ((long long)N * H * W < 2)
+                    return err_set("%s: batch norm in training mode needs more than one value per "
+                                   "channel (batch %d, %dx%d)", n->path, N, H, W);
+                float *mean = m->save + n->save, *invstd = mean + n->C;
+                batchnorm2d_forward_train(out, mean, invstd, P(n->running_mean), P(n->running_var),
+                                          in, P(n->weight), P(n->bias), N, C, H * W, n->eps,
+                                          n->momentum);
+                m->counters[m->tensors[n->num_batches_tracked].off]++;
+            } else {
+                batchnorm2d_forward_eval(out, in, P(n->weight), P(n->bias), P(n->running_mean),
+                                         P(n->running_var), N, C, H * W, n->eps);
+            }
+            break;
+        case OP_RELU:
+            relu_forward(out, in, (size_t)N * numel(n));
+            break;
+        case OP_MAXPOOL:
+            maxpool2d_forward(out, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
+            break;
+        case OP_AVGPOOL:
+            avgpool2d_forward(out, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode,
+                              n->count_include_pad);
+            break;
+        case OP_ADAPTIVE_AVGPOOL:
+            adaptive_avgpool2d_forward(out, in, N, C, H, W, n->H, n->W);
+            break;
+        case OP_LRN:
+            lrn_forward(out, in, N, C, H * W, n->lrn_size, n->lrn_alpha, n->lrn_beta, n->lrn_k);
+            break;
+        case OP_LINEAR:
+            linear_forward(out, in, P(n->weight), n->bias >= 0 ? P(n->bias) : NULL, N,
+                           C * H * W, n->C);
+            break;
+        case OP_DROPOUT:
+            if (training) dropout_forward(out, m->save + n->save, in, (size_t)N * numel(n), n->p,
+                                          &m->dropout_rng);
+            else memcpy(out, in, (size_t)N * numel(n) * sizeof(float));
+            break;
+        case OP_CONCAT: {
+            const float *ins[NODE_MAX_IN];
+            int Cs[NODE_MAX_IN];
+            for (int j = 0; j < n->n_in; j++) {
+                ins[j] = m->act + m->nodes[n->in[j]].act;
+                Cs[j] = m->nodes[n->in[j]].C;
+            }
+            concat_forward(out, ins, Cs, n->n_in, N, n->H * n->W);
+            break;
+        }
+        case OP_FLATTEN:
+            memcpy(out, in, (size_t)N * numel(n) * sizeof(float));
+            break;
+        case OP_COUNT:
+            break;
+        }
+    }
+    return 0;
+}
+
+static int is_output(const model *m, int i) { return i == m->logits || i == m->aux1 || i == m->aux2; }
+
+void model_backward(model *m, int training) {
+    const int N = m->N;
+    if (!m->dact) {
+        m->dact = calloc(m->act_floats, sizeof(float));
+        if (!m->dact) abort();    // sized like the activations, which did fit
+    }
+    for (int i = 0; i < m->n_nodes; i++)
+        if (!is_output(m, i))
+            memset(m->dact + m->nodes[i].act, 0, (size_t)N * numel(&m->nodes[i]) * sizeof(float));
+    for (int i = m->n_nodes - 1; i >= 0; i--) {
+        model_node *n = &m->nodes[i];
+        if (!runs(n, training) || n->op == OP_INPUT) continue;
+        const float *out = m->act + n->act, *dout = m->dact + n->act;
+        const model_node *a = &m->nodes[n->in[0]];
+        const float *in = m->act + a->act;
+        // The network input needs no gradient.
+        float *din = a->op == OP_INPUT ? NULL : m->dact + a->act;
+        int C = a->C, H = a->H, W = a->W;
+        size_t cnt = (size_t)N * numel(n);
+        switch (n->op) {
+        case OP_CONV:
+            conv2d_backward(din, G(n->weight), n->bias >= 0 ? G(n->bias) : NULL, dout, in,
+                            P(n->weight), N, C, H, W, n->C, n->k, n->stride, n->pad);
+            break;
+        case OP_BN:
+            if (training) {
+                const float *mean = m->save + n->save, *invstd = mean + n->C;
+                batchnorm2d_backward_train(din, G(n->weight), G(n->bias), dout, in, P(n->weight),
+                                           mean, invstd, N, C, H * W);
+            } else {
+                batchnorm2d_backward_eval(din, G(n->weight), G(n->bias), dout, in, P(n->weight),
+                                          P(n->running_mean), P(n->running_var), N, C, H * W,
+                                          n->eps);
+            }
+            break;
+        case OP_LINEAR:
+            linear_backward(din, G(n->weight), n->bias >= 0 ? G(n->bias) : NULL, dout, in,
+                            P(n->weight), N, C * H * W, n->C);
+            break;
+        case OP_CONCAT: {
+            float *dins[NODE_MAX_IN];
+            int Cs[NODE_MAX_IN];
+            for (int j = 0; j < n->n_in; j++) {
+                const model_node *b = &m->nodes[n->in[j]];
+                dins[j] = b->op == OP_INPUT ? NULL : m->dact + b->act;
+                Cs[j] = b->C;
+            }
+            concat_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
+            break;
+        }
+        default:
+            if (!din) break;   // parameter-free op right after the input: nothing to do
+            switch (n->op) {
+            case OP_TRANSFORM_INPUT: transform_input_backward(din, dout, N, H * W); break;
+            case OP_RELU: relu_backward(din, dout, out, cnt); break;
+            case OP_MAXPOOL:
+                maxpool2d_backward(din, dout, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
+                break;
+            case OP_AVGPOOL:
+                avgpool2d_backward(din, dout, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode,
+                                   n->count_include_pad);
+                break;
+            case OP_ADAPTIVE_AVGPOOL:
+                adaptive_avgpool2d_backward(din, dout, N, C, H, W, n->H, n->W);
+                break;
+            case OP_LRN:
+                lrn_backward(din, dout, in, N, C, H * W, n->lrn_size, n->lrn_alpha, n->lrn_beta,
+                             n->lrn_k);
+                break;
+            case OP_DROPOUT:
+            case OP_FLATTEN:    // dropout in eval mode is the identity, like flatten
+                if (n->op == OP_DROPOUT && training) dropout_backward(din, dout, m->save + n->save, cnt);
+                else for (size_t j = 0; j < cnt; j++) din[j] += dout[j];
+                break;
+            default:
+                break;
+            }
+        }
+    }
+}
+
+int model_loss_backward(model *m, const float *x, const int64_t *target, float smoothing,
+                        float *loss_out) {
+    const int N = m->N, K = m->cfg.num_classes;
+    for (int i = 0; i < N; i++)
+        if (target[i] < 0 || target[i] >= K)
+            return err_set("target %lld of sample %d is outside [0, %d)", (long long)target[i], i, K);
+    if (model_forward(m, x, 1)) return -1;
+    if (!m->dact) {
+        m->dact = calloc(m->act_floats, sizeof(float));
+        if (!m->dact) return err_set("out of memory for activation gradients");
+    }
+    // Main loss + 0.3 × each aux head's loss (GoogLeNet paper, torchvision's training recipe).
+    const int outs[3] = {m->logits, m->aux1, m->aux2};
+    const float weight[3] = {1.0f, 0.3f, 0.3f};
+    double loss = 0;
+    for (int h = 0; h < 3; h++) {
+        if (outs[h] < 0) continue;
+        float *probs = m->probs + (size_t)h * N * K;
+        loss += weight[h] * cross_entropy_forward(probs, model_out(m, outs[h]), target, N, K, smoothing);
+        float *d = model_dout(m, outs[h]);
+        memset(d, 0, (size_t)N * K * sizeof(float));
+        cross_entropy_backward(d, probs, target, N, K, smoothing, weight[h]);
+    }
+    model_backward(m, 1);
+    *loss_out = (float)loss;
+    return 0;
+}

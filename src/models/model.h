@@ -1,0 +1,116 @@
+// A model is a list of nodes (one per layer, in execution order) plus one table of tensors
+// {torchvision key, shape}. Both are produced by the network's builder (googlenet.c, vgg.c) and
+// then drive everything else: allocation of the single parameter/gradient buffers, checkpoint
+// keys, initialisation and the summary. Nothing about a network is written down twice.
+//
+// Memory: parameters, gradients, activations and activation gradients each live in one buffer;
+// a node's output is a slice [act + node.act, N*C*H*W) of the activation arena.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include "util/rng.h"
+
+typedef struct {
+    char name[32];          // "googlenet", "googlenet-paper", "googlenet-naive", "vgg16_bn", ...
+    int num_classes;        // default 1000
+    int in_channels;        // default 3
+    float dropout;          // main-head dropout; <0 = the model's default
+    float dropout_aux;      // GoogLeNet aux-head dropout; <0 = default (0.7)
+    int aux;                // GoogLeNet: build the aux heads (default 1)
+    int transform_input;    // GoogLeNet: torchvision's transform_input (default 0)
+    int H, W;               // input size the graph is built for (default 224×224)
+} model_config;
+
+// The supported names, NULL-terminated.
+extern const char *const model_names[];
+// Fills cfg with the defaults for NAME. -1 (err_msg set) if the name is unknown.
+int model_config_init(model_config *cfg, const char *name);
+
+typedef enum { TK_PARAM, TK_BUFFER, TK_COUNTER } tensor_kind;   // trainable / running stat / I64
+
+typedef struct {
+    char key[96];           // torchvision state_dict key
+    int ndim, shape[4];
+    size_t numel;
+    size_t off;             // into params/grads (F32) or counters (I64)
+    tensor_kind kind;
+    int node;               // the node that owns it
+    int no_decay;           // bias or BatchNorm affine: optional exclusion from weight decay
+} model_tensor;
+
+typedef enum {
+    OP_INPUT, OP_TRANSFORM_INPUT, OP_CONV, OP_BN, OP_RELU, OP_MAXPOOL, OP_AVGPOOL,
+    OP_ADAPTIVE_AVGPOOL, OP_LRN, OP_LINEAR, OP_DROPOUT, OP_CONCAT, OP_FLATTEN, OP_COUNT
+} op_kind;
+
+#define NODE_MAX_IN 4
+typedef struct {
+    op_kind op;
+    char path[80];          // torchvision module path ("inception3a.branch2.1.conv")
+    int functional;         // no nn.Module of its own in torchvision (F.relu, F.adaptive_avg_pool2d)
+    int head;               // 0 = main path; 1/2 = aux head (runs in training mode only)
+    int in[NODE_MAX_IN], n_in;
+    int C, H, W;            // output shape of one sample
+    int k, stride, pad, ceil_mode, count_include_pad;   // conv / pools
+    float eps, momentum;    // batchnorm
+    float p;                // dropout
+    int lrn_size; float lrn_alpha, lrn_beta, lrn_k;
+    int weight, bias, running_mean, running_var, num_batches_tracked;   // tensor ids or -1
+    long long macs;         // multiply-accumulates per sample
+    size_t act;             // offset of the output in the activation arena (for the current N)
+    size_t save;            // offset of saved state (BN stats, dropout mask) in the save arena
+} model_node;
+
+typedef struct {
+    model_config cfg;
+    model_node *nodes; int n_nodes, cap_nodes;
+    model_tensor *tensors; int n_tensors, cap_tensors;
+    float *params, *grads;  size_t n_floats;     // F32 tensors (params and buffers), same layout
+    int64_t *counters;      int n_counters;      // num_batches_tracked
+    int logits, aux1, aux2;                      // output node ids (-1 if absent)
+    // Batch-dependent arenas, sized by model_prepare().
+    int N;
+    float *act, *dact, *save, *probs;
+    size_t act_floats, save_floats;
+    rng dropout_rng;
+    int build_failed;                            // set by the builder on a shape error
+    int cur_head;                                // builder state: head of new nodes
+} model;
+
+// Builds the graph and tensor table for cfg and allocates zeroed parameters.
+// -1 with a clear message if the input size is too small or an option does not fit.
+int  model_build(model *m, const model_config *cfg);
+void model_free(model *m);
+// torchvision's initialisation schemes, deterministic from seed; also seeds dropout.
+void model_init(model *m, uint64_t seed);
+// Sizes the activation arenas for batch N (no-op if already sized).
+int  model_prepare(model *m, int N);
+
+// Forward pass on x [N,C,H,W] (model_prepare(N) first). training: batch-statistics BN (running
+// stats updated), dropout on, aux heads run. -1 on a condition PyTorch also rejects.
+int  model_forward(model *m, const float *x, int training);
+float *model_out(const model *m, int node);     // a node's output for the current batch
+float *model_dout(const model *m, int node);    // its gradient
+// Backward through the nodes that ran in the last forward: expects the output gradients in
+// model_dout(logits/aux1/aux2); zeroes all other activation gradients first; parameter
+// gradients ACCUMULATE into m->grads.
+void model_backward(model *m, int training);
+void model_zero_grad(model *m);
+
+// Training-mode forward + mean cross-entropy (+ 0.3 × each aux head's) + backward.
+// Parameter gradients accumulate. loss_out gets the total loss. -1 if a target is out of range.
+int model_loss_backward(model *m, const float *x, const int64_t *target, float smoothing,
+                        float *loss_out);
+
+// Parameter counts: trainable parameters, with or without the aux heads.
+size_t model_param_count(const model *m, int with_aux);
+long long model_macs(const model *m, int with_aux);
+void model_summary(const model *m, FILE *out);
+
+// safetensors with torchvision's keys. Loading is strict (missing/extra/misshaped/mistyped
+// tensor: -1 naming the key, expected and found); aux keys in a file are skipped when the model
+// has no aux heads, and counted in *ignored_aux (may be NULL).
+int model_save(const model *m, const char *path, const char *const *meta_keys,
+               const char *const *meta_vals, int n_meta);
+int model_load(model *m, const char *path, int *ignored_aux);
