@@ -20,15 +20,18 @@ typedef struct {
     int MR, NR;      // micro-tile
     int KC, MC, NC;  // cache blocks (MC a multiple of MR, NC of NR)
     gemm_kernel_fn *kernel;
+    // packs a full 8-row A panel (MR 8 only): d[t*8 + i] = s[i*rs + t]
+    void (*pack_a8)(float *d, const float *s, ptrdiff_t rs, int n);
 } gemm_config;
 
 static gemm_kernel_fn kernel_scalar;
 
 // Block sizes measured on a Zen 5 core (48 KiB L1d, 1 MiB L2); see bench/kernels.c.
 static const gemm_config configs[3] = {
-    [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar},
-    [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2},
-    [CPU_ISA_AVX512] = {GEMM_AVX512_MR, GEMM_AVX512_NR, 384, 512, 480, gemm_kernel_avx512},
+    [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar, NULL},
+    [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2, NULL},
+    [CPU_ISA_AVX512] = {GEMM_AVX512_MR, GEMM_AVX512_NR, 384, 512, 480, gemm_kernel_avx512,
+                        gemm_pack_a8_avx512},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -81,11 +84,36 @@ static int dense_run(const gemm_operand *o, int c, int n) {
     return left < n ? left : n;
 }
 
+// A full panel of 8 rows with contiguous columns, column by column (sequential stores).
+static void pack_a8_rows(float *d, const float *s, ptrdiff_t rs, int n) {
+    const float *r0 = s, *r1 = s + rs, *r2 = s + 2 * rs, *r3 = s + 3 * rs, *r4 = s + 4 * rs,
+                *r5 = s + 5 * rs, *r6 = s + 6 * rs, *r7 = s + 7 * rs;
+    for (int t = 0; t < n; t++, d += 8) {
+        d[0] = r0[t], d[1] = r1[t], d[2] = r2[t], d[3] = r3[t];
+        d[4] = r4[t], d[5] = r5[t], d[6] = r6[t], d[7] = r7[t];
+    }
+}
+
 // A rows i0..i0+mc-1, columns k0..k0+kc-1 -> panels of MR rows: dst[p][k][i]; rows >= M are 0.
 static void pack_a(float *dst, const gemm_operand *a, int M, int i0, int mc, int k0, int kc,
-                   int MR) {
+                   const gemm_config *cfg) {
+    int MR = cfg->MR;
     for (int p = 0; p < ceil_div(mc, MR); p++) {
         float *d = dst + (size_t)p * MR * kc;
+        int r0 = i0 + p * MR;
+        if (a->cs == 1 && r0 + MR <= M && r0 + MR <= i0 + mc) {  // the common full panel
+            for (int k = 0; k < kc;) {
+                int n = dense_run(a, k0 + k, kc - k);
+                const float *s = dense_at(a, r0, k0 + k);
+                if (cfg->pack_a8) cfg->pack_a8(d + k * 8, s, a->rs, n);
+                else if (MR == 8) pack_a8_rows(d + k * 8, s, a->rs, n);
+                else
+                    for (int i = 0; i < MR; i++)
+                        for (int t = 0; t < n; t++) d[(k + t) * MR + i] = s[i * a->rs + t];
+                k += n;
+            }
+            continue;
+        }
         for (int i = 0; i < MR; i++) {
             int r = i0 + p * MR + i;
             if (r >= M || r >= i0 + mc) {
@@ -96,15 +124,13 @@ static void pack_a(float *dst, const gemm_operand *a, int M, int i0, int mc, int
                 int n = dense_run(a, k0 + k, kc - k);
                 const float *s = dense_at(a, r, k0 + k);
                 ptrdiff_t cs = a->cs;
-                if (cs == 1)
-                    for (int t = 0; t < n; t++) d[(k + t) * MR + i] = s[t];
-                else
-                    for (int t = 0; t < n; t++) d[(k + t) * MR + i] = s[t * cs];
+                for (int t = 0; t < n; t++) d[(k + t) * MR + i] = s[t * cs];
                 k += n;
             }
         }
     }
 }
+
 
 // Zeroes the columns nc..(slivers*NR) of the last sliver: the kernel computes them too.
 static void pack_b_pad(float *dst, int kc, int nc, int NR) {
@@ -270,37 +296,43 @@ static size_t bp_floats(const gemm_config *cfg, int N, int kcb);
 
 static float *align64(float *p) { return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
-// One MR x NR tile of C at (i, j). A tile whose columns cross a fold (a batch boundary) goes
-// through a contiguous scratch tile.
+// One MR x NR tile of C at (i, j). A tile whose columns cross a fold (a batch boundary) is
+// computed in a contiguous scratch tile and copied in and out one contiguous run at a time.
 static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, int i, int j,
                      int mr, int nr, const gemm_epilogue *e) {
     const gemm_output *c = g->c;
-    ptrdiff_t base;
     if (!c->fold) {
-        base = (ptrdiff_t)i * c->ldc + j;
-    } else {
-        int f = j / c->fold, r = j % c->fold;
-        base = (ptrdiff_t)f * c->fold_stride + (ptrdiff_t)i * c->ldc + r;
-        if (r + nr > c->fold) {
-            float tmp[MR_MAX * NR_MAX];
-            int NR = g->cfg->NR;
-            for (int ii = 0; ii < mr; ii++)
-                for (int jj = 0; jj < nr && e->load_c; jj++) {
-                    int col = j + jj;
-                    tmp[ii * NR + jj] = c->p[(ptrdiff_t)(col / c->fold) * c->fold_stride +
-                                             (ptrdiff_t)(i + ii) * c->ldc + col % c->fold];
-                }
-            g->cfg->kernel(kc, a, b, tmp, NR, mr, nr, e);
-            for (int ii = 0; ii < mr; ii++)
-                for (int jj = 0; jj < nr; jj++) {
-                    int col = j + jj;
-                    c->p[(ptrdiff_t)(col / c->fold) * c->fold_stride +
-                         (ptrdiff_t)(i + ii) * c->ldc + col % c->fold] = tmp[ii * NR + jj];
-                }
-            return;
-        }
+        g->cfg->kernel(kc, a, b, c->p + (ptrdiff_t)i * c->ldc + j, c->ldc, mr, nr, e);
+        return;
     }
-    g->cfg->kernel(kc, a, b, c->p + base, c->ldc, mr, nr, e);
+    int f = j / c->fold, r = j % c->fold;
+    float *base = c->p + (ptrdiff_t)f * c->fold_stride + (ptrdiff_t)i * c->ldc + r;
+    if (r + nr <= c->fold) {
+        g->cfg->kernel(kc, a, b, base, c->ldc, mr, nr, e);
+        return;
+    }
+    enum { MAX_RUNS = NR_MAX + 1 };
+    float *run_at[MAX_RUNS];
+    int run_len[MAX_RUNS], runs = 0;
+    for (int jj = 0; jj < nr; runs++) {  // runs of columns within one image
+        run_at[runs] = base;
+        run_len[runs] = c->fold - r < nr - jj ? c->fold - r : nr - jj;
+        jj += run_len[runs];
+        base += c->fold_stride - r;  // start of the next image's row i
+        r = 0;
+    }
+    float tmp[MR_MAX * NR_MAX];
+    int NR = g->cfg->NR;
+    if (e->load_c)
+        for (int ii = 0; ii < mr; ii++)
+            for (int q = 0, jj = 0; q < runs; jj += run_len[q], q++)
+                memcpy(tmp + ii * NR + jj, run_at[q] + (ptrdiff_t)ii * c->ldc,
+                       (size_t)run_len[q] * sizeof(float));
+    g->cfg->kernel(kc, a, b, tmp, NR, mr, nr, e);
+    for (int ii = 0; ii < mr; ii++)
+        for (int q = 0, jj = 0; q < runs; jj += run_len[q], q++)
+            memcpy(run_at[q] + (ptrdiff_t)ii * c->ldc, tmp + ii * NR + jj,
+                   (size_t)run_len[q] * sizeof(float));
 }
 
 static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int n1) {
@@ -313,7 +345,7 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
         for (int kb = 0; kb < g->nkb; kb++) {
             int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
             int last = kb == g->nkb - 1;
-            pack_a(ap, g->a, g->M, ic, mc, pc, kc, MR);
+            pack_a(ap, g->a, g->M, ic, mc, pc, kc, cfg);
             for (int jc = n0; jc < n1; jc += cfg->NC) {
                 int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
                 pack_b(bp, g->b, pc, kc, jc, nc, NR);

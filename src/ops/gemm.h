@@ -79,6 +79,8 @@ typedef void gemm_kernel_fn(int kc, const float *a, const float *b, float *c, pt
                             int mr, int nr, const gemm_epilogue *e);
 
 gemm_kernel_fn gemm_kernel_avx512;  // MR 8, NR 48
+// Packs a full 8-row A panel from rows rs floats apart: d[t*8 + i] = s[i*rs + t], t < n.
+void gemm_pack_a8_avx512(float *d, const float *s, ptrdiff_t rs, int n);
 gemm_kernel_fn gemm_kernel_avx2;    // MR 6, NR 16
 #define GEMM_AVX512_MR 8
 #define GEMM_AVX512_NR 48

@@ -72,3 +72,43 @@ TARGET void gemm_kernel_avx512(int kc, const float *a, const float *b, float *c,
     else
         tile(1, kc, a, b, c, ldc, mr, nr, e);
 }
+
+// Packs a full 8-row A panel: d[t*8 + i] = s[i*rs + t] for t < n. Sixteen columns at a time
+// with an 8 x 16 -> 16 x 8 register transpose (in-lane unpacks and shuffles, then 128-bit lane
+// shuffles); the tail column by column.
+TARGET void gemm_pack_a8_avx512(float *d, const float *s, ptrdiff_t rs, int n) {
+    int t = 0;
+    for (; t + 16 <= n; t += 16, d += 128) {
+        __m512 r0 = _mm512_loadu_ps(s + 0 * rs + t), r1 = _mm512_loadu_ps(s + 1 * rs + t);
+        __m512 r2 = _mm512_loadu_ps(s + 2 * rs + t), r3 = _mm512_loadu_ps(s + 3 * rs + t);
+        __m512 r4 = _mm512_loadu_ps(s + 4 * rs + t), r5 = _mm512_loadu_ps(s + 5 * rs + t);
+        __m512 r6 = _mm512_loadu_ps(s + 6 * rs + t), r7 = _mm512_loadu_ps(s + 7 * rs + t);
+        // per 128-bit lane l (columns 4l..4l+3): pairs of rows interleaved
+        __m512 t0 = _mm512_unpacklo_ps(r0, r1), t1 = _mm512_unpackhi_ps(r0, r1);
+        __m512 t2 = _mm512_unpacklo_ps(r2, r3), t3 = _mm512_unpackhi_ps(r2, r3);
+        __m512 t4 = _mm512_unpacklo_ps(r4, r5), t5 = _mm512_unpackhi_ps(r4, r5);
+        __m512 t6 = _mm512_unpacklo_ps(r6, r7), t7 = _mm512_unpackhi_ps(r6, r7);
+        // u0: rows 0-3 of column 4l; u1: column 4l+1; u2, u3: 4l+2, 4l+3; u4..u7 rows 4-7
+        __m512 u0 = _mm512_shuffle_ps(t0, t2, 0x44), u1 = _mm512_shuffle_ps(t0, t2, 0xee);
+        __m512 u2 = _mm512_shuffle_ps(t1, t3, 0x44), u3 = _mm512_shuffle_ps(t1, t3, 0xee);
+        __m512 u4 = _mm512_shuffle_ps(t4, t6, 0x44), u5 = _mm512_shuffle_ps(t4, t6, 0xee);
+        __m512 u6 = _mm512_shuffle_ps(t5, t7, 0x44), u7 = _mm512_shuffle_ps(t5, t7, 0xee);
+        // output vector for columns (4l, 4l+1) = lanes [u0.l, u4.l, u1.l, u5.l], and for
+        // (4l+2, 4l+3) = [u2.l, u6.l, u3.l, u7.l]
+        __m512 p04lo = _mm512_shuffle_f32x4(u0, u4, 0x44), p04hi = _mm512_shuffle_f32x4(u0, u4, 0xee);
+        __m512 p15lo = _mm512_shuffle_f32x4(u1, u5, 0x44), p15hi = _mm512_shuffle_f32x4(u1, u5, 0xee);
+        __m512 p26lo = _mm512_shuffle_f32x4(u2, u6, 0x44), p26hi = _mm512_shuffle_f32x4(u2, u6, 0xee);
+        __m512 p37lo = _mm512_shuffle_f32x4(u3, u7, 0x44), p37hi = _mm512_shuffle_f32x4(u3, u7, 0xee);
+        // p04lo = [u0.0, u0.1, u4.0, u4.1]: picking lanes (0,2) of it and of p15lo gives l = 0
+        _mm512_storeu_ps(d + 0, _mm512_shuffle_f32x4(p04lo, p15lo, 0x88));    // columns 0, 1
+        _mm512_storeu_ps(d + 16, _mm512_shuffle_f32x4(p26lo, p37lo, 0x88));   // 2, 3
+        _mm512_storeu_ps(d + 32, _mm512_shuffle_f32x4(p04lo, p15lo, 0xdd));   // 4, 5
+        _mm512_storeu_ps(d + 48, _mm512_shuffle_f32x4(p26lo, p37lo, 0xdd));   // 6, 7
+        _mm512_storeu_ps(d + 64, _mm512_shuffle_f32x4(p04hi, p15hi, 0x88));   // 8, 9
+        _mm512_storeu_ps(d + 80, _mm512_shuffle_f32x4(p26hi, p37hi, 0x88));   // 10, 11
+        _mm512_storeu_ps(d + 96, _mm512_shuffle_f32x4(p04hi, p15hi, 0xdd));   // 12, 13
+        _mm512_storeu_ps(d + 112, _mm512_shuffle_f32x4(p26hi, p37hi, 0xdd));  // 14, 15
+    }
+    for (; t < n; t++, d += 8)
+        for (int i = 0; i < 8; i++) d[i] = s[i * rs + t];
+}
