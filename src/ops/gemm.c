@@ -22,16 +22,34 @@ typedef struct {
     gemm_kernel_fn *kernel;
     // packs a full 8-row A panel (MR 8 only): d[t*8 + i] = s[i*rs + t]
     void (*pack_a8)(float *d, const float *s, ptrdiff_t rs, int n);
+    void (*copy)(float *d, const float *s, int n);   // d[t] = s[t]
+    void (*copy2)(float *d, const float *s, int n);  // d[t] = s[2t]
+    // d[r*ld + c] = s[c*ls + r] for r < rows, c < 16
+    void (*transpose16)(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, int rows);
 } gemm_config;
+
+static void copy_c(float *d, const float *s, int n) { memcpy(d, s, (size_t)n * sizeof(float)); }
+
+static void copy2_c(float *d, const float *s, int n) {
+    for (int t = 0; t < n; t++) d[t] = s[2 * t];
+}
+
+static void transpose16_c(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, int rows) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 16; c++) d[r * ld + c] = s[c * ls + r];
+}
 
 static gemm_kernel_fn kernel_scalar;
 
 // Block sizes measured on a Zen 5 core (48 KiB L1d, 1 MiB L2); see bench/kernels.c.
 static const gemm_config configs[3] = {
-    [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar, NULL},
-    [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2, NULL},
+    [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar, NULL, copy_c, copy2_c,
+                        transpose16_c},
+    [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2, NULL,
+                      copy_c, copy2_c, transpose16_c},
     [CPU_ISA_AVX512] = {GEMM_AVX512_MR, GEMM_AVX512_NR, 384, 512, 480, gemm_kernel_avx512,
-                        gemm_pack_a8_avx512},
+                        gemm_pack_a8_avx512, gemm_copy_avx512, gemm_copy2_avx512,
+                        gemm_transpose16_avx512},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -147,7 +165,8 @@ static inline float *bp_at(float *dst, int kc, int NR, int k, int j) {
 }
 
 static void pack_b_dense(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
-                         int NR) {
+                         const gemm_config *cfg) {
+    int NR = cfg->NR;
     if (b->cs == 1) {  // rows contiguous: copy runs along each row
         for (int k = 0; k < kc; k++) {
             if (k + 4 < kc && !b->fold) {  // rows are far apart: help the hardware prefetcher
@@ -158,11 +177,7 @@ static void pack_b_dense(float *dst, const gemm_operand *b, int k0, int kc, int 
                 int n = dense_run(b, j0 + j, nc - j);
                 int in_sliver = NR - j % NR;
                 if (n > in_sliver) n = in_sliver;
-                float *d = bp_at(dst, kc, NR, k, j);
-                const float *src = dense_at(b, k0 + k, j0 + j);
-                if (n == 48) memcpy(d, src, 48 * sizeof(float));  // fixed sizes inline
-                else if (n == 16) memcpy(d, src, 16 * sizeof(float));
-                else memcpy(d, src, n * sizeof(float));
+                cfg->copy(bp_at(dst, kc, NR, k, j), dense_at(b, k0 + k, j0 + j), n);
                 j += n;
             }
         }
@@ -176,41 +191,80 @@ static void pack_b_dense(float *dst, const gemm_operand *b, int k0, int kc, int 
     pack_b_pad(dst, kc, nc, NR);
 }
 
-// One run of an image row for im2col: out[t] = src row at x = x0 + t*stride, 0 outside [0,W).
-// dstep is the distance between consecutive outputs.
-static void im2col_run(float *out, ptrdiff_t dstep, const float *row, int W, int x0, int stride,
-                       int n) {
-    if (!row) {
-        for (int t = 0; t < n; t++) out[t * dstep] = 0.0f;
-        return;
+// ---- im2col packing ----
+// The pixels (columns of GEMM_IM2COL, rows of GEMM_IM2COL_T) are walked as runs along one
+// output row, listed once per packing call and reused for every (channel, dy, dx).
+typedef struct {
+    int at;       // offset of the run's first pixel from the start of the packed range
+    int img, oy, ox, len;
+} pixel_run;
+
+// Lists the runs of pixels j0..j0+n-1, also split every `split` pixels (sliver edges; 0 = no
+// split). Stops early when `max` runs are listed; returns the count, *done = pixels covered.
+static int pixel_runs(pixel_run *runs, int max, const gemm_operand *o, int j0, int n, int split,
+                      int *done) {
+    int ohw = o->OH * o->OW;
+    int img = j0 / ohw, oy = j0 % ohw / o->OW, ox = j0 % o->OW;
+    int count = 0, j = 0;
+    // 1x1, stride 1, no padding: a whole image plane is one contiguous run
+    int pointwise = o->k == 1 && o->stride == 1 && o->pad == 0;
+    while (j < n && count < max) {
+        int len = pointwise ? ohw - (oy * o->OW + ox) : o->OW - ox;
+        if (len > n - j) len = n - j;
+        if (split && len > split - j % split) len = split - j % split;
+        runs[count++] = (pixel_run){j, img, oy, ox, len};
+        j += len;
+        if (pointwise) {
+            int at = oy * o->OW + ox + len;
+            if (at == ohw) at = 0, img++;
+            oy = at / o->OW, ox = at % o->OW;
+            continue;
+        }
+        ox += len;
+        if (ox == o->OW) {
+            ox = 0;
+            if (++oy == o->OH) oy = 0, img++;
+        }
     }
-    // valid t: 0 <= x0 + t*stride < W
-    int lo = x0 >= 0 ? 0 : ceil_div(-x0, stride);
-    int hi = x0 >= W ? 0 : ceil_div(W - x0, stride);
-    if (lo > n) lo = n;
-    if (hi > n) hi = n;
-    if (hi < lo) hi = lo;
-    int t = 0;
-    for (; t < lo; t++) out[t * dstep] = 0.0f;
-    if (stride == 1 && dstep == 1) {
-        memcpy(out + lo, row + x0 + lo, (size_t)(hi - lo) * sizeof(float));
-        t = hi;
-    } else {
-        for (; t < hi; t++) out[t * dstep] = row[x0 + t * stride];
-    }
-    for (; t < n; t++) out[t * dstep] = 0.0f;
+    *done = j;
+    return count;
 }
 
-// Walks pixels j0..j0+n-1 of the folded (n, oy, ox) range in runs along ox. For each run calls
-// emit(run start offset from j0, image, oy, ox, run length).
-typedef struct {
-    int img, oy, ox;
-} pixel_pos;
+static void zero_run(float *out, ptrdiff_t dstep, int n) {
+    for (int t = 0; t < n; t++) out[t * dstep] = 0.0f;
+}
 
-static pixel_pos pixel_of(const gemm_operand *o, int j) {
-    int ohw = o->OH * o->OW;
-    pixel_pos p = {j / ohw, (j % ohw) / o->OW, j % o->OW};
-    return p;
+// One run of an im2col row: out[t*dstep] = image row at x = x0 + t*stride, 0 outside [0, W)
+// or where row is NULL (padding rows).
+static void im2col_run(float *out, ptrdiff_t dstep, const float *row, int W, int x0, int stride,
+                       int n, const gemm_config *cfg) {
+    if (!row) {
+        zero_run(out, dstep, n);
+        return;
+    }
+    int lo = 0, hi = n;  // valid t: 0 <= x0 + t*stride < W
+    if (x0 < 0 || x0 + (n - 1) * stride >= W) {  // only at the image's left and right edges
+        lo = x0 >= 0 ? 0 : ceil_div(-x0, stride);
+        hi = x0 >= W ? 0 : ceil_div(W - x0, stride);
+        if (lo > n) lo = n;
+        if (hi > n) hi = n;
+        if (hi < lo) hi = lo;
+        zero_run(out, dstep, lo);
+        zero_run(out + hi * dstep, dstep, n - hi);
+    }
+    const float *src = row + x0 + lo * stride;
+    out += lo * dstep;
+    if (dstep == 1 && stride == 1) cfg->copy(out, src, hi - lo);
+    else if (dstep == 1 && stride == 2) cfg->copy2(out, src, hi - lo);
+    else
+        for (int t = 0; t < hi - lo; t++) out[t * dstep] = src[t * stride];
+}
+
+// The width that im2col_run may read from im2col_row(): a pointwise run continues over the
+// following rows of the plane.
+static int im2col_width(const gemm_operand *o, const pixel_run *u) {
+    if (o->k == 1 && o->stride == 1 && o->pad == 0) return (o->H - u->oy) * o->W;
+    return o->W;
 }
 
 // The input row that output row oy reads at kernel row dy, or NULL if it is padding.
@@ -220,59 +274,80 @@ static const float *im2col_row(const gemm_operand *o, int img, int ch, int oy, i
     return o->p + (((size_t)img * o->C + ch) * o->H + y) * o->W;
 }
 
+enum { RUNS_MAX = 512 };
+
 static void pack_b_im2col(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
-                          int NR) {
-    int kk = b->k * b->k;
-    for (int r = 0; r < kc; r++) {
-        int q = k0 + r, ch = q / kk, dy = q % kk / b->k, dx = q % b->k;
-        pixel_pos pos = pixel_of(b, j0);
-        for (int j = 0; j < nc;) {
-            int n = b->OW - pos.ox;
-            if (n > nc - j) n = nc - j;
-            int in_sliver = NR - j % NR;
-            if (n > in_sliver) n = in_sliver;
-            im2col_run(bp_at(dst, kc, NR, r, j), 1, im2col_row(b, pos.img, ch, pos.oy, dy), b->W,
-                       pos.ox * b->stride - b->pad + dx, b->stride, n);
-            j += n;
-            pos.ox += n;
-            if (pos.ox == b->OW) {
-                pos.ox = 0;
-                if (++pos.oy == b->OH) pos.oy = 0, pos.img++;
+                          const gemm_config *cfg) {
+    int NR = cfg->NR, kk = b->k * b->k;
+    pixel_run runs[RUNS_MAX];
+    for (int jb = 0; jb < nc;) {  // runs in batches of at most RUNS_MAX
+        int covered, nruns = pixel_runs(runs, RUNS_MAX, b, j0 + jb, nc - jb, 0, &covered);
+        for (int q = 0; q < nruns; q++) runs[q].at += jb;
+        for (int r = 0; r < kc; r++) {
+            int qq = k0 + r, ch = qq / kk, dy = qq % kk / b->k, dx = qq % b->k;
+            for (int q = 0; q < nruns; q++) {
+                const pixel_run *u = &runs[q];
+                const float *row = im2col_row(b, u->img, ch, u->oy, dy);
+                int x0 = u->ox * b->stride - b->pad + dx;
+                // a run may straddle slivers: one piece per sliver
+                for (int j = u->at, left = u->len; left > 0;) {
+                    int n = NR - j % NR < left ? NR - j % NR : left;
+                    im2col_run(bp_at(dst, kc, NR, r, j), 1, row, im2col_width(b, u), x0,
+                               b->stride, n, cfg);
+                    j += n, left -= n, x0 += n * b->stride;
+                }
             }
         }
+        jb += covered;
     }
     pack_b_pad(dst, kc, nc, NR);
 }
 
-// B(k, j) = im2col(j, k): rows are pixels, columns are (ch, dy, dx).
+// B(k, j) = im2col(j, k): rows are pixels, columns are (ch, dy, dx). For 16 columns at a
+// time, each column's pixels are first copied into a line (contiguous runs along output rows),
+// then 16 x 16 blocks of the lines are transposed into the sliver.
+enum { LINE_MAX = 528 };  // not a power of two: the 16 lines map to different cache sets
+
 static void pack_b_im2col_t(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
-                            int NR) {
-    int kk = b->k * b->k;
-    for (int j = 0; j < nc; j++) {
-        int q = j0 + j, ch = q / kk, dy = q % kk / b->k, dx = q % b->k;
-        pixel_pos pos = pixel_of(b, k0);
-        float *d = bp_at(dst, kc, NR, 0, j);
-        for (int r = 0; r < kc;) {
-            int n = b->OW - pos.ox;
-            if (n > kc - r) n = kc - r;
-            im2col_run(d + (ptrdiff_t)r * NR, NR, im2col_row(b, pos.img, ch, pos.oy, dy), b->W,
-                       pos.ox * b->stride - b->pad + dx, b->stride, n);
-            r += n;
-            pos.ox += n;
-            if (pos.ox == b->OW) {
-                pos.ox = 0;
-                if (++pos.oy == b->OH) pos.oy = 0, pos.img++;
+                            const gemm_config *cfg) {
+    int NR = cfg->NR, kk = b->k * b->k;
+    pixel_run runs[RUNS_MAX];
+    float lines[16 * LINE_MAX];
+    for (int rb = 0; rb < kc;) {  // pixel rows in batches of at most LINE_MAX
+        int want = kc - rb < LINE_MAX ? kc - rb : LINE_MAX, len;
+        int nruns = pixel_runs(runs, RUNS_MAX, b, k0 + rb, want, 0, &len);
+        int padded = (len + 15) / 16 * 16;
+        for (int jc = 0; jc < nc; jc += 16) {
+            for (int c = 0; c < 16; c++) {
+                float *line = lines + c * LINE_MAX;
+                if (jc + c >= nc) {  // past the last column: zeros
+                    memset(line, 0, (size_t)padded * sizeof(float));
+                    continue;
+                }
+                int qq = j0 + jc + c, ch = qq / kk, dy = qq % kk / b->k, dx = qq % b->k;
+                for (int q = 0; q < nruns; q++) {
+                    const pixel_run *u = &runs[q];
+                    im2col_run(line + u->at, 1, im2col_row(b, u->img, ch, u->oy, dy),
+                               im2col_width(b, u), u->ox * b->stride - b->pad + dx, b->stride,
+                               u->len, cfg);
+                }
+                for (int t = len; t < padded; t++) line[t] = 0.0f;
             }
+            for (int g = 0; g < len; g += 16)  // packed(rb + g + r, jc + c) = lines[c][g + r]
+                cfg->transpose16(bp_at(dst, kc, NR, rb + g, jc), NR, lines + g, LINE_MAX,
+                                 len - g < 16 ? len - g : 16);
         }
+        rb += len;
     }
     pack_b_pad(dst, kc, nc, NR);
 }
 
-static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc, int NR) {
+static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
+                   const gemm_config *cfg) {
     switch (b->kind) {
-    case GEMM_DENSE: pack_b_dense(dst, b, k0, kc, j0, nc, NR); break;
-    case GEMM_IM2COL: pack_b_im2col(dst, b, k0, kc, j0, nc, NR); break;
-    case GEMM_IM2COL_T: pack_b_im2col_t(dst, b, k0, kc, j0, nc, NR); break;
+    case GEMM_DENSE: pack_b_dense(dst, b, k0, kc, j0, nc, cfg); break;
+    case GEMM_IM2COL: pack_b_im2col(dst, b, k0, kc, j0, nc, cfg); break;
+    case GEMM_IM2COL_T: pack_b_im2col_t(dst, b, k0, kc, j0, nc, cfg); break;
     }
 }
 
@@ -348,7 +423,7 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
             pack_a(ap, g->a, g->M, ic, mc, pc, kc, cfg);
             for (int jc = n0; jc < n1; jc += cfg->NC) {
                 int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
-                pack_b(bp, g->b, pc, kc, jc, nc, NR);
+                pack_b(bp, g->b, pc, kc, jc, nc, cfg);
                 for (int ir = 0; ir < mc; ir += MR) {
                     int mr = mc - ir < MR ? mc - ir : MR;
                     for (int jr = 0; jr < nc; jr += NR) {

@@ -112,3 +112,66 @@ TARGET void gemm_pack_a8_avx512(float *d, const float *s, ptrdiff_t rs, int n) {
     for (; t < n; t++, d += 8)
         for (int i = 0; i < 8; i++) d[i] = s[i * rs + t];
 }
+
+TARGET void gemm_copy_avx512(float *d, const float *s, int n) {
+    int t = 0;
+    for (; t + 16 <= n; t += 16) _mm512_storeu_ps(d + t, _mm512_loadu_ps(s + t));
+    if (t < n) {
+        __mmask16 m = (__mmask16)((1u << (n - t)) - 1);
+        _mm512_mask_storeu_ps(d + t, m, _mm512_maskz_loadu_ps(m, s + t));
+    }
+}
+
+// d[t] = s[2t]: two loads, then the even elements of both picked by one permute.
+TARGET void gemm_copy2_avx512(float *d, const float *s, int n) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+        __m512 lo = _mm512_loadu_ps(s + 2 * t);
+        __m512 hi = _mm512_maskz_loadu_ps(0x7fff, s + 2 * t + 16);  // up to s[2t + 30]
+        _mm512_storeu_ps(d + t, _mm512_permutex2var_ps(lo, even, hi));
+    }
+    if (t < n) {
+        int need = 2 * (n - t) - 1;  // s[2t .. 2t + need - 1]
+        __mmask16 m1 = need >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << need) - 1);
+        __mmask16 m2 = need > 16 ? (__mmask16)((1u << (need - 16)) - 1) : 0;
+        __m512 lo = _mm512_maskz_loadu_ps(m1, s + 2 * t);
+        __m512 hi = _mm512_maskz_loadu_ps(m2, s + 2 * t + 16);
+        _mm512_mask_storeu_ps(d + t, (__mmask16)((1u << (n - t)) - 1),
+                              _mm512_permutex2var_ps(lo, even, hi));
+    }
+}
+
+// 16 x 16 transpose: unpacks and in-lane shuffles gather, per 128-bit lane l, four rows of
+// element 4l+m into u[4g+m] (rows 4g..4g+3); two rounds of 128-bit lane shuffles then put
+// lanes l of u[m], u[4+m], u[8+m], u[12+m] side by side as output row 4l+m.
+TARGET void gemm_transpose16_avx512(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls,
+                                    int rows) {
+    __m512 a[16], t[16], u[16], out[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) a[i] = _mm512_loadu_ps(s + i * ls);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; g++) {
+        u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0x44);
+        u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g + 0], t[4 * g + 2], 0xee);
+        u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+        u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xee);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < 4; m++) {
+        __m512 v = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44);
+        __m512 v2 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xee);
+        __m512 w = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+        __m512 w2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xee);
+        out[0 + m] = _mm512_shuffle_f32x4(v, w, 0x88);
+        out[4 + m] = _mm512_shuffle_f32x4(v, w, 0xdd);
+        out[8 + m] = _mm512_shuffle_f32x4(v2, w2, 0x88);
+        out[12 + m] = _mm512_shuffle_f32x4(v2, w2, 0xdd);
+    }
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(d + r * ld, out[r]);
+}
