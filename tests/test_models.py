@@ -21,13 +21,14 @@ def randomize(model, seed):
     gradient one way or the other depending on float32 rounding, moving a small test's
     parameter gradients by percents (float32 PyTorch then differs from float64 as much). So
     BN layers get gamma ~0.15 and beta ~0.5 (pre-ReLU values reach 0 only 3 sigma out), and
-    conv/linear layers LeCun-scaled weights with positive biases."""
+    conv/linear layers 0.25 x LeCun-scaled weights with biases ~0.5 (the same 4 sigma margin
+    where there is no BN: the paper variant, VGG without BN, the heads)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 fan_in = m.weight[0].numel()
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.25 * (1.0 / fan_in) ** 0.5)
                 if m.bias is not None:
                     m.bias.copy_(0.5 + 0.1 * torch.rand(m.bias.shape, generator=g))
             elif isinstance(m, nn.BatchNorm2d):
@@ -173,10 +174,11 @@ def torch_gradients(model, x, y, smoothing, dtype):
 
 
 def grad_errors(got, ref):
-    """Per-tensor relative error max|d| / max|ref|, with the denominator floored at 1e-4 of the
-    largest gradient in the model: a conv bias right before training-mode BN has an exact
-    gradient of 0, where a plain relative error only measures rounding noise."""
-    floor = 1e-4 * max(g.abs().max().item() for g in ref.values())
+    """Per-tensor relative error max|d| / max|ref|, with the denominator floored at 1e-3 of the
+    largest gradient in the model: some gradients are exactly 0 in theory (a conv bias right
+    before training-mode BN; a BN shift whose ReLU never cuts, undone by the next BN), where a
+    plain relative error would only measure rounding noise."""
+    floor = 1e-3 * max(g.abs().max().item() for g in ref.values())
     return sorted((((got[k].double() - g.double()).abs().max().item() / max(g.abs().max().item(), floor)), k)
                   for k, g in ref.items())[::-1]
 
@@ -195,12 +197,9 @@ def check_gradients(model, name, make_batch, opts, smoothing=0.0):
         x, y = make_batch(torch.Generator().manual_seed(seed))
         loss64, g64 = torch_gradients(model, x, y, smoothing, torch.float64)
         g = torch.Generator().manual_seed(100 + seed)
-        stable = True
-        for _ in range(2):
-            xp = x.double() * (1 + 1e-6 * torch.randn(x.shape, generator=g, dtype=torch.float64))
-            _, gp = torch_gradients(model, xp, y, smoothing, torch.float64)
-            stable = stable and grad_errors(gp, g64)[0][0] <= GRAD_TOL / 10
-        if stable:
+        xp = x.double() * (1 + 1e-6 * torch.randn(x.shape, generator=g, dtype=torch.float64))
+        _, gp = torch_gradients(model, xp, y, smoothing, torch.float64)
+        if grad_errors(gp, g64)[0][0] <= GRAD_TOL / 10:
             break
     else:
         raise AssertionError(f"{name}: no batch away from ReLU/max-pool kinks found")
@@ -328,7 +327,7 @@ def test_googlenet_paper():
     m = randomize(PaperGoogLeNet(classes=10), 8)
     opts = ["--num-classes", "10", "--dropout", "0", "--dropout-aux", "0"]
     check_forward(m, "googlenet-paper", torch.randn(1, 3, 224, 224), opts, train=True)
-    check_gradients(m, "googlenet-paper", batch_maker(2, 3, 224, 224, 10), opts)
+    check_gradients(m, "googlenet-paper", batch_maker(1, 3, 224, 224, 10), opts)
 
 
 def test_googlenet_paper_no_aux_small():
