@@ -10,11 +10,22 @@
 // order, which makes results independent of the thread split.
 #include "ops/gemm.h"
 #include "ops/cpu.h"
+#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
 #define MR_MAX 8
 #define NR_MAX 48
+
+typedef struct pixel_run pixel_run;
+typedef void im2col_rows_fn(float *dst, const gemm_operand *b, int k0, int kc, int NR,
+                            const pixel_run *runs, int nruns);
+typedef void im2col_line_fn(float *line, const gemm_operand *b, int q, const pixel_run *runs,
+                            int nruns);
+static im2col_rows_fn im2col_rows_c, im2col_rows_avx512;
+static im2col_line_fn im2col_line_c, im2col_line_avx512;
+static void copy_c(float *d, const float *s, int n);
+static void copy_avx512(float *d, const float *s, int n);
 
 typedef struct {
     int MR, NR;      // micro-tile
@@ -22,17 +33,12 @@ typedef struct {
     gemm_kernel_fn *kernel;
     // packs a full 8-row A panel (MR 8 only): d[t*8 + i] = s[i*rs + t]
     void (*pack_a8)(float *d, const float *s, ptrdiff_t rs, int n);
-    void (*copy)(float *d, const float *s, int n);   // d[t] = s[t]
-    void (*copy2)(float *d, const float *s, int n);  // d[t] = s[2t]
+    void (*copy)(float *d, const float *s, int n);  // d[t] = s[t]
     // d[r*ld + c] = s[c*ls + r] for r < rows, c < 16
     void (*transpose16)(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, int rows);
+    im2col_rows_fn *im2col_rows;
+    im2col_line_fn *im2col_line;
 } gemm_config;
-
-static void copy_c(float *d, const float *s, int n) { memcpy(d, s, (size_t)n * sizeof(float)); }
-
-static void copy2_c(float *d, const float *s, int n) {
-    for (int t = 0; t < n; t++) d[t] = s[2 * t];
-}
 
 static void transpose16_c(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, int rows) {
     for (int r = 0; r < rows; r++)
@@ -43,13 +49,13 @@ static gemm_kernel_fn kernel_scalar;
 
 // Block sizes measured on a Zen 5 core (48 KiB L1d, 1 MiB L2); see bench/kernels.c.
 static const gemm_config configs[3] = {
-    [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar, NULL, copy_c, copy2_c,
-                        transpose16_c},
+    [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar, NULL, copy_c, transpose16_c,
+                        im2col_rows_c, im2col_line_c},
     [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2, NULL,
-                      copy_c, copy2_c, transpose16_c},
+                      copy_c, transpose16_c, im2col_rows_c, im2col_line_c},
     [CPU_ISA_AVX512] = {GEMM_AVX512_MR, GEMM_AVX512_NR, 384, 512, 480, gemm_kernel_avx512,
-                        gemm_pack_a8_avx512, gemm_copy_avx512, gemm_copy2_avx512,
-                        gemm_transpose16_avx512},
+                        gemm_pack_a8_avx512, copy_avx512, gemm_transpose16_avx512,
+                        im2col_rows_avx512, im2col_line_avx512},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -194,15 +200,16 @@ static void pack_b_dense(float *dst, const gemm_operand *b, int k0, int kc, int 
 // ---- im2col packing ----
 // The pixels (columns of GEMM_IM2COL, rows of GEMM_IM2COL_T) are walked as runs along one
 // output row, listed once per packing call and reused for every (channel, dy, dx).
-typedef struct {
+struct pixel_run {
     int at;       // offset of the run's first pixel from the start of the packed range
     int img, oy, ox, len;
-} pixel_run;
+};
 
-// Lists the runs of pixels j0..j0+n-1, also split every `split` pixels (sliver edges; 0 = no
-// split). Stops early when `max` runs are listed; returns the count, *done = pixels covered.
+// Lists the runs of pixels j0..j0+n-1, also split where (phase + offset) crosses a multiple
+// of `split` (sliver edges; 0 = no split). Stops early when `max` runs are listed; returns the
+// count, *done = pixels covered.
 static int pixel_runs(pixel_run *runs, int max, const gemm_operand *o, int j0, int n, int split,
-                      int *done) {
+                      int phase, int *done) {
     int ohw = o->OH * o->OW;
     int img = j0 / ohw, oy = j0 % ohw / o->OW, ox = j0 % o->OW;
     int count = 0, j = 0;
@@ -211,7 +218,7 @@ static int pixel_runs(pixel_run *runs, int max, const gemm_operand *o, int j0, i
     while (j < n && count < max) {
         int len = pointwise ? ohw - (oy * o->OW + ox) : o->OW - ox;
         if (len > n - j) len = n - j;
-        if (split && len > split - j % split) len = split - j % split;
+        if (split && len > split - (phase + j) % split) len = split - (phase + j) % split;
         runs[count++] = (pixel_run){j, img, oy, ox, len};
         j += len;
         if (pointwise) {
@@ -230,16 +237,56 @@ static int pixel_runs(pixel_run *runs, int max, const gemm_operand *o, int j0, i
     return count;
 }
 
-static void zero_run(float *out, ptrdiff_t dstep, int n) {
-    for (int t = 0; t < n; t++) out[t * dstep] = 0.0f;
+// ---- copies (the innermost loops of packing), plain and AVX-512 ----
+#define AVX512 __attribute__((target("avx512f")))
+#define INLINE static inline __attribute__((always_inline))
+
+static void copy_c(float *d, const float *s, int n) { memcpy(d, s, (size_t)n * sizeof(float)); }
+
+INLINE void copy2_c(float *d, const float *s, int n) {
+    for (int t = 0; t < n; t++) d[t] = s[2 * t];
 }
 
-// One run of an im2col row: out[t*dstep] = image row at x = x0 + t*stride, 0 outside [0, W)
-// or where row is NULL (padding rows).
-static void im2col_run(float *out, ptrdiff_t dstep, const float *row, int W, int x0, int stride,
-                       int n, const gemm_config *cfg) {
+INLINE AVX512 void copy_avx512_inline(float *d, const float *s, int n) {
+    int t = 0;
+    for (; t + 16 <= n; t += 16) _mm512_storeu_ps(d + t, _mm512_loadu_ps(s + t));
+    if (t < n) {
+        __mmask16 m = (__mmask16)((1u << (n - t)) - 1);
+        _mm512_mask_storeu_ps(d + t, m, _mm512_maskz_loadu_ps(m, s + t));
+    }
+}
+
+static AVX512 void copy_avx512(float *d, const float *s, int n) { copy_avx512_inline(d, s, n); }
+
+// d[t] = s[2t]: two loads, then the even elements of both picked by one permute. Masked loads
+// never touch memory past the last element used.
+INLINE AVX512 void copy2_avx512(float *d, const float *s, int n) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+        __m512 lo = _mm512_loadu_ps(s + 2 * t);
+        __m512 hi = _mm512_maskz_loadu_ps(0x7fff, s + 2 * t + 16);  // up to s[2t + 30]
+        _mm512_storeu_ps(d + t, _mm512_permutex2var_ps(lo, even, hi));
+    }
+    if (t < n) {
+        int need = 2 * (n - t) - 1;  // s[2t .. 2t + need - 1]
+        __mmask16 m1 = need >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << need) - 1);
+        __mmask16 m2 = need > 16 ? (__mmask16)((1u << (need - 16)) - 1) : 0;
+        __m512 lo = _mm512_maskz_loadu_ps(m1, s + 2 * t);
+        __m512 hi = _mm512_maskz_loadu_ps(m2, s + 2 * t + 16);
+        _mm512_mask_storeu_ps(d + t, (__mmask16)((1u << (n - t)) - 1),
+                              _mm512_permutex2var_ps(lo, even, hi));
+    }
+}
+
+typedef void copy_fn(float *d, const float *s, int n);
+
+// One run of an im2col row: out[t] = image row at x = x0 + t*stride, 0 outside [0, W) or
+// where row is NULL (padding rows). copy/copy2 are constants after inlining.
+INLINE void im2col_run(float *out, const float *row, int W, int x0, int stride, int n,
+                       copy_fn *copy, copy_fn *copy2) {
     if (!row) {
-        zero_run(out, dstep, n);
+        memset(out, 0, (size_t)n * sizeof(float));
         return;
     }
     int lo = 0, hi = n;  // valid t: 0 <= x0 + t*stride < W
@@ -249,15 +296,14 @@ static void im2col_run(float *out, ptrdiff_t dstep, const float *row, int W, int
         if (lo > n) lo = n;
         if (hi > n) hi = n;
         if (hi < lo) hi = lo;
-        zero_run(out, dstep, lo);
-        zero_run(out + hi * dstep, dstep, n - hi);
+        for (int t = 0; t < lo; t++) out[t] = 0.0f;
+        for (int t = hi; t < n; t++) out[t] = 0.0f;
     }
     const float *src = row + x0 + lo * stride;
-    out += lo * dstep;
-    if (dstep == 1 && stride == 1) cfg->copy(out, src, hi - lo);
-    else if (dstep == 1 && stride == 2) cfg->copy2(out, src, hi - lo);
+    if (stride == 1) copy(out + lo, src, hi - lo);
+    else if (stride == 2) copy2(out + lo, src, hi - lo);
     else
-        for (int t = 0; t < hi - lo; t++) out[t * dstep] = src[t * stride];
+        for (int t = 0; t < hi - lo; t++) out[lo + t] = src[t * stride];
 }
 
 // The width that im2col_run may read from im2col_row(): a pointwise run continues over the
@@ -274,33 +320,75 @@ static const float *im2col_row(const gemm_operand *o, int img, int ch, int oy, i
     return o->p + (((size_t)img * o->C + ch) * o->H + y) * o->W;
 }
 
+// Rows r < kc (q = k0 + r) of a packed im2col block over the listed pixel runs, which do not
+// straddle slivers. Run by run, walking (channel, dy, dx) down the rows without divisions.
+INLINE void im2col_rows_body(float *dst, const gemm_operand *b, int k0, int kc, int NR,
+                             const pixel_run *runs, int nruns, copy_fn *copy, copy_fn *copy2) {
+    int k = b->k, kk = k * k;
+    size_t plane = (size_t)b->H * b->W;
+    for (int q = 0; q < nruns; q++) {
+        const pixel_run *u = &runs[q];
+        float *d = bp_at(dst, kc, NR, 0, u->at);
+        int W = im2col_width(b, u), y0 = u->oy * b->stride - b->pad;
+        int x0 = u->ox * b->stride - b->pad;
+        int ch = k0 / kk, dy = k0 % kk / k, dx = k0 % k;
+        const float *img = b->p + ((size_t)u->img * b->C + ch) * plane;
+        for (int r = 0; r < kc; r++, d += NR) {
+            int y = y0 + dy;
+            const float *row = y >= 0 && y < b->H ? img + (size_t)y * b->W : NULL;
+            im2col_run(d, row, W, x0 + dx, b->stride, u->len, copy, copy2);
+            if (++dx == k) {
+                dx = 0;
+                if (++dy == k) dy = 0, img += plane;
+            }
+        }
+    }
+}
+
+// Column q of im2col over the listed pixel runs, into a contiguous line.
+INLINE void im2col_line_body(float *line, const gemm_operand *b, int qq, const pixel_run *runs,
+                             int nruns, copy_fn *copy, copy_fn *copy2) {
+    int kk = b->k * b->k, ch = qq / kk, dy = qq % kk / b->k, dx = qq % b->k;
+    for (int q = 0; q < nruns; q++) {
+        const pixel_run *u = &runs[q];
+        im2col_run(line + u->at, im2col_row(b, u->img, ch, u->oy, dy), im2col_width(b, u),
+                   u->ox * b->stride - b->pad + dx, b->stride, u->len, copy, copy2);
+    }
+}
+
+static void im2col_rows_c(float *dst, const gemm_operand *b, int k0, int kc, int NR,
+                          const pixel_run *runs, int nruns) {
+    im2col_rows_body(dst, b, k0, kc, NR, runs, nruns, copy_c, copy2_c);
+}
+
+static AVX512 void im2col_rows_avx512(float *dst, const gemm_operand *b, int k0, int kc, int NR,
+                                      const pixel_run *runs, int nruns) {
+    im2col_rows_body(dst, b, k0, kc, NR, runs, nruns, copy_avx512_inline, copy2_avx512);
+}
+
+static void im2col_line_c(float *line, const gemm_operand *b, int q, const pixel_run *runs,
+                          int nruns) {
+    im2col_line_body(line, b, q, runs, nruns, copy_c, copy2_c);
+}
+
+static AVX512 void im2col_line_avx512(float *line, const gemm_operand *b, int q,
+                                      const pixel_run *runs, int nruns) {
+    im2col_line_body(line, b, q, runs, nruns, copy_avx512_inline, copy2_avx512);
+}
+
 enum { RUNS_MAX = 512 };
 
 static void pack_b_im2col(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
                           const gemm_config *cfg) {
-    int NR = cfg->NR, kk = b->k * b->k;
     pixel_run runs[RUNS_MAX];
     for (int jb = 0; jb < nc;) {  // runs in batches of at most RUNS_MAX
-        int covered, nruns = pixel_runs(runs, RUNS_MAX, b, j0 + jb, nc - jb, 0, &covered);
+        int covered;
+        int nruns = pixel_runs(runs, RUNS_MAX, b, j0 + jb, nc - jb, cfg->NR, jb, &covered);
         for (int q = 0; q < nruns; q++) runs[q].at += jb;
-        for (int r = 0; r < kc; r++) {
-            int qq = k0 + r, ch = qq / kk, dy = qq % kk / b->k, dx = qq % b->k;
-            for (int q = 0; q < nruns; q++) {
-                const pixel_run *u = &runs[q];
-                const float *row = im2col_row(b, u->img, ch, u->oy, dy);
-                int x0 = u->ox * b->stride - b->pad + dx;
-                // a run may straddle slivers: one piece per sliver
-                for (int j = u->at, left = u->len; left > 0;) {
-                    int n = NR - j % NR < left ? NR - j % NR : left;
-                    im2col_run(bp_at(dst, kc, NR, r, j), 1, row, im2col_width(b, u), x0,
-                               b->stride, n, cfg);
-                    j += n, left -= n, x0 += n * b->stride;
-                }
-            }
-        }
+        cfg->im2col_rows(dst, b, k0, kc, cfg->NR, runs, nruns);
         jb += covered;
     }
-    pack_b_pad(dst, kc, nc, NR);
+    pack_b_pad(dst, kc, nc, cfg->NR);
 }
 
 // B(k, j) = im2col(j, k): rows are pixels, columns are (ch, dy, dx). For 16 columns at a
@@ -310,12 +398,12 @@ enum { LINE_MAX = 528 };  // not a power of two: the 16 lines map to different c
 
 static void pack_b_im2col_t(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
                             const gemm_config *cfg) {
-    int NR = cfg->NR, kk = b->k * b->k;
+    int NR = cfg->NR;
     pixel_run runs[RUNS_MAX];
     float lines[16 * LINE_MAX];
     for (int rb = 0; rb < kc;) {  // pixel rows in batches of at most LINE_MAX
         int want = kc - rb < LINE_MAX ? kc - rb : LINE_MAX, len;
-        int nruns = pixel_runs(runs, RUNS_MAX, b, k0 + rb, want, 0, &len);
+        int nruns = pixel_runs(runs, RUNS_MAX, b, k0 + rb, want, 0, 0, &len);
         int padded = (len + 15) / 16 * 16;
         for (int jc = 0; jc < nc; jc += 16) {
             for (int c = 0; c < 16; c++) {
@@ -324,13 +412,7 @@ static void pack_b_im2col_t(float *dst, const gemm_operand *b, int k0, int kc, i
                     memset(line, 0, (size_t)padded * sizeof(float));
                     continue;
                 }
-                int qq = j0 + jc + c, ch = qq / kk, dy = qq % kk / b->k, dx = qq % b->k;
-                for (int q = 0; q < nruns; q++) {
-                    const pixel_run *u = &runs[q];
-                    im2col_run(line + u->at, 1, im2col_row(b, u->img, ch, u->oy, dy),
-                               im2col_width(b, u), u->ox * b->stride - b->pad + dx, b->stride,
-                               u->len, cfg);
-                }
+                cfg->im2col_line(line, b, j0 + jc + c, runs, nruns);
                 for (int t = len; t < padded; t++) line[t] = 0.0f;
             }
             for (int g = 0; g < len; g += 16)  // packed(rb + g + r, jc + c) = lines[c][g + r]

@@ -82,9 +82,6 @@ gemm_kernel_fn gemm_kernel_avx512;  // MR 8, NR 48
 // Packing helpers with AVX-512 (plain-C equivalents in gemm.c):
 // a full 8-row A panel from rows rs floats apart: d[t*8 + i] = s[i*rs + t], t < n;
 void gemm_pack_a8_avx512(float *d, const float *s, ptrdiff_t rs, int n);
-// d[t] = s[t] and d[t] = s[2t], t < n (never reading past the last element used);
-void gemm_copy_avx512(float *d, const float *s, int n);
-void gemm_copy2_avx512(float *d, const float *s, int n);
 // d[r*ld + c] = s[c*ls + r] for r < rows, c < 16.
 void gemm_transpose16_avx512(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, int rows);
 gemm_kernel_fn gemm_kernel_avx2;    // MR 6, NR 16

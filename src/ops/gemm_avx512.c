@@ -113,35 +113,6 @@ TARGET void gemm_pack_a8_avx512(float *d, const float *s, ptrdiff_t rs, int n) {
         for (int i = 0; i < 8; i++) d[i] = s[i * rs + t];
 }
 
-TARGET void gemm_copy_avx512(float *d, const float *s, int n) {
-    int t = 0;
-    for (; t + 16 <= n; t += 16) _mm512_storeu_ps(d + t, _mm512_loadu_ps(s + t));
-    if (t < n) {
-        __mmask16 m = (__mmask16)((1u << (n - t)) - 1);
-        _mm512_mask_storeu_ps(d + t, m, _mm512_maskz_loadu_ps(m, s + t));
-    }
-}
-
-// d[t] = s[2t]: two loads, then the even elements of both picked by one permute.
-TARGET void gemm_copy2_avx512(float *d, const float *s, int n) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    int t = 0;
-    for (; t + 16 <= n; t += 16) {
-        __m512 lo = _mm512_loadu_ps(s + 2 * t);
-        __m512 hi = _mm512_maskz_loadu_ps(0x7fff, s + 2 * t + 16);  // up to s[2t + 30]
-        _mm512_storeu_ps(d + t, _mm512_permutex2var_ps(lo, even, hi));
-    }
-    if (t < n) {
-        int need = 2 * (n - t) - 1;  // s[2t .. 2t + need - 1]
-        __mmask16 m1 = need >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << need) - 1);
-        __mmask16 m2 = need > 16 ? (__mmask16)((1u << (need - 16)) - 1) : 0;
-        __m512 lo = _mm512_maskz_loadu_ps(m1, s + 2 * t);
-        __m512 hi = _mm512_maskz_loadu_ps(m2, s + 2 * t + 16);
-        _mm512_mask_storeu_ps(d + t, (__mmask16)((1u << (n - t)) - 1),
-                              _mm512_permutex2var_ps(lo, even, hi));
-    }
-}
-
 // 16 x 16 transpose: unpacks and in-lane shuffles gather, per 128-bit lane l, four rows of
 // element 4l+m into u[4g+m] (rows 4g..4g+3); two rounds of 128-bit lane shuffles then put
 // lanes l of u[m], u[4+m], u[8+m], u[12+m] side by side as output row 4l+m.
