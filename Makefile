@@ -4,7 +4,7 @@ CC      ?= cc
 SAN     ?= 0
 OPT     ?= -O2
 CFLAGS  ?=
-CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra $(OPT) -g -pthread -Isrc -I/usr/include/stb
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra $(OPT) -g -pthread -I. -Isrc -I/usr/include/stb
 LDLIBS  += -lm -lz -lpthread
 ifeq ($(SAN),1)
   BUILD := build-san
@@ -25,7 +25,7 @@ PY       := /usr/bin/python3
 .PHONY: all test clean deps run bench
 all: $(BIN) $(TEST_BIN)
 
-$(BUILD)/%.o: %.c $(wildcard src/*/*.h)
+$(BUILD)/%.o: %.c $(wildcard src/*/*.h cli/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -33,7 +33,9 @@ $(BUILD)/libincept.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
-$(BIN): $(BUILD)/cli/incept.o $(BUILD)/libincept.a
+CLI_OBJ  := $(patsubst %.c,$(BUILD)/%.o,$(sort $(wildcard cli/*.c)))
+
+$(BIN): $(CLI_OBJ) $(BUILD)/libincept.a
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 $(BUILD)/tests/%: tests/%.c $(BUILD)/libincept.a $(wildcard src/*/*.h)

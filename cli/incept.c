@@ -1,9 +1,9 @@
 // incept — the command-line program. Each verb is one function below; options are parsed by
 // one table-free loop per verb with shared model options. Usage errors exit 2, bad input 1.
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "cli/cli.h"
 #include "io/safetensors.h"
 #include "models/model.h"
 #include "util/err.h"
@@ -14,100 +14,44 @@ static const char *USAGE =
     "  summary MODEL [--input CxHxW]            layer table: shapes, parameters, MACs\n"
     "  init MODEL --output W.safetensors [--seed S]\n"
     "  forward MODEL --weights W --input X --output Y [--train] [--seed S]\n"
-    "  gradients MODEL --weights W --input X --output G [--label-smoothing E] [--seed S]\n"
-    "model options: --num-classes N  --in-channels C  --dropout P  --dropout-aux P  --no-aux\n"
-    "               --transform-input\n";
+    "  gradients MODEL --weights W --input X --output G [--label-smoothing E] [--seed S]\n";
 
-// ---- argument helpers: every problem is one line naming the flag, exit 2 ----
-
-static int usage_error(const char *fmt, const char *a, const char *b) {
-    fprintf(stderr, "incept: ");
-    fprintf(stderr, fmt, a, b);
-    fprintf(stderr, "\n(run 'incept' without arguments for usage)\n");
-    return 2;
-}
-
-static int parse_int(const char *flag, const char *s, long lo, long hi, int *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (!*s || *end || errno || v < lo || v > hi) {
-        char range[64];
-        snprintf(range, sizeof range, "an integer in [%ld, %ld]", lo, hi);
-        return usage_error("%s needs %s", flag, range);
-    }
-    *out = (int)v;
-    return 0;
-}
-
-static int parse_float(const char *flag, const char *s, double lo, double hi, float *out) {
-    char *end;
-    double v = strtod(s, &end);
-    if (!*s || *end || !(v >= lo && v <= hi)) {
-        char range[64];
-        snprintf(range, sizeof range, "a number in [%g, %g]", lo, hi);
-        return usage_error("%s needs %s", flag, range);
-    }
-    *out = (float)v;
-    return 0;
-}
+static void usage(FILE *f) { fprintf(f, "%s%s", USAGE, CLI_MODEL_OPTIONS); }
 
 typedef struct {
     model_config cfg;
     const char *weights, *input, *output, *shape;
-    unsigned long long seed;
+    uint64_t seed;
     int train;
     float smoothing;
 } opts;
 
 // Parses MODEL and the options shared by all verbs. Returns 0, or an exit code.
-static int parse(int argc, char **argv, opts *o, int need_model) {
+// Parses MODEL and the options shared by the model verbs. Returns 0, or an exit code.
+static int parse(int argc, char **argv, opts *o) {
     memset(o, 0, sizeof *o);
-    int i = 2;
-    if (need_model) {
-        if (argc < 3 || argv[2][0] == '-') return usage_error("%s needs a MODEL name%s", argv[1], "");
-        if (model_config_init(&o->cfg, argv[2])) {
-            fprintf(stderr, "incept: %s\n", err_msg());
-            return 2;
-        }
-        i = 3;
-    }
-    for (; i < argc; i++) {
+    int rc = cli_model_name(&o->cfg, argc, argv);
+    if (rc) return rc;
+    for (int i = 3; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int rc = 0, takes = 1;
-        if (!strcmp(a, "--no-aux")) { o->cfg.aux = 0; takes = 0; }
-        else if (!strcmp(a, "--transform-input")) { o->cfg.transform_input = 1; takes = 0; }
-        else if (!strcmp(a, "--train")) { o->train = 1; takes = 0; }
-        else if (!v) return usage_error("%s needs a value%s", a, "");
-        else if (!strcmp(a, "--num-classes")) rc = parse_int(a, v, 1, 1 << 20, &o->cfg.num_classes);
-        else if (!strcmp(a, "--in-channels")) rc = parse_int(a, v, 1, 4096, &o->cfg.in_channels);
-        else if (!strcmp(a, "--dropout")) rc = parse_float(a, v, 0, 1, &o->cfg.dropout);
-        else if (!strcmp(a, "--dropout-aux")) rc = parse_float(a, v, 0, 1, &o->cfg.dropout_aux);
-        else if (!strcmp(a, "--label-smoothing")) rc = parse_float(a, v, 0, 1, &o->smoothing);
+        if ((rc = cli_model_option(&o->cfg, argc, argv, &i, NULL)) == 1) continue;
+        if (rc) return rc;
+        if (!strcmp(a, "--train")) { o->train = 1; continue; }
+        if (!v) return cli_usage("unknown option '%s' for '%s', or it needs a value", a, argv[1]);
+        if (!strcmp(a, "--label-smoothing")) rc = cli_float(a, v, 0, 1, &o->smoothing);
         else if (!strcmp(a, "--weights")) o->weights = v;
         else if (!strcmp(a, "--input")) o->input = v;
         else if (!strcmp(a, "--output")) o->output = v;
-        else if (!strcmp(a, "--seed")) {
-            char *end;
-            errno = 0;
-            o->seed = strtoull(v, &end, 10);
-            if (!*v || *end || errno || v[0] == '-') return usage_error("%s needs a non-negative integer, not '%s'", a, v);
-        } else return usage_error("unknown option '%s' for '%s'", a, argv[1]);
+        else if (!strcmp(a, "--seed")) rc = cli_u64(a, v, &o->seed);
+        else return cli_usage("unknown option '%s' for '%s'", a, argv[1]);
         if (rc) return rc;
-        i += takes;
+        i++;
     }
     return 0;
 }
 
 static int need(const char *what, const char *flag, const char *verb) {
-    if (what) return 0;
-    fprintf(stderr, "incept: %s needs %s\n", verb, flag);
-    return 2;
-}
-
-static int fail(void) {
-    fprintf(stderr, "incept: %s\n", err_msg());
-    return 1;
+    return what ? 0 : cli_usage("%s needs %s", verb, flag);
 }
 
 // ---- verbs ----
@@ -117,7 +61,7 @@ static int cmd_models(void) {
         model_config c;
         model m;
         model_config_init(&c, model_names[i]);
-        if (model_build(&m, &c)) return fail();
+        if (model_build(&m, &c)) return cli_fail();
         char line[128];
         int o = snprintf(line, sizeof line, "%-16s %12zu params", c.name, model_param_count(&m, 0));
         if (m.aux1 >= 0) snprintf(line + o, sizeof line - o, " (%zu with aux heads)", model_param_count(&m, 1));
@@ -130,13 +74,13 @@ static int cmd_models(void) {
 static int parse_shape(const char *s, int *C, int *H, int *W) {
     char tail;
     if (sscanf(s, "%dx%dx%d%c", C, H, W, &tail) != 3 || *C < 1 || *H < 1 || *W < 1)
-        return usage_error("--input needs CxHxW with positive sizes (e.g. 3x224x224), not '%s'%s", s, "");
+        return cli_usage("--input needs CxHxW with positive sizes (e.g. 3x224x224), not '%s'", s);
     return 0;
 }
 
 static int cmd_summary(int argc, char **argv) {
     opts o;
-    int rc = parse(argc, argv, &o, 1);
+    int rc = parse(argc, argv, &o);
     if (rc) return rc;
     if (o.input) {
         int C;
@@ -144,7 +88,7 @@ static int cmd_summary(int argc, char **argv) {
         o.cfg.in_channels = C;
     }
     model m;
-    if (model_build(&m, &o.cfg)) return fail();
+    if (model_build(&m, &o.cfg)) return cli_fail();
     model_summary(&m, stdout);
     model_free(&m);
     return 0;
@@ -152,12 +96,12 @@ static int cmd_summary(int argc, char **argv) {
 
 static int cmd_init(int argc, char **argv) {
     opts o;
-    int rc = parse(argc, argv, &o, 1);
+    int rc = parse(argc, argv, &o);
     if (rc || (rc = need(o.output, "--output W.safetensors", "init"))) return rc;
     model m;
-    if (model_build(&m, &o.cfg)) return fail();
+    if (model_build(&m, &o.cfg)) return cli_fail();
     model_init(&m, o.seed);
-    rc = model_save(&m, o.output, NULL, NULL, 0) ? fail() : 0;
+    rc = model_save(&m, o.output, NULL, NULL, 0) ? cli_fail() : 0;
     model_free(&m);
     return rc;
 }
@@ -202,7 +146,7 @@ static int load_inputs(opts *o, model *m, st_file *f, const float **x, const int
 
 static int cmd_forward(int argc, char **argv) {
     opts o;
-    int rc = parse(argc, argv, &o, 1);
+    int rc = parse(argc, argv, &o);
     if (rc || (rc = need(o.weights, "--weights W", "forward")) || (rc = need(o.input, "--input X", "forward")) ||
         (rc = need(o.output, "--output Y", "forward")))
         return rc;
@@ -211,7 +155,7 @@ static int cmd_forward(int argc, char **argv) {
     const float *x;
     float *xbuf = NULL;
     if (load_inputs(&o, &m, &f, &x, NULL, &xbuf) || model_forward(&m, x, o.train)) {
-        rc = fail();
+        rc = cli_fail();
     } else {
         st_entry e[3];
         int n = 0;
@@ -223,7 +167,7 @@ static int cmd_forward(int argc, char **argv) {
                               .shape = {m.N, m.cfg.num_classes}, .data = model_out(&m, outs[h])};
             n++;
         }
-        rc = st_write(o.output, e, n, NULL, NULL, 0) ? fail() : 0;
+        rc = st_write(o.output, e, n, NULL, NULL, 0) ? cli_fail() : 0;
     }
     free(xbuf);
     st_free(&f);
@@ -233,7 +177,7 @@ static int cmd_forward(int argc, char **argv) {
 
 static int cmd_gradients(int argc, char **argv) {
     opts o;
-    int rc = parse(argc, argv, &o, 1);
+    int rc = parse(argc, argv, &o);
     if (rc || (rc = need(o.weights, "--weights W", "gradients")) ||
         (rc = need(o.input, "--input X", "gradients")) || (rc = need(o.output, "--output G", "gradients")))
         return rc;
@@ -260,7 +204,7 @@ static int cmd_gradients(int argc, char **argv) {
         }
     }
     if (rc) {
-        rc = fail();
+        rc = cli_fail();
     } else {
         st_entry *e = calloc((size_t)m.n_tensors + 1, sizeof *e);
         int n = 0;
@@ -272,7 +216,7 @@ static int cmd_gradients(int argc, char **argv) {
             for (int d = 0; d < T->ndim; d++) e[n].shape[d] = T->shape[d];
             n++;
         }
-        rc = st_write(o.output, e, n, NULL, NULL, 0) ? fail() : 0;
+        rc = st_write(o.output, e, n, NULL, NULL, 0) ? cli_fail() : 0;
         free(e);
     }
     free(target);
@@ -284,7 +228,7 @@ static int cmd_gradients(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
-        fputs(USAGE, argc < 2 ? stderr : stdout);
+        usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
     const char *v = argv[1];
@@ -293,6 +237,7 @@ int main(int argc, char **argv) {
     if (!strcmp(v, "init")) return cmd_init(argc, argv);
     if (!strcmp(v, "forward")) return cmd_forward(argc, argv);
     if (!strcmp(v, "gradients")) return cmd_gradients(argc, argv);
-    fprintf(stderr, "incept: unknown verb '%s'\n%s", v, USAGE);
+    fprintf(stderr, "incept: unknown verb '%s'\n", v);
+    usage(stderr);
     return 2;
 }
