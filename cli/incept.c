@@ -101,7 +101,7 @@ static int cmd_init(int argc, char **argv) {
     model m;
     if (model_build(&m, &o.cfg)) return cli_fail();
     model_init(&m, o.seed);
-    rc = model_save(&m, o.output, NULL, NULL, 0) ? cli_fail() : 0;
+    rc = model_save(&m, o.output, NULL, NULL, 0, NULL, 0) ? cli_fail() : 0;
     model_free(&m);
     return rc;
 }

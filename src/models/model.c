@@ -222,8 +222,8 @@ void model_summary(const model *m, FILE *f) {
 }
 
 int model_save(const model *m, const char *path, const char *const *meta_keys,
-               const char *const *meta_vals, int n_meta) {
-    st_entry *e = calloc((size_t)m->n_tensors, sizeof *e);
+               const char *const *meta_vals, int n_meta, const st_entry *extra, int n_extra) {
+    st_entry *e = calloc((size_t)m->n_tensors + (size_t)n_extra, sizeof *e);
     if (!e) return err_set("%s: out of memory", path);
     for (int t = 0; t < m->n_tensors; t++) {
         const model_tensor *T = &m->tensors[t];
@@ -233,7 +233,8 @@ int model_save(const model *m, const char *path, const char *const *meta_keys,
         if (T->kind == TK_COUNTER) { e[t].dtype = ST_I64; e[t].data = m->counters + T->off; }
         else { e[t].dtype = ST_F32; e[t].data = m->params + T->off; }
     }
-    int rc = st_write(path, e, m->n_tensors, meta_keys, meta_vals, n_meta);
+    for (int i = 0; i < n_extra; i++) e[m->n_tensors + i] = extra[i];
+    int rc = st_write(path, e, m->n_tensors + n_extra, meta_keys, meta_vals, n_meta);
     free(e);
     return rc;
 }
@@ -279,7 +280,7 @@ int model_load(model *m, const char *path, int *ignored_aux) {
         const char *k = f.tensors[i].name;
         int known = 0;
         for (int t = 0; t < m->n_tensors && !known; t++) known = !strcmp(m->tensors[t].key, k);
-        if (known) continue;
+        if (known || !strncmp(k, MODEL_EXTRA_PREFIX, strlen(MODEL_EXTRA_PREFIX))) continue;
         if (!m->cfg.aux && is_aux_key(k)) { ignored++; continue; }
         rc = err_set("%s: unexpected tensor '%s' for %s%s", path, k, m->cfg.name,
                      is_aux_key(k) ? " (aux-head weights in a model without them?)" : "");

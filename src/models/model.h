@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include "io/safetensors.h"
 #include "util/rng.h"
 
 typedef struct {
@@ -110,7 +111,11 @@ void model_summary(const model *m, FILE *out);
 
 // safetensors with torchvision's keys. Loading is strict (missing/extra/misshaped/mistyped
 // tensor: -1 naming the key, expected and found); aux keys in a file are skipped when the model
-// has no aux heads, and counted in *ignored_aux (may be NULL).
+// has no aux heads, and counted in *ignored_aux (may be NULL). Tensors whose key starts with
+// MODEL_EXTRA_PREFIX ("incept.": training state in checkpoints) are not model tensors and are
+// ignored by model_load; model_save writes `extra` (n_extra entries, may be NULL/0) after the
+// model's own tensors. Writing is atomic (temp file, fsync, rename).
+#define MODEL_EXTRA_PREFIX "incept."
 int model_save(const model *m, const char *path, const char *const *meta_keys,
-               const char *const *meta_vals, int n_meta);
+               const char *const *meta_vals, int n_meta, const st_entry *extra, int n_extra);
 int model_load(model *m, const char *path, int *ignored_aux);
