@@ -443,3 +443,29 @@ def test_cli_usage_errors():
                   f"{d}/xt.safetensors", "--output", f"{d}/g.safetensors"], rc=1)
     assert "1000" in err, err
     assert not os.path.exists(f"{d}/g.safetensors")
+
+
+# ---------------------------------------------------------------- the reference kernels too
+# The tests above run the default (fast) kernels; these repeat the parity checks with the plain
+# reference loops of src/ops (INCEPT_REFERENCE=1), which the fast kernels are tested against.
+
+class reference_kernels:
+    def __enter__(self):
+        os.environ["INCEPT_REFERENCE"] = "1"
+
+    def __exit__(self, *exc):
+        os.environ.pop("INCEPT_REFERENCE", None)
+
+
+def test_reference_googlenet_eval_and_gradients():
+    with reference_kernels():
+        test_googlenet_eval_forward()
+        test_googlenet_train_forward_aux()
+        test_googlenet_gradients_aux()
+        test_googlenet_grayscale()
+
+
+def test_reference_googlenet_paper_and_vgg():
+    with reference_kernels():
+        test_googlenet_paper_no_aux_small()
+        test_vgg11_bn()

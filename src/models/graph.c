@@ -1,9 +1,14 @@
 // The executor: the one place where model code calls ops. Forward walks the nodes in order,
-// backward in reverse; nodes of the aux heads run only in training mode. A different backend
-// (fast CPU kernels, CUDA) plugs in here without touching the network definitions.
+// backward in reverse; nodes of the aux heads run only in training mode. Convolutions and
+// linear layers go to the fast kernels (ops/conv_fast.h, ops/gemm.h) unless m->reference is
+// set; every other op is the reference loop of ops.h. Another backend (CUDA) plugs in here
+// without touching the network definitions.
 #include <stdlib.h>
 #include <string.h>
 #include "models/model.h"
+#include "ops/conv_fast.h"
+#include "ops/cpu.h"
+#include "ops/gemm.h"
 #include "ops/ops.h"
 #include "util/err.h"
 
@@ -14,8 +19,77 @@ static size_t numel(const model_node *n) { return (size_t)n->C * n->H * n->W; }
 
 static int runs(const model_node *n, int training) { return training || n->head == 0; }
 
+// Sizes the fast kernels' workspace for the current batch and thread count.
+static int workspace_ready(model *m) {
+    if (m->reference) return 0;
+    if (m->ws && m->ws_threads == cpu_threads()) return 0;
+    size_t need = 1;
+    for (int i = 0; i < m->n_nodes; i++) {
+        const model_node *n = &m->nodes[i], *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
+        size_t s = 0;
+        if (n->op == OP_CONV)
+            s = conv2d_fast_workspace_size(m->N, a->C, a->H, a->W, n->C, n->k, n->stride, n->pad);
+        else if (n->op == OP_LINEAR) {
+            int IN = a->C * a->H * a->W, OUT = n->C, N = m->N;
+            s = gemm_workspace_size(N, OUT, IN);                   // forward
+            size_t s2 = gemm_workspace_size(OUT, IN, N);           // weight gradient
+            size_t s3 = gemm_workspace_size(N, IN, OUT);           // input gradient
+            s = s > s2 ? s : s2;
+            s = s > s3 ? s : s3;
+        }
+        if (s > need) need = s;
+    }
+    free(m->ws);
+    m->ws = malloc(need * sizeof(float));
+    m->ws_floats = need;
+    m->ws_threads = m->ws ? cpu_threads() : 0;
+    return m->ws ? 0 : err_set("out of memory: %.1f MiB of kernel workspace", need * 4.0 / 1048576);
+}
+
+static void conv_forward(model *m, const model_node *n, float *out, const float *in, int C, int H,
+                         int W) {
+    const float *w = P(n->weight), *b = n->bias >= 0 ? P(n->bias) : NULL;
+    if (m->reference) conv2d_forward(out, in, w, b, m->N, C, H, W, n->C, n->k, n->stride, n->pad);
+    else conv2d_fast_forward(out, in, w, b, m->N, C, H, W, n->C, n->k, n->stride, n->pad, 0, m->ws);
+}
+
+static void conv_backward(model *m, const model_node *n, float *din, const float *dout,
+                          const float *in, int C, int H, int W) {
+    float *db = n->bias >= 0 ? G(n->bias) : NULL;
+    if (m->reference)
+        conv2d_backward(din, G(n->weight), db, dout, in, P(n->weight), m->N, C, H, W, n->C, n->k,
+                        n->stride, n->pad);
+    else
+        conv2d_fast_backward(din, G(n->weight), db, dout, in, P(n->weight), m->N, C, H, W, n->C,
+                             n->k, n->stride, n->pad, m->ws);
+}
+
+// out [N,OUT] = in [N,IN] * w[OUT,IN]^T + b
+static void linear_fwd(model *m, const model_node *n, float *out, const float *in, int IN) {
+    const float *w = P(n->weight), *b = n->bias >= 0 ? P(n->bias) : NULL;
+    if (m->reference) { linear_forward(out, in, w, b, m->N, IN, n->C); return; }
+    gemm(out, n->C, in, IN, w, IN, b, m->N, n->C, IN, GEMM_TRANS_B | (b ? GEMM_BIAS_COL : 0), m->ws);
+}
+
+static void linear_bwd(model *m, const model_node *n, float *din, const float *dout,
+                       const float *in, int IN) {
+    const int N = m->N, OUT = n->C;
+    float *db = n->bias >= 0 ? G(n->bias) : NULL;
+    if (m->reference) { linear_backward(din, G(n->weight), db, dout, in, P(n->weight), N, IN, OUT); return; }
+    if (db)
+        for (int o = 0; o < OUT; o++) {
+            double s = 0;
+            for (int i = 0; i < N; i++) s += dout[(size_t)i * OUT + o];
+            db[o] += (float)s;
+        }
+    // dW [OUT,IN] += dout^T [OUT,N] * in [N,IN];  din [N,IN] += dout [N,OUT] * W [OUT,IN]
+    gemm(G(n->weight), IN, dout, OUT, in, IN, NULL, OUT, IN, N, GEMM_TRANS_A | GEMM_ACCUMULATE, m->ws);
+    if (din) gemm(din, IN, dout, OUT, P(n->weight), IN, NULL, N, IN, OUT, GEMM_ACCUMULATE, m->ws);
+}
+
 int model_forward(model *m, const float *x, int training) {
     const int N = m->N;
+    if (workspace_ready(m)) return -1;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
         if (!runs(n, training)) continue;
@@ -31,8 +105,7 @@ int model_forward(model *m, const float *x, int training) {
             transform_input_forward(out, in, N, H * W);
             break;
         case OP_CONV:
-            conv2d_forward(out, in, P(n->weight), n->bias >= 0 ? P(n->bias) : NULL,
-                           N, C, H, W, n->C, n->k, n->stride, n->pad);
+            conv_forward(m, n, out, in, C, H, W);
             break;
         case OP_BN:
             if (training) {
@@ -66,8 +139,7 @@ int model_forward(model *m, const float *x, int training) {
             lrn_forward(out, in, N, C, H * W, n->lrn_size, n->lrn_alpha, n->lrn_beta, n->lrn_k);
             break;
         case OP_LINEAR:
-            linear_forward(out, in, P(n->weight), n->bias >= 0 ? P(n->bias) : NULL, N,
-                           C * H * W, n->C);
+            linear_fwd(m, n, out, in, C * H * W);
             break;
         case OP_DROPOUT:
             if (training) dropout_forward(out, m->save + n->save, in, (size_t)N * numel(n), n->p,
@@ -117,8 +189,7 @@ void model_backward(model *m, int training) {
         size_t cnt = (size_t)N * numel(n);
         switch (n->op) {
         case OP_CONV:
-            conv2d_backward(din, G(n->weight), n->bias >= 0 ? G(n->bias) : NULL, dout, in,
-                            P(n->weight), N, C, H, W, n->C, n->k, n->stride, n->pad);
+            conv_backward(m, n, din, dout, in, C, H, W);
             break;
         case OP_BN:
             if (training) {
@@ -132,8 +203,7 @@ void model_backward(model *m, int training) {
             }
             break;
         case OP_LINEAR:
-            linear_backward(din, G(n->weight), n->bias >= 0 ? G(n->bias) : NULL, dout, in,
-                            P(n->weight), N, C * H * W, n->C);
+            linear_bwd(m, n, din, dout, in, C * H * W);
             break;
         case OP_CONCAT: {
             float *dins[NODE_MAX_IN];

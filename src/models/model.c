@@ -44,6 +44,8 @@ int model_build(model *m, const model_config *cfg) {
     if (c->num_classes < 1) return err_set("--num-classes must be at least 1, not %d", c->num_classes);
     if (c->in_channels < 1) return err_set("--in-channels must be at least 1, not %d", c->in_channels);
     if (c->H < 1 || c->W < 1) return err_set("input size %dx%d is not valid", c->H, c->W);
+    const char *ref = getenv("INCEPT_REFERENCE");
+    m->reference = ref && *ref && strcmp(ref, "0");
     int rc = vgg ? vgg_build(m) : googlenet_build(m);
     if (rc) { model_free(m); return -1; }
     m->params = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
@@ -58,7 +60,7 @@ int model_build(model *m, const model_config *cfg) {
 
 void model_free(model *m) {
     free(m->nodes); free(m->tensors); free(m->params); free(m->grads); free(m->counters);
-    free(m->act); free(m->dact); free(m->save); free(m->probs);
+    free(m->act); free(m->dact); free(m->save); free(m->probs); free(m->ws);
     memset(m, 0, sizeof *m);
 }
 
@@ -115,8 +117,10 @@ int model_prepare(model *m, int N) {
         if (n->op == OP_BN) s += 2 * (size_t)n->C;
         if (n->op == OP_DROPOUT) s += (size_t)N * node_numel(n);
     }
-    free(m->act); free(m->dact); free(m->save); free(m->probs);
+    free(m->act); free(m->dact); free(m->save); free(m->probs); free(m->ws);
     m->dact = NULL;
+    m->ws = NULL;       // resized for the new batch by the executor
+    m->ws_threads = 0;
     m->act = malloc(a * sizeof(float));
     m->save = malloc((s ? s : 1) * sizeof(float));
     m->probs = malloc((size_t)3 * N * m->cfg.num_classes * sizeof(float));

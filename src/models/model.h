@@ -75,6 +75,10 @@ typedef struct {
     float *act, *dact, *save, *probs;
     size_t act_floats, save_floats;
     rng dropout_rng;
+    // Kernels: the fast path (packed GEMM, cpu_isa()/cpu_threads()) unless reference is set
+    // (INCEPT_REFERENCE=1 in the environment, or set by the caller): the plain loops of ops.h.
+    int reference;
+    float *ws; size_t ws_floats; int ws_threads;  // fast-kernel workspace for batch N
     int build_failed;                            // set by the builder on a shape error
     int cur_head;                                // builder state: head of new nodes
 } model;
