@@ -22,3 +22,4 @@ extern const char *const CLI_MODEL_OPTIONS;   // usage text of the options above
 int cmd_train(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_predict(int argc, char **argv);
+int cmd_bench(int argc, char **argv);

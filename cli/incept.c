@@ -14,7 +14,8 @@ static const char *USAGE =
     "  summary MODEL [--input CxHxW]            layer table: shapes, parameters, MACs\n"
     "  init MODEL --output W.safetensors [--seed S]\n"
     "  forward MODEL --weights W --input X --output Y [--train] [--seed S]\n"
-    "  gradients MODEL --weights W --input X --output G [--label-smoothing E] [--seed S]\n";
+    "  gradients MODEL --weights W --input X --output G [--label-smoothing E] [--seed S]\n"
+    "  bench MODEL [--batch N] [--input CxHxW] [--train] [--threads T] [--iters I]\n";
 
 static void usage(FILE *f) { fprintf(f, "%s%s", USAGE, CLI_MODEL_OPTIONS); }
 
@@ -237,6 +238,7 @@ int main(int argc, char **argv) {
     if (!strcmp(v, "init")) return cmd_init(argc, argv);
     if (!strcmp(v, "forward")) return cmd_forward(argc, argv);
     if (!strcmp(v, "gradients")) return cmd_gradients(argc, argv);
+    if (!strcmp(v, "bench")) return cmd_bench(argc, argv);
     fprintf(stderr, "incept: unknown verb '%s'\n", v);
     usage(stderr);
     return 2;

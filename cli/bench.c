@@ -1,0 +1,106 @@
+// incept bench: times forward (inference) or a full training step (forward + loss + backward
+// + SGD-momentum update) of a model on random data, and reports it against this CPU's
+// measured FMA peak.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include "cli/cli.h"
+#include "ops/cpu.h"
+#include "train/optim.h"
+#include "util/err.h"
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+int cmd_bench(int argc, char **argv) {
+    model_config cfg;
+    int rc = cli_model_name(&cfg, argc, argv), batch = 1, train = 0, threads = 0, iters = 10;
+    if (rc) return rc;
+    for (int i = 3; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if ((rc = cli_model_option(&cfg, argc, argv, &i, NULL)) == 1) continue;
+        if (rc) return rc;
+        if (!strcmp(a, "--train")) { train = 1; continue; }
+        if (!v) return cli_usage("unknown option '%s' for 'bench', or it needs a value", a);
+        if (!strcmp(a, "--batch")) rc = cli_int(a, v, 1, 1 << 16, &batch);
+        else if (!strcmp(a, "--threads")) rc = cli_int(a, v, 1, 256, &threads);
+        else if (!strcmp(a, "--iters")) rc = cli_int(a, v, 1, 100000, &iters);
+        else if (!strcmp(a, "--input")) {
+            char tail;
+            if (sscanf(v, "%dx%dx%d%c", &cfg.in_channels, &cfg.H, &cfg.W, &tail) != 3 ||
+                cfg.in_channels < 1 || cfg.H < 1 || cfg.W < 1)
+                return cli_usage("--input needs CxHxW, not '%s'", v);
+        } else return cli_usage("unknown option '%s' for 'bench'", a);
+        if (rc) return rc;
+        i++;
+    }
+    if (cpu_init()) return cli_fail();
+    if (threads && cpu_threads_set(threads)) return cli_fail();
+    if (!train) cfg.aux = 0;
+    model m;
+    if (model_build(&m, &cfg)) return cli_fail();
+    model_init(&m, 1);
+    if (model_prepare(&m, batch)) { model_free(&m); return cli_fail(); }
+    size_t nx = (size_t)batch * cfg.in_channels * cfg.H * cfg.W;
+    float *x = malloc(nx * sizeof *x);
+    int64_t *y = malloc((size_t)batch * sizeof *y);
+    rng r;
+    rng_seed(&r, 2);
+    for (size_t i = 0; i < nx; i++) x[i] = (float)rng_normal(&r);
+    for (int i = 0; i < batch; i++) y[i] = rng_below(&r, (uint32_t)cfg.num_classes);
+    optim opt = {0};
+    optim_config oc;
+    optim_config_default(&oc, OPT_SGD);
+    oc.momentum = 0.9;
+    param_span *spans = calloc((size_t)m.n_tensors, sizeof *spans);
+    int n_spans = 0;
+    for (int t = 0; t < m.n_tensors; t++)
+        if (m.tensors[t].kind == TK_PARAM)
+            spans[n_spans++] = (param_span){m.tensors[t].off, m.tensors[t].numel, m.tensors[t].no_decay};
+    if (train && optim_init(&opt, &oc, m.n_floats)) rc = cli_fail();
+    double *times = malloc((size_t)(iters + 2) * sizeof *times);
+    for (int it = 0; !rc && it < iters + 2; it++) {   // the first two runs warm up
+        double t0 = now_s();
+        if (train) {
+            float loss;
+            model_zero_grad(&m);
+            if (model_loss_backward(&m, x, y, 0, &loss)) { rc = cli_fail(); break; }
+            optim_step(&opt, m.params, m.grads, spans, n_spans, 0.01);
+        } else if (model_forward(&m, x, 0)) {
+            rc = cli_fail();
+            break;
+        }
+        times[it] = now_s() - t0;
+    }
+    if (!rc) {
+        qsort(times + 2, (size_t)iters, sizeof *times, cmp_double);
+        double med = times[2 + iters / 2];
+        // Training is counted as 3× the forward MACs (forward, input and weight gradients).
+        double macs = (double)model_macs(&m, train) * batch * (train ? 3 : 1);
+        double gflops = 2 * macs / med / 1e9;
+        double peak = cpu_fma_peak_gflops(cpu_isa()) * cpu_threads();
+        struct rusage ru;
+        getrusage(RUSAGE_SELF, &ru);
+        printf("%s %s batch %d input %dx%dx%d, %d thread%s, %s kernels\n", cfg.name,
+               train ? "training step" : "inference", batch, cfg.in_channels, cfg.H, cfg.W,
+               cpu_threads(), cpu_threads() > 1 ? "s" : "", m.reference ? "reference" : cpu_isa_name(cpu_isa()));
+        printf("median %.2f ms per batch (min %.2f, max %.2f over %d runs), %.1f img/s\n",
+               med * 1e3, times[2] * 1e3, times[iters + 1] * 1e3, iters, batch / med);
+        printf("%.1f GFLOP/s = %.0f %% of the measured FMA peak (%.0f GFLOP/s), peak RSS %.1f MiB\n",
+               gflops, 100 * gflops / peak, peak, ru.ru_maxrss / 1024.0);
+    }
+    free(times); free(spans); free(x); free(y);
+    optim_free(&opt);
+    model_free(&m);
+    return rc;
+}
