@@ -24,6 +24,10 @@ typedef void im2col_line_fn(float *line, const gemm_operand *b, int q, const pix
                             int nruns);
 static im2col_rows_fn im2col_rows_c, im2col_rows_avx512;
 static im2col_line_fn im2col_line_c, im2col_line_avx512;
+typedef struct dense_piece dense_piece;
+typedef void dense_rows_fn(float *dst, int kc, int NR, const float *src, ptrdiff_t rs,
+                           const dense_piece *pieces, int npieces);
+static dense_rows_fn dense_rows_c, dense_rows_avx512;
 static void copy_c(float *d, const float *s, int n);
 static void copy_avx512(float *d, const float *s, int n);
 
@@ -38,6 +42,7 @@ typedef struct {
     void (*transpose16)(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, int rows);
     im2col_rows_fn *im2col_rows;
     im2col_line_fn *im2col_line;
+    dense_rows_fn *dense_rows;
 } gemm_config;
 
 static void transpose16_c(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, int rows) {
@@ -50,12 +55,12 @@ static gemm_kernel_fn kernel_scalar;
 // Block sizes measured on a Zen 5 core (48 KiB L1d, 1 MiB L2); see bench/kernels.c.
 static const gemm_config configs[3] = {
     [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar, NULL, copy_c, transpose16_c,
-                        im2col_rows_c, im2col_line_c},
+                        im2col_rows_c, im2col_line_c, dense_rows_c},
     [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2, NULL,
-                      copy_c, transpose16_c, im2col_rows_c, im2col_line_c},
+                      copy_c, transpose16_c, im2col_rows_c, im2col_line_c, dense_rows_c},
     [CPU_ISA_AVX512] = {GEMM_AVX512_MR, GEMM_AVX512_NR, 384, 512, 480, gemm_kernel_avx512,
                         gemm_pack_a8_avx512, copy_avx512, gemm_transpose16_avx512,
-                        im2col_rows_avx512, im2col_line_avx512},
+                        im2col_rows_avx512, im2col_line_avx512, dense_rows_avx512},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -168,33 +173,6 @@ static void pack_b_pad(float *dst, int kc, int nc, int NR) {
 // Address of element (k, j) of the packed B block.
 static inline float *bp_at(float *dst, int kc, int NR, int k, int j) {
     return dst + ((size_t)(j / NR) * kc + k) * NR + j % NR;
-}
-
-static void pack_b_dense(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
-                         const gemm_config *cfg) {
-    int NR = cfg->NR;
-    if (b->cs == 1) {  // rows contiguous: copy runs along each row
-        for (int k = 0; k < kc; k++) {
-            if (k + 4 < kc && !b->fold) {  // rows are far apart: help the hardware prefetcher
-                const char *next = (const char *)dense_at(b, k0 + k + 4, j0);
-                for (int j = 0; j < nc; j += 16) __builtin_prefetch(next + 4 * j);
-            }
-            for (int j = 0; j < nc;) {
-                int n = dense_run(b, j0 + j, nc - j);
-                int in_sliver = NR - j % NR;
-                if (n > in_sliver) n = in_sliver;
-                cfg->copy(bp_at(dst, kc, NR, k, j), dense_at(b, k0 + k, j0 + j), n);
-                j += n;
-            }
-        }
-    } else {  // e.g. a transposed B: walk down each column instead
-        for (int j = 0; j < nc; j++) {
-            const float *s = dense_at(b, k0, j0 + j);
-            float *d = bp_at(dst, kc, NR, 0, j);
-            for (int k = 0; k < kc; k++) d[k * NR] = s[k * b->rs];
-        }
-    }
-    pack_b_pad(dst, kc, nc, NR);
 }
 
 // ---- im2col packing ----
@@ -376,7 +354,64 @@ static AVX512 void im2col_line_avx512(float *line, const gemm_operand *b, int q,
     im2col_line_body(line, b, q, runs, nruns, copy_avx512_inline, copy2_avx512);
 }
 
+// ---- dense packing ----
+// A block of a dense B with contiguous rows is copied row by row in pieces that stay within
+// one fold (image) and one sliver, listed once per packing call.
+struct dense_piece {
+    int at, len;     // packed columns at..at+len-1
+    ptrdiff_t src;   // offset of the piece's first element in row 0
+};
+
+INLINE void dense_rows_body(float *dst, int kc, int NR, const float *src, ptrdiff_t rs,
+                            const dense_piece *pieces, int npieces, copy_fn *copy) {
+    // rows far apart in memory: prefetch 4 rows ahead (the pieces' span), for big matrices
+    const float *pf_from = src + pieces[0].src;
+    ptrdiff_t pf_len = pieces[npieces - 1].src + pieces[npieces - 1].len - pieces[0].src;
+    int prefetch = rs > 4096 && pf_len <= 4096;
+    for (int k = 0; k < kc; k++, src += rs, pf_from += rs) {
+        if (prefetch && k + 4 < kc)
+            for (ptrdiff_t t = 0; t < pf_len; t += 16) __builtin_prefetch(pf_from + 4 * rs + t);
+        for (int q = 0; q < npieces; q++)
+            copy(bp_at(dst, kc, NR, k, pieces[q].at), src + pieces[q].src, pieces[q].len);
+    }
+}
+
+static void dense_rows_c(float *dst, int kc, int NR, const float *src, ptrdiff_t rs,
+                         const dense_piece *pieces, int npieces) {
+    dense_rows_body(dst, kc, NR, src, rs, pieces, npieces, copy_c);
+}
+
+static AVX512 void dense_rows_avx512(float *dst, int kc, int NR, const float *src, ptrdiff_t rs,
+                                     const dense_piece *pieces, int npieces) {
+    dense_rows_body(dst, kc, NR, src, rs, pieces, npieces, copy_avx512_inline);
+}
+
 enum { RUNS_MAX = 512 };
+
+static void pack_b_dense(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
+                         const gemm_config *cfg) {
+    int NR = cfg->NR;
+    if (b->cs == 1) {  // rows contiguous: copy pieces along each row
+        dense_piece pieces[RUNS_MAX];
+        for (int j = 0; j < nc;) {
+            int np = 0;
+            for (; j < nc && np < RUNS_MAX; np++) {
+                int n = dense_run(b, j0 + j, nc - j);
+                if (n > NR - j % NR) n = NR - j % NR;
+                pieces[np] = (dense_piece){j, n, dense_at(b, 0, j0 + j) - b->p};
+                j += n;
+            }
+            cfg->dense_rows(dst, kc, NR, b->p + (ptrdiff_t)k0 * b->rs, b->rs, pieces, np);
+        }
+    } else {  // e.g. a transposed B: walk down each column instead
+        for (int j = 0; j < nc; j++) {
+            const float *s = dense_at(b, k0, j0 + j);
+            float *d = bp_at(dst, kc, NR, 0, j);
+            for (int k = 0; k < kc; k++) d[k * NR] = s[k * b->rs];
+        }
+    }
+    pack_b_pad(dst, kc, nc, NR);
+}
 
 static void pack_b_im2col(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
                           const gemm_config *cfg) {
