@@ -2,7 +2,7 @@
 # `make test SAN=1` does the same under AddressSanitizer + UBSan (objects in build-san/).
 CC      ?= cc
 SAN     ?= 0
-OPT     ?= -O2
+OPT     ?= -O3
 CFLAGS  ?=
 CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra $(OPT) -g -pthread -I. -Isrc -I/usr/include/stb
 LDLIBS  += -lm -lz -lpthread

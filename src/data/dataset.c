@@ -158,7 +158,7 @@ static int idx_split(dataset *d, const char *dir, const char *prefix) {
     if (idx_find(ipath, dir, base)) return -1;
     snprintf(base, sizeof base, "%s-labels-idx1-ubyte", prefix);
     if (idx_find(lpath, dir, base)) return -1;
-    uint32_t idims[3], ldims[3];
+    uint32_t idims[3] = {0}, ldims[3] = {0};
     uint8_t *lab;
     if (idx_read(&d->pixels, idims, ipath, 3)) return -1;
     if (idx_read(&lab, ldims, lpath, 1)) return -1;
