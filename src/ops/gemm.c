@@ -639,9 +639,11 @@ void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
 
     // Thread split: compare the estimated per-thread time of splitting rows or columns
     // (tiles computed, plus the packing each thread repeats). Small problems stay on one thread.
+    // Waking a worker costs ~10 us (about 2M multiply-adds at one core's speed), so each
+    // thread gets at least 2M multiply-adds.
     int T = cpu_threads();
     double macs = (double)M * N * K;
-    if (macs < 2e5) T = 1;
+    if (macs < 2e6 * T) T = macs < 4e6 ? 1 : (int)(macs / 2e6);
     int MR = g.cfg->MR, NR = g.cfg->NR;
     int mp = ceil_div(M, MR), sp = ceil_div(N, NR);
     double tile = (double)MR * NR * K / 32.0;  // ~cycles per tile at peak
