@@ -174,6 +174,8 @@ static const cshape fixed[] = {
     {1, 2, 5, 5, 3, 5, 3, 0},    {7, 32, 7, 7, 48, 3, 1, 1},  {1, 20, 30, 30, 16, 5, 1, 2},
     {2, 130, 6, 6, 10, 1, 1, 0}, {2, 50, 9, 9, 20, 3, 1, 1},  {1, 2, 2, 2, 3, 3, 1, 1},
     {7, 4, 12, 12, 9, 3, 2, 1},
+    // big enough (>= 4M multiply-adds) to be split over threads
+    {7, 24, 20, 20, 40, 3, 1, 1}, {2, 300, 9, 9, 200, 1, 1, 0},
 };
 #define N_FIXED (int)(sizeof fixed / sizeof fixed[0])
 #define N_RANDOM 14

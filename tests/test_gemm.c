@@ -129,6 +129,8 @@ static const shape shapes[] = {
     {8, 48, 16},  {9, 49, 17},   {16, 16, 16},   {17, 100, 33},   {6, 17, 300},
     {3, 5, 0},    {33, 95, 391}, {130, 61, 70},  {64, 200, 800},  {600, 20, 30},
     {20, 1100, 30}, {13, 1031, 9},
+    // big enough (>= 4M multiply-adds) to be split over threads, by rows and by columns
+    {130, 700, 50}, {1000, 30, 200}, {37, 1500, 100},
 };
 
 static const int flag_sets[] = {
