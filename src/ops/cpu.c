@@ -149,6 +149,9 @@ __attribute__((target("avx512f,fma"))) static float peak_avx512(long iters) {
         a10 = _mm512_fmadd_ps(a10, x, y); a11 = _mm512_fmadd_ps(a11, x, y);
         a12 = _mm512_fmadd_ps(a12, x, y); a13 = _mm512_fmadd_ps(a13, x, y);
         a14 = _mm512_fmadd_ps(a14, x, y); a15 = _mm512_fmadd_ps(a15, x, y);
+        // Opaque to the optimiser (no instruction): keeps all 16 chains as written.
+        __asm__("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6), "+v"(a7));
+        __asm__("" : "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11), "+v"(a12), "+v"(a13), "+v"(a14), "+v"(a15));
     }
     __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
                              _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
@@ -170,6 +173,8 @@ __attribute__((target("avx2,fma"))) static float peak_avx2(long iters) {
         a6 = _mm256_fmadd_ps(a6, x, y);   a7 = _mm256_fmadd_ps(a7, x, y);
         a8 = _mm256_fmadd_ps(a8, x, y);   a9 = _mm256_fmadd_ps(a9, x, y);
         a10 = _mm256_fmadd_ps(a10, x, y); a11 = _mm256_fmadd_ps(a11, x, y);
+        __asm__("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3), "+x"(a4), "+x"(a5));
+        __asm__("" : "+x"(a6), "+x"(a7), "+x"(a8), "+x"(a9), "+x"(a10), "+x"(a11));
     }
     __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
                              _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)));
@@ -183,8 +188,10 @@ __attribute__((target("avx2,fma"))) static float peak_avx2(long iters) {
 static float peak_scalar(long iters) {
     float x = 0.9999f, y = 1e-4f;
     float a[8] = {0, 1, 2, 3, 4, 5, 6, 7};
-    for (long i = 0; i < iters; i++)
+    for (long i = 0; i < iters; i++) {
         for (int j = 0; j < 8; j++) a[j] = a[j] * x + y;
+        __asm__("" : "+m"(a));
+    }
     return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
 }
 

@@ -22,14 +22,14 @@ tile(const int NV, int kc, const float *a, const float *b, float *c, ptrdiff_t l
         for (int v = 0; v < NV; v++) acc[i][v] = _mm256_setzero_ps();
 
     for (int k = 0; k < kc; k++) {
-        __m256 bv[2];
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; v++) bv[v] = _mm256_loadu_ps(b + k * NR + v * 8);
+        // separate variables, not an array: clang keeps an array of them on the stack
+        __m256 b0 = _mm256_loadu_ps(b + k * NR);
+        __m256 b1 = NV > 1 ? _mm256_loadu_ps(b + k * NR + 8) : b0;
 #pragma GCC unroll 6
         for (int i = 0; i < MR; i++) {
             __m256 ai = _mm256_broadcast_ss(a + k * MR + i);
-#pragma GCC unroll 2
-            for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(ai, bv[v], acc[i][v]);
+            acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+            if (NV > 1) acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
         }
     }
 

@@ -21,14 +21,16 @@ tile(const int NV, int kc, const float *a, const float *b, float *c, ptrdiff_t l
         for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
 
     for (int k = 0; k < kc; k++) {
-        __m512 bv[3];
-#pragma GCC unroll 3
-        for (int v = 0; v < NV; v++) bv[v] = _mm512_loadu_ps(b + k * NR + v * 16);
+        // separate variables, not an array: clang keeps an array of them on the stack
+        __m512 b0 = _mm512_loadu_ps(b + k * NR);
+        __m512 b1 = NV > 1 ? _mm512_loadu_ps(b + k * NR + 16) : b0;
+        __m512 b2 = NV > 2 ? _mm512_loadu_ps(b + k * NR + 32) : b0;
 #pragma GCC unroll 8
         for (int i = 0; i < MR; i++) {
             __m512 ai = _mm512_set1_ps(a[k * MR + i]);
-#pragma GCC unroll 3
-            for (int v = 0; v < NV; v++) acc[i][v] = _mm512_fmadd_ps(ai, bv[v], acc[i][v]);
+            acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+            if (NV > 1) acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+            if (NV > 2) acc[i][2] = _mm512_fmadd_ps(ai, b2, acc[i][2]);
         }
     }
 
