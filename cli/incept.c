@@ -15,7 +15,11 @@ static const char *USAGE =
     "  init MODEL --output W.safetensors [--seed S]\n"
     "  forward MODEL --weights W --input X --output Y [--train] [--seed S]\n"
     "  gradients MODEL --weights W --input X --output G [--label-smoothing E] [--seed S]\n"
-    "  bench MODEL [--batch N] [--input CxHxW] [--train] [--threads T] [--iters I]\n";
+    "  bench MODEL [--batch N] [--input CxHxW] [--train] [--threads T] [--iters I]\n"
+    "  train MODEL --data SOURCE [options]      train, evaluating every epoch (train --help)\n"
+    "  train --resume RUN_DIR [--epochs N]      continue a run exactly where it stopped\n"
+    "  eval MODEL --weights W --data SOURCE [--output CSV] [--batch-size N] [--limit-test N]\n"
+    "  predict MODEL --weights W [--labels FILE] [--top K] IMAGE...\n";
 
 static void usage(FILE *f) { fprintf(f, "%s%s", USAGE, CLI_MODEL_OPTIONS); }
 
@@ -238,6 +242,9 @@ int main(int argc, char **argv) {
     if (!strcmp(v, "init")) return cmd_init(argc, argv);
     if (!strcmp(v, "forward")) return cmd_forward(argc, argv);
     if (!strcmp(v, "gradients")) return cmd_gradients(argc, argv);
+    if (!strcmp(v, "train")) return cmd_train(argc, argv);
+    if (!strcmp(v, "eval")) return cmd_eval(argc, argv);
+    if (!strcmp(v, "predict")) return cmd_predict(argc, argv);
     if (!strcmp(v, "bench")) return cmd_bench(argc, argv);
     fprintf(stderr, "incept: unknown verb '%s'\n", v);
     usage(stderr);
