@@ -6,7 +6,8 @@
 // measured in the same run, and "cpu" columns use process CPU time, which other processes
 // do not inflate).
 //
-// usage: kernels [--isa scalar|avx2|avx512] [--threads 1,2] [--backward] [--quick]
+// usage: kernels [--isa scalar|avx2|avx512] [--threads 1,2] [--backward] [--packed] [--quick]
+//   --packed: forward passes use weights packed once (conv2d_fast_forward_packed)
 #include "ops/conv_fast.h"
 #include "ops/cpu.h"
 #include "ops/gemm.h"
@@ -110,13 +111,18 @@ typedef struct {
     const layer *l;
     int N;
     float *in, *w, *b, *out, *dout, *din, *dw, *ws;
+    float *packed;  // weights from conv2d_fast_pack_weights, or NULL
 } conv_ctx;
 
 static void conv_fwd_call(void *p) {
     conv_ctx *c = p;
     const layer *l = c->l;
-    conv2d_fast_forward(c->out, c->in, c->w, c->b, c->N, l->C, l->H, l->H, l->K, l->k, l->stride,
-                        l->pad, 1, c->ws);
+    if (c->packed)
+        conv2d_fast_forward_packed(c->out, c->in, c->packed, c->b, c->N, l->C, l->H, l->H, l->K,
+                                   l->k, l->stride, l->pad, 1, c->ws);
+    else
+        conv2d_fast_forward(c->out, c->in, c->w, c->b, c->N, l->C, l->H, l->H, l->K, l->k,
+                            l->stride, l->pad, 1, c->ws);
 }
 
 static void conv_bwd_call(void *p) {
@@ -127,7 +133,7 @@ static void conv_bwd_call(void *p) {
 }
 
 int main(int argc, char **argv) {
-    int threads_list[4] = {1, 2}, n_threads = 2, backward = 0, quick = 0;
+    int threads_list[4] = {1, 2}, n_threads = 2, backward = 0, quick = 0, packed = 0;
     if (cpu_init() != 0) {
         fprintf(stderr, "kernels: %s\n", err_msg());
         return 1;
@@ -148,11 +154,13 @@ int main(int argc, char **argv) {
             }
         } else if (!strcmp(argv[i], "--backward")) {
             backward = 1;
+        } else if (!strcmp(argv[i], "--packed")) {
+            packed = 1;
         } else if (!strcmp(argv[i], "--quick")) {
             quick = 1;
         } else {
             fprintf(stderr, "usage: kernels [--isa scalar|avx2|avx512] [--threads 1,2] "
-                            "[--backward] [--quick]\n");
+                            "[--backward] [--packed] [--quick]\n");
             return 1;
         }
     }
@@ -204,7 +212,8 @@ int main(int argc, char **argv) {
         int N = batches[bi];
         for (int pass = 0; pass < (backward && N > 1 ? 2 : 1); pass++) {
             printf("\nbatch %d, %s: GFLOP/s per layer", N,
-                   pass ? "backward (din + dW)" : "forward (+bias+ReLU)");
+                   pass ? "backward (din + dW)"
+                        : packed ? "forward (+bias+ReLU, packed weights)" : "forward (+bias+ReLU)");
             for (int t = 0; t < n_threads; t++) printf(" | %dT", threads_list[t]);
             printf("\n");
             double tot_wall[4] = {0}, tot_cpu = 0;
@@ -218,6 +227,12 @@ int main(int argc, char **argv) {
                 c.w = rand_buf(nw, &r);
                 c.b = rand_buf(l->K, &r);
                 c.out = rand_buf(nout, &r);
+                if (packed && !pass) {
+                    c.packed = malloc(conv2d_fast_pack_weights_size(l->C, l->K, l->k) *
+                                      sizeof(float));
+                    if (!c.packed) return 1;
+                    conv2d_fast_pack_weights(c.packed, c.w, l->C, l->K, l->k);
+                }
                 if (pass) {
                     c.dout = rand_buf(nout, &r);
                     c.din = rand_buf(nin, &r);
@@ -240,7 +255,7 @@ int main(int argc, char **argv) {
                     free(c.ws);
                 }
                 printf("\n");
-                free(c.in), free(c.w), free(c.b), free(c.out);
+                free(c.in), free(c.w), free(c.b), free(c.out), free(c.packed);
                 if (pass) free(c.dout), free(c.din), free(c.dw);
             }
             double flops = 2.0 * total_macs * N * (pass ? 2 : 1);

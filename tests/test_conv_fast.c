@@ -211,7 +211,8 @@ static void test_level(cpu_isa_level level) {
     rng_seed(&r, 99 + level);
     double worst_fwd = 0, worst_bwd = 0, worst_ref_fwd = 0, worst_ref_bwd = 0;
     char at_fwd[128] = "", at_bwd[128] = "", at_same[160] = "";
-    int same = 1, ws_ok = 1;
+    int same = 1, ws_ok = 1, packed_ok = 1;
+    char at_packed[160] = "";
     for (int i = 0; i < N_FIXED + N_RANDOM; i++) {
         cshape s = shape_at(i, &r);
         int OH = osize(s.H, s.k, s.stride, s.pad), OW = osize(s.W, s.k, s.stride, s.pad);
@@ -252,6 +253,24 @@ static void test_level(cpu_isa_level level) {
                                        err_vs_float(f.db, rdb, e.db_mag, s.K))));
         free(rout), free(rdin), free(rdw), free(rdb);
 
+        // pre-packed weights: the same bits as conv2d_fast_forward
+        {
+            float *packed = malloc(conv2d_fast_pack_weights_size(s.C, s.K, s.k) * sizeof(float));
+            conv2d_fast_pack_weights(packed, w, s.C, s.K, s.k);
+            float *pout = malloc(no * sizeof(float));
+            float *pws = malloc(conv2d_fast_workspace_size(s.N, s.C, s.H, s.W, s.K, s.k, s.stride,
+                                                           s.pad) * sizeof(float));
+            int rc = conv2d_fast_forward_packed(pout, in, packed, bias, s.N, s.C, s.H, s.W, s.K,
+                                                s.k, s.stride, s.pad, relu, pws);
+            int bad_rc = conv2d_fast_forward_packed(pout, in, packed, bias, s.N, s.C, s.H, s.W,
+                                                    s.K + 1, s.k, s.stride, s.pad, relu, pws);
+            if (packed_ok && (rc != 0 || bad_rc != -1 || memcmp(pout, f.out, no * 4) != 0)) {
+                packed_ok = 0;
+                snprintf(at_packed, sizeof at_packed, "%s (rc %d, %d)", where, rc, bad_rc);
+            }
+            free(packed), free(pout), free(pws);
+        }
+
         for (int t = 2; t <= 3; t++) {
             cpu_threads_set(t);
             fast_result g = fast_run(&s, in, w, bias, relu, dout, din0, dw0, db0);
@@ -278,6 +297,8 @@ static void test_level(cpu_isa_level level) {
     result(same, "conv_fast %s bit-identical for 1, 2, 3 threads%s%s", name,
            same ? "" : ": differs at ", at_same);
     result(ws_ok, "conv_fast %s stays inside conv2d_fast_workspace_size()", name);
+    result(packed_ok, "conv_fast %s forward with packed weights bit-identical%s%s", name,
+           packed_ok ? "" : ", not at ", at_packed);
 }
 
 int main(void) {

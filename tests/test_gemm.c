@@ -218,6 +218,55 @@ static void test_level(cpu_isa_level level) {
     result(ws_ok, "gemm %s stays inside gemm_workspace_size()", name);
 }
 
+// Pre-packed A gives the same bits as gemm() packing A itself; the header is checked.
+static void test_packed(cpu_isa_level level) {
+    const char *name = cpu_isa_name(level);
+    if (level > cpu_isa_detected() || cpu_isa_set(level) != 0) return;  // skip line printed above
+    static const shape ps[] = {{1, 1, 1}, {9, 49, 17}, {600, 20, 30}, {64, 200, 800},
+                               {1000, 30, 200}, {37, 1500, 100}};
+    rng r;
+    rng_seed(&r, 77 + level);
+    int same = 1, checks = 1;
+    char where[96] = "";
+    for (size_t si = 0; si < sizeof ps / sizeof ps[0]; si++)
+        for (int t = 0; t < 2; t++) {
+            shape s = ps[si];
+            int flags = GEMM_BIAS_ROW | GEMM_RELU | (t ? GEMM_TRANS_A | GEMM_ACCUMULATE : 0);
+            problem p = problem_make(s, flags, &r);
+            cpu_threads_set(1 + (int)si % 2);
+            int ws_ok;
+            float *want = problem_run(&p, &ws_ok);
+            float *packed = malloc(gemm_pack_a_size(s.M, s.K) * sizeof(float));
+            gemm_pack_a(packed, p.A, p.lda, flags, s.M, s.K);
+            checks &= gemm_pack_a_check(packed, s.M, s.K) == 0 &&
+                      gemm_pack_a_check(packed, s.M + 1, s.K) == -1 &&
+                      gemm_pack_a_check(packed, s.M, s.K + 1) == -1;
+            size_t cn = (size_t)p.ldc * s.M + 1;
+            float *C = malloc(cn * sizeof(float));
+            memcpy(C, p.C0, cn * sizeof(float));
+            float *ws = malloc(gemm_workspace_size(s.M, s.N, s.K) * sizeof(float));
+            gemm_output c = {.p = C, .ldc = p.ldc};
+            gemm_operand a = {.kind = GEMM_PACKED, .p = packed};
+            gemm_operand b = {.kind = GEMM_DENSE, .p = p.B, .rs = p.ldb, .cs = 1};
+            gemm_ex(&c, &a, &b, p.bias, s.M, s.N, s.K, flags & ~GEMM_TRANS_A, ws);
+            if (same && memcmp(C, want, cn * sizeof(float)) != 0) {
+                same = 0;
+                snprintf(where, sizeof where, ": differs at M=%d N=%d K=%d flags=%d", s.M, s.N,
+                         s.K, flags);
+            }
+            if (level > CPU_ISA_SCALAR) {  // made for another level: refused
+                cpu_isa_set(CPU_ISA_SCALAR);
+                checks &= gemm_pack_a_check(packed, s.M, s.K) == -1;
+                cpu_isa_set(level);
+            }
+            free(C), free(ws), free(packed), free(want);
+            problem_free(&p);
+        }
+    cpu_threads_set(2);
+    result(same, "gemm %s with pre-packed A bit-identical to gemm()%s", name, where);
+    result(checks, "gemm %s: gemm_pack_a_check refuses other sizes and ISA levels", name);
+}
+
 // ---- thread pool ----
 
 typedef struct {
@@ -282,6 +331,7 @@ int main(void) {
     test_level(CPU_ISA_SCALAR);
     test_level(CPU_ISA_AVX2);
     test_level(CPU_ISA_AVX512);
+    for (int l = CPU_ISA_SCALAR; l <= CPU_ISA_AVX512; l++) test_packed((cpu_isa_level)l);
     cpu_isa_set(det);
     cpu_threads_set(1);  // joins the workers, so leak checkers see a clean exit
     return failed ? 1 : 0;

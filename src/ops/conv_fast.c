@@ -44,20 +44,41 @@ static gemm_operand batch_cols(const float *x, int rows, int hw) {
     return o;
 }
 
-void conv2d_fast_forward(float *out, const float *in, const float *w, const float *b, int N,
-                         int C, int H, int W, int K, int k, int stride, int pad, int relu,
-                         float *ws) {
+// Forward with the weights given as a GEMM operand (plain or packed).
+static void forward(float *out, const float *in, const gemm_operand *a, const float *b, int N,
+                    int C, int H, int W, int K, int k, int stride, int pad, int relu, float *ws) {
     int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
     if (N <= 0 || K <= 0 || OH <= 0 || OW <= 0) return;
     int ckk = C * k * k, ohw = OH * OW;
-    gemm_operand a = {.kind = GEMM_DENSE, .p = w, .rs = ckk, .cs = 1};
     // 1x1, stride 1, no padding: im2col is the input itself
     gemm_operand bm = k == 1 && stride == 1 && pad == 0
                           ? batch_cols(in, C, H * W)
                           : im2col_of(GEMM_IM2COL, in, C, H, W, k, stride, pad);
     gemm_output c = {.p = out, .ldc = ohw, .fold = ohw, .fold_stride = (ptrdiff_t)K * ohw};
     int flags = (b ? GEMM_BIAS_ROW : 0) | (relu ? GEMM_RELU : 0);
-    gemm_ex(&c, &a, &bm, b, K, N * ohw, ckk, flags, ws);
+    gemm_ex(&c, a, &bm, b, K, N * ohw, ckk, flags, ws);
+}
+
+void conv2d_fast_forward(float *out, const float *in, const float *w, const float *b, int N,
+                         int C, int H, int W, int K, int k, int stride, int pad, int relu,
+                         float *ws) {
+    gemm_operand a = {.kind = GEMM_DENSE, .p = w, .rs = (ptrdiff_t)C * k * k, .cs = 1};
+    forward(out, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
+}
+
+size_t conv2d_fast_pack_weights_size(int C, int K, int k) { return gemm_pack_a_size(K, C * k * k); }
+
+void conv2d_fast_pack_weights(float *packed, const float *w, int C, int K, int k) {
+    gemm_pack_a(packed, w, C * k * k, 0, K, C * k * k);
+}
+
+int conv2d_fast_forward_packed(float *out, const float *in, const float *packed, const float *b,
+                               int N, int C, int H, int W, int K, int k, int stride, int pad,
+                               int relu, float *ws) {
+    if (gemm_pack_a_check(packed, K, C * k * k) != 0) return -1;
+    gemm_operand a = {.kind = GEMM_PACKED, .p = packed};
+    forward(out, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
+    return 0;
 }
 
 // db[o] += sum over images and pixels of dout: partial sums in float (8 lanes, short runs),

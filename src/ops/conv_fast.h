@@ -19,6 +19,15 @@ void conv2d_fast_forward(float *out, const float *in, const float *w, const floa
                          int C, int H, int W, int K, int k, int stride, int pad, int relu,
                          float *ws);
 
+// Inference with weights packed once (gemm_pack_a) instead of on every call: the same results
+// bit for bit. The packing belongs to the ISA level in use when packing.
+size_t conv2d_fast_pack_weights_size(int C, int K, int k);  // floats
+void conv2d_fast_pack_weights(float *packed, const float *w, int C, int K, int k);
+// As conv2d_fast_forward; -1 (err_set) if `packed` was made for other sizes or ISA level.
+int conv2d_fast_forward_packed(float *out, const float *in, const float *packed, const float *b,
+                               int N, int C, int H, int W, int K, int k, int stride, int pad,
+                               int relu, float *ws);
+
 // Accumulates (+=) into din [N,C,H,W], dw [K,C,k,k] and db [K]; any of them may be NULL.
 void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, const float *in,
                           const float *w, int N, int C, int H, int W, int K, int k, int stride,

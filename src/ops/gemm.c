@@ -10,12 +10,14 @@
 // order, which makes results independent of the thread split.
 #include "ops/gemm.h"
 #include "ops/cpu.h"
+#include "util/err.h"
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
 #define MR_MAX 8
 #define NR_MAX 48
+#define PACK_HEADER 16  // floats before the panels of a pre-packed A (64 bytes)
 
 typedef struct pixel_run pixel_run;
 typedef void im2col_rows_fn(float *dst, const gemm_operand *b, int k0, int kc, int NR,
@@ -465,6 +467,7 @@ static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, in
     case GEMM_DENSE: pack_b_dense(dst, b, k0, kc, j0, nc, cfg); break;
     case GEMM_IM2COL: pack_b_im2col(dst, b, k0, kc, j0, nc, cfg); break;
     case GEMM_IM2COL_T: pack_b_im2col_t(dst, b, k0, kc, j0, nc, cfg); break;
+    case GEMM_PACKED: break;  // A only (gemm.h)
     }
 }
 
@@ -537,7 +540,12 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
         for (int kb = 0; kb < g->nkb; kb++) {
             int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
             int last = kb == g->nkb - 1;
-            pack_a(ap, g->a, g->M, ic, mc, pc, kc, cfg);
+            const float *a_panels = ap;
+            if (g->a->kind == GEMM_PACKED)  // K block kb, rows from ic: see gemm_pack_a()
+                a_panels = g->a->p + PACK_HEADER + (size_t)pc * round_up(g->M, MR) +
+                           (size_t)ic * kc;
+            else
+                pack_a(ap, g->a, g->M, ic, mc, pc, kc, cfg);
             for (int jc = n0; jc < n1; jc += cfg->NC) {
                 int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
                 pack_b(bp, g->b, pc, kc, jc, nc, cfg);
@@ -551,13 +559,60 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
                             .bias_col = last && (g->flags & GEMM_BIAS_COL) ? g->bias + jc + jr : NULL,
                             .relu = last && (g->flags & GEMM_RELU),
                         };
-                        run_tile(g, kc, ap + (size_t)ir * kc, bp + (size_t)jr * kc, ic + ir,
+                        run_tile(g, kc, a_panels + (size_t)ir * kc, bp + (size_t)jr * kc, ic + ir,
                                  jc + jr, mr, nr, &e);
                     }
                 }
             }
         }
     }
+}
+
+// ---- pre-packed A: a header, then for each K block (as k_blocks() cuts K) the panels of all
+// rows, round_up(M, MR) x kc floats, exactly as pack_a() lays them out in the workspace.
+enum { PACK_MAGIC = 0x41636e49 /* "IncA" */ };
+
+typedef struct {
+    uint32_t magic, isa, M, K;
+} pack_header;
+
+size_t gemm_pack_a_size(int M, int K) {
+    size_t most = 0;
+    for (int l = 0; l < 3; l++) {
+        size_t s = round_up((size_t)(M > 0 ? M : 0), configs[l].MR) * (size_t)(K > 0 ? K : 0);
+        if (s > most) most = s;
+    }
+    return PACK_HEADER + most;
+}
+
+void gemm_pack_a(float *packed, const float *A, int lda, int flags, int M, int K) {
+    cpu_isa_level isa = cpu_isa();
+    const gemm_config *cfg = &configs[isa];
+    pack_header h = {PACK_MAGIC, (uint32_t)isa, (uint32_t)M, (uint32_t)K};
+    memset(packed, 0, PACK_HEADER * sizeof(float));
+    memcpy(packed, &h, sizeof h);
+    gemm_operand a = {.kind = GEMM_DENSE, .p = A};
+    if (flags & GEMM_TRANS_A) a.rs = 1, a.cs = lda;
+    else a.rs = lda, a.cs = 1;
+    int nkb, kcb;
+    k_blocks(cfg, K, &nkb, &kcb);
+    for (int kb = 0; kb < nkb; kb++) {
+        int pc = kb * kcb, kc = K - pc < kcb ? K - pc : kcb;
+        pack_a(packed + PACK_HEADER + (size_t)pc * round_up(M, cfg->MR), &a, M, 0, M, pc, kc,
+               cfg);
+    }
+}
+
+int gemm_pack_a_check(const float *packed, int M, int K) {
+    pack_header h;
+    memcpy(&h, packed, sizeof h);
+    if (h.magic != PACK_MAGIC) return err_set("packed weights: not made by gemm_pack_a");
+    if (h.M != (uint32_t)M || h.K != (uint32_t)K)
+        return err_set("packed weights are %u x %u, expected %d x %d", h.M, h.K, M, K);
+    if (h.isa != (uint32_t)cpu_isa())
+        return err_set("packed weights were made for ISA level %s, now %s (pack again)",
+                       cpu_isa_name((cpu_isa_level)h.isa), cpu_isa_name(cpu_isa()));
+    return 0;
 }
 
 // Part t of n: a contiguous range of MR-row panels or NR-column slivers.

@@ -41,6 +41,7 @@ typedef enum {
     GEMM_IM2COL,    // rows q = (ch, dy, dx) of C*k*k, columns j = (n, oy, ox) of N*OH*OW:
                     // (q,j) = p[n][ch][oy*stride - pad + dy][ox*stride - pad + dx], 0 outside
     GEMM_IM2COL_T,  // the transpose: rows are pixels j, columns are q
+    GEMM_PACKED,    // (A only) p = panels made by gemm_pack_a() for this M and K
 } gemm_operand_kind;
 
 typedef struct {
@@ -60,10 +61,20 @@ typedef struct {
     ptrdiff_t fold_stride;
 } gemm_output;
 
-// gemm() on these views (A may only be GEMM_DENSE). Flags as above except the TRANS ones
-// (express a transpose through rs/cs). ws: gemm_workspace_size(M, N, K) floats.
+// gemm() on these views (A may only be GEMM_DENSE or GEMM_PACKED). Flags as above except the
+// TRANS ones (express a transpose through rs/cs). ws: gemm_workspace_size(M, N, K) floats.
 void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
              const float *bias, int M, int N, int K, int flags, float *ws);
+
+// ---- pre-packed A ----
+// gemm() packs A into MR-row panels on every call; a matrix used many times (a layer's
+// weights at inference) can be packed once instead. The layout belongs to the ISA level in
+// use when packing (a small header records it, with M and K).
+size_t gemm_pack_a_size(int M, int K);  // floats
+// A as for gemm() (lda, GEMM_TRANS_A in flags; other flags ignored).
+void gemm_pack_a(float *packed, const float *A, int lda, int flags, int M, int K);
+// 0 if `packed` was made by gemm_pack_a for M x K at the current ISA level; else -1 (err_set).
+int gemm_pack_a_check(const float *packed, int M, int K);
 
 // ---- internal: the micro-kernels (gemm.c, gemm_avx2.c, gemm_avx512.c) ----
 // A kernel computes one tile: acc = sum_k a[k*MR + i] * b[k*NR + j] over kc steps from packed
