@@ -115,16 +115,6 @@ static int dense_run(const gemm_operand *o, int c, int n) {
     return left < n ? left : n;
 }
 
-// A full panel of 8 rows with contiguous columns, column by column (sequential stores).
-static void pack_a8_rows(float *d, const float *s, ptrdiff_t rs, int n) {
-    const float *r0 = s, *r1 = s + rs, *r2 = s + 2 * rs, *r3 = s + 3 * rs, *r4 = s + 4 * rs,
-                *r5 = s + 5 * rs, *r6 = s + 6 * rs, *r7 = s + 7 * rs;
-    for (int t = 0; t < n; t++, d += 8) {
-        d[0] = r0[t], d[1] = r1[t], d[2] = r2[t], d[3] = r3[t];
-        d[4] = r4[t], d[5] = r5[t], d[6] = r6[t], d[7] = r7[t];
-    }
-}
-
 // A rows i0..i0+mc-1, columns k0..k0+kc-1 -> panels of MR rows: dst[p][k][i]; rows >= M are 0.
 static void pack_a(float *dst, const gemm_operand *a, int M, int i0, int mc, int k0, int kc,
                    const gemm_config *cfg) {
@@ -137,7 +127,6 @@ static void pack_a(float *dst, const gemm_operand *a, int M, int i0, int mc, int
                 int n = dense_run(a, k0 + k, kc - k);
                 const float *s = dense_at(a, r0, k0 + k);
                 if (cfg->pack_a8) cfg->pack_a8(d + k * 8, s, a->rs, n);
-                else if (MR == 8) pack_a8_rows(d + k * 8, s, a->rs, n);
                 else
                     for (int i = 0; i < MR; i++)
                         for (int t = 0; t < n; t++) d[(k + t) * MR + i] = s[i * a->rs + t];
