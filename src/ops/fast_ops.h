@@ -1,0 +1,81 @@
+// Fast, threaded versions of the memory-bound ops of ops.h (batchnorm, relu, max pool,
+// adaptive average pool, concat, dropout) plus a fused BatchNorm+ReLU.
+//
+// Same conventions and semantics as ops.h (PyTorch's, incl. NaN and tie rules): forward
+// overwrites, backward accumulates (+=), gradient pointers may be NULL. Work is split over
+// cpu_threads() threads by channel or by plane, each output written by one thread in a fixed
+// order, so results are bit-identical for every thread count and every ISA level.
+//
+// Accuracy against the reference ops:
+// - exact (bit-identical): relu, max pool (values and argmax), adaptive average pool, concat,
+//   dropout backward, batchnorm eval forward;
+// - batchnorm in training mode and batchnorm backward: the per-channel double sums are taken in
+//   a different order (8 interleaved partial sums), so results may differ from the reference in
+//   the last float bit (relative error well below 1e-6).
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include "util/rng.h"
+
+// ---- batchnorm2d, optionally fused with the ReLU that follows it ----
+// relu = 0: exactly batchnorm2d_forward_train of ops.h (out = BN output).
+// relu = 1: out = relu(BN output); the BN output itself is not written anywhere. Backward then
+// takes the gradient w.r.t. the ReLU output and that same output (for the ReLU mask, out > 0 or
+// NaN passes, as relu_backward) and recomputes x-hat from the input with the saved statistics.
+// `out` is only read by backward when relu = 1 (may be NULL otherwise).
+void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_invstd,
+                                    float *running_mean, float *running_var,
+                                    const float *in, const float *gamma, const float *beta,
+                                    int N, int C, int HW, float eps, float momentum, int relu);
+void batchnorm2d_fast_backward_train(float *din, float *dgamma, float *dbeta, const float *dout,
+                                     const float *out, const float *in, const float *gamma,
+                                     const float *save_mean, const float *save_invstd,
+                                     int N, int C, int HW, int relu);
+// Eval mode (running statistics): an affine map per channel, then the optional ReLU.
+void batchnorm2d_fast_forward_eval(float *out, const float *in, const float *gamma,
+                                   const float *beta, const float *running_mean,
+                                   const float *running_var, int N, int C, int HW, float eps,
+                                   int relu);
+void batchnorm2d_fast_backward_eval(float *din, float *dgamma, float *dbeta, const float *dout,
+                                    const float *out, const float *in, const float *gamma,
+                                    const float *running_mean, const float *running_var,
+                                    int N, int C, int HW, float eps, int relu);
+
+// ---- relu (as relu_forward / relu_backward) ----
+void relu_fast_forward(float *out, const float *in, size_t n);
+void relu_fast_backward(float *din, const float *dout, const float *out, size_t n);
+
+// ---- max pool that remembers where each maximum came from ----
+// out [N,C,OH,OW] as maxpool2d_forward. argmax (same size as out, may be NULL for inference)
+// gets the index of each maximum within its input plane (h*W + w; -1 for a window that lies
+// entirely in the padding, where out is -inf), chosen by PyTorch's rule (first maximum in
+// window order; a NaN wins).
+void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N, int C, int H,
+                            int W, int k, int stride, int pad, int ceil_mode);
+// din[plane][argmax] += dout, in output order per plane: the same sums as maxpool2d_backward
+// without recomputing the argmax.
+void maxpool2d_fast_backward(float *din, const float *dout, const int32_t *argmax, int N, int C,
+                             int H, int W, int k, int stride, int pad, int ceil_mode);
+
+// ---- adaptive average pool (as adaptive_avgpool2d_forward / _backward) ----
+void adaptive_avgpool2d_fast_forward(float *out, const float *in, int N, int C, int H, int W,
+                                     int OH, int OW);
+void adaptive_avgpool2d_fast_backward(float *din, const float *dout, int N, int C, int H, int W,
+                                      int OH, int OW);
+
+// ---- channel concat (as concat_forward / concat_backward) ----
+void concat_fast_forward(float *out, const float *const *ins, const int *Cs, int n_in, int N,
+                         int HW);
+void concat_fast_backward(float *const *dins, const float *dout, const int *Cs, int n_in, int N,
+                          int HW);
+
+// ---- dropout ----
+// The mask is drawn in element order from one rng stream (as dropout_forward, so the same rng
+// state gives the same mask); only the multiply is threaded. Backward as dropout_backward.
+void dropout_fast_forward(float *out, float *mask, const float *in, size_t n, float p, rng *r);
+void dropout_fast_backward(float *din, const float *dout, const float *mask, size_t n);
+
+// ---- plain buffers, threaded ----
+void tensor_fast_zero(float *x, size_t n);                      // x = 0
+void tensor_fast_copy(float *dst, const float *src, size_t n);  // dst = src
+void tensor_fast_add(float *dst, const float *src, size_t n);   // dst += src
