@@ -8,6 +8,7 @@
 #include "models/model.h"
 #include "ops/conv_fast.h"
 #include "ops/cpu.h"
+#include "ops/fast_ops.h"
 #include "ops/gemm.h"
 #include "ops/ops.h"
 #include "util/err.h"
@@ -88,7 +89,7 @@ static void linear_bwd(model *m, const model_node *n, float *din, const float *d
 }
 
 int model_forward(model *m, const float *x, int training) {
-    const int N = m->N;
+    const int N = m->N, ref = m->reference;
     if (workspace_ready(m)) return -1;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
@@ -97,9 +98,11 @@ int model_forward(model *m, const float *x, int training) {
         const model_node *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
         const float *in = a ? m->act + a->act : NULL;
         int C = a ? a->C : 0, H = a ? a->H : 0, W = a ? a->W : 0;
+        size_t cnt = (size_t)N * numel(n);
         switch (n->op) {
         case OP_INPUT:
-            memcpy(out, x, (size_t)N * numel(n) * sizeof(float));
+            if (ref) memcpy(out, x, cnt * sizeof(float));
+            else tensor_fast_copy(out, x, cnt);
             break;
         case OP_TRANSFORM_INPUT:
             transform_input_forward(out, in, N, H * W);
@@ -107,33 +110,49 @@ int model_forward(model *m, const float *x, int training) {
         case OP_CONV:
             conv_forward(m, n, out, in, C, H, W);
             break;
-        case OP_BN:
+        case OP_BN: {
+            const float *g = P(n->weight), *b = P(n->bias);
+            float *rm = P(n->running_mean), *rv = P(n->running_var);
+            // Fused with its ReLU, the BN writes the ReLU's output (its own is never stored).
+            const int relu = !ref && n->fused_relu;
+            float *o = relu ? m->act + m->nodes[i + 1].act : out;
             if (training) {
                 if ((long long)N * H * W < 2)
                     return err_set("%s: batch norm in training mode needs more than one value per "
                                    "channel (batch %d, %dx%d)", n->path, N, H, W);
                 float *mean = m->save + n->save, *invstd = mean + n->C;
-                batchnorm2d_forward_train(out, mean, invstd, P(n->running_mean), P(n->running_var),
-                                          in, P(n->weight), P(n->bias), N, C, H * W, n->eps,
-                                          n->momentum);
+                if (ref)
+                    batchnorm2d_forward_train(o, mean, invstd, rm, rv, in, g, b, N, C, H * W,
+                                              n->eps, n->momentum);
+                else
+                    batchnorm2d_fast_forward_train(o, mean, invstd, rm, rv, in, g, b, N, C, H * W,
+                                                   n->eps, n->momentum, relu);
                 m->counters[m->tensors[n->num_batches_tracked].off]++;
+            } else if (ref) {
+                batchnorm2d_forward_eval(o, in, g, b, rm, rv, N, C, H * W, n->eps);
             } else {
-                batchnorm2d_forward_eval(out, in, P(n->weight), P(n->bias), P(n->running_mean),
-                                         P(n->running_var), N, C, H * W, n->eps);
+                batchnorm2d_fast_forward_eval(o, in, g, b, rm, rv, N, C, H * W, n->eps, relu);
             }
             break;
+        }
         case OP_RELU:
-            relu_forward(out, in, (size_t)N * numel(n));
+            if (ref) relu_forward(out, in, cnt);
+            else if (!a->fused_relu) relu_fast_forward(out, in, cnt);
             break;
         case OP_MAXPOOL:
-            maxpool2d_forward(out, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
+            if (ref)
+                maxpool2d_forward(out, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
+            else
+                maxpool2d_fast_forward(out, training ? m->argmax + n->argmax : NULL, in, N, C, H, W,
+                                       n->k, n->stride, n->pad, n->ceil_mode);
             break;
         case OP_AVGPOOL:
             avgpool2d_forward(out, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode,
                               n->count_include_pad);
             break;
         case OP_ADAPTIVE_AVGPOOL:
-            adaptive_avgpool2d_forward(out, in, N, C, H, W, n->H, n->W);
+            if (ref) adaptive_avgpool2d_forward(out, in, N, C, H, W, n->H, n->W);
+            else adaptive_avgpool2d_fast_forward(out, in, N, C, H, W, n->H, n->W);
             break;
         case OP_LRN:
             lrn_forward(out, in, N, C, H * W, n->lrn_size, n->lrn_alpha, n->lrn_beta, n->lrn_k);
@@ -142,9 +161,9 @@ int model_forward(model *m, const float *x, int training) {
             linear_fwd(m, n, out, in, C * H * W);
             break;
         case OP_DROPOUT:
-            if (training) dropout_forward(out, m->save + n->save, in, (size_t)N * numel(n), n->p,
-                                          &m->dropout_rng);
-            else memcpy(out, in, (size_t)N * numel(n) * sizeof(float));
+            if (!training) memcpy(out, in, cnt * sizeof(float));
+            else if (ref) dropout_forward(out, m->save + n->save, in, cnt, n->p, &m->dropout_rng);
+            else dropout_fast_forward(out, m->save + n->save, in, cnt, n->p, &m->dropout_rng);
             break;
         case OP_CONCAT: {
             const float *ins[NODE_MAX_IN];
@@ -153,11 +172,13 @@ int model_forward(model *m, const float *x, int training) {
                 ins[j] = m->act + m->nodes[n->in[j]].act;
                 Cs[j] = m->nodes[n->in[j]].C;
             }
-            concat_forward(out, ins, Cs, n->n_in, N, n->H * n->W);
+            if (ref) concat_forward(out, ins, Cs, n->n_in, N, n->H * n->W);
+            else concat_fast_forward(out, ins, Cs, n->n_in, N, n->H * n->W);
             break;
         }
         case OP_FLATTEN:
-            memcpy(out, in, (size_t)N * numel(n) * sizeof(float));
+            if (ref) memcpy(out, in, cnt * sizeof(float));
+            else tensor_fast_copy(out, in, cnt);
             break;
         case OP_COUNT:
             break;
@@ -169,14 +190,17 @@ int model_forward(model *m, const float *x, int training) {
 static int is_output(const model *m, int i) { return i == m->logits || i == m->aux1 || i == m->aux2; }
 
 void model_backward(model *m, int training) {
-    const int N = m->N;
+    const int N = m->N, ref = m->reference;
     if (!m->dact) {
         m->dact = calloc(m->act_floats, sizeof(float));
         if (!m->dact) abort();    // sized like the activations, which did fit
     }
-    for (int i = 0; i < m->n_nodes; i++)
-        if (!is_output(m, i))
-            memset(m->dact + m->nodes[i].act, 0, (size_t)N * numel(&m->nodes[i]) * sizeof(float));
+    for (int i = 0; i < m->n_nodes; i++) {
+        if (is_output(m, i)) continue;
+        size_t cnt = (size_t)N * numel(&m->nodes[i]);
+        if (ref) memset(m->dact + m->nodes[i].act, 0, cnt * sizeof(float));
+        else tensor_fast_zero(m->dact + m->nodes[i].act, cnt);
+    }
     for (int i = m->n_nodes - 1; i >= 0; i--) {
         model_node *n = &m->nodes[i];
         if (!runs(n, training) || n->op == OP_INPUT) continue;
@@ -191,17 +215,31 @@ void model_backward(model *m, int training) {
         case OP_CONV:
             conv_backward(m, n, din, dout, in, C, H, W);
             break;
-        case OP_BN:
+        case OP_BN: {
+            const float *g = P(n->weight);
+            const int relu = !ref && n->fused_relu;
+            // Fused: the gradient and output are the ReLU's.
+            const float *o = relu ? m->act + m->nodes[i + 1].act : out;
+            const float *d = relu ? m->dact + m->nodes[i + 1].act : dout;
             if (training) {
                 const float *mean = m->save + n->save, *invstd = mean + n->C;
-                batchnorm2d_backward_train(din, G(n->weight), G(n->bias), dout, in, P(n->weight),
-                                           mean, invstd, N, C, H * W);
-            } else {
-                batchnorm2d_backward_eval(din, G(n->weight), G(n->bias), dout, in, P(n->weight),
+                if (ref)
+                    batchnorm2d_backward_train(din, G(n->weight), G(n->bias), d, in, g, mean,
+                                               invstd, N, C, H * W);
+                else
+                    batchnorm2d_fast_backward_train(din, G(n->weight), G(n->bias), d, o, in, g,
+                                                    mean, invstd, N, C, H * W, relu);
+            } else if (ref) {
+                batchnorm2d_backward_eval(din, G(n->weight), G(n->bias), d, in, g,
                                           P(n->running_mean), P(n->running_var), N, C, H * W,
                                           n->eps);
+            } else {
+                batchnorm2d_fast_backward_eval(din, G(n->weight), G(n->bias), d, o, in, g,
+                                               P(n->running_mean), P(n->running_var), N, C,
+                                               H * W, n->eps, relu);
             }
             break;
+        }
         case OP_LINEAR:
             linear_bwd(m, n, din, dout, in, C * H * W);
             break;
@@ -213,23 +251,32 @@ void model_backward(model *m, int training) {
                 dins[j] = b->op == OP_INPUT ? NULL : m->dact + b->act;
                 Cs[j] = b->C;
             }
-            concat_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
+            if (ref) concat_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
+            else concat_fast_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
             break;
         }
         default:
             if (!din) break;   // parameter-free op right after the input: nothing to do
             switch (n->op) {
             case OP_TRANSFORM_INPUT: transform_input_backward(din, dout, N, H * W); break;
-            case OP_RELU: relu_backward(din, dout, out, cnt); break;
+            case OP_RELU:
+                if (ref) relu_backward(din, dout, out, cnt);
+                else if (!a->fused_relu) relu_fast_backward(din, dout, out, cnt);
+                break;
             case OP_MAXPOOL:
-                maxpool2d_backward(din, dout, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
+                if (ref)
+                    maxpool2d_backward(din, dout, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
+                else
+                    maxpool2d_fast_backward(din, dout, m->argmax + n->argmax, N, C, H, W, n->k,
+                                            n->stride, n->pad, n->ceil_mode);
                 break;
             case OP_AVGPOOL:
                 avgpool2d_backward(din, dout, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode,
                                    n->count_include_pad);
                 break;
             case OP_ADAPTIVE_AVGPOOL:
-                adaptive_avgpool2d_backward(din, dout, N, C, H, W, n->H, n->W);
+                if (ref) adaptive_avgpool2d_backward(din, dout, N, C, H, W, n->H, n->W);
+                else adaptive_avgpool2d_fast_backward(din, dout, N, C, H, W, n->H, n->W);
                 break;
             case OP_LRN:
                 lrn_backward(din, dout, in, N, C, H * W, n->lrn_size, n->lrn_alpha, n->lrn_beta,
@@ -237,8 +284,14 @@ void model_backward(model *m, int training) {
                 break;
             case OP_DROPOUT:
             case OP_FLATTEN:    // dropout in eval mode is the identity, like flatten
-                if (n->op == OP_DROPOUT && training) dropout_backward(din, dout, m->save + n->save, cnt);
-                else for (size_t j = 0; j < cnt; j++) din[j] += dout[j];
+                if (n->op == OP_DROPOUT && training) {
+                    if (ref) dropout_backward(din, dout, m->save + n->save, cnt);
+                    else dropout_fast_backward(din, dout, m->save + n->save, cnt);
+                } else if (ref) {
+                    for (size_t j = 0; j < cnt; j++) din[j] += dout[j];
+                } else {
+                    tensor_fast_add(din, dout, cnt);
+                }
                 break;
             default:
                 break;

@@ -60,7 +60,7 @@ int model_build(model *m, const model_config *cfg) {
 
 void model_free(model *m) {
     free(m->nodes); free(m->tensors); free(m->params); free(m->grads); free(m->counters);
-    free(m->act); free(m->dact); free(m->save); free(m->probs); free(m->ws);
+    free(m->act); free(m->dact); free(m->save); free(m->probs); free(m->ws); free(m->argmax);
     memset(m, 0, sizeof *m);
 }
 
@@ -108,7 +108,7 @@ static size_t node_numel(const model_node *n) { return (size_t)n->C * n->H * n->
 int model_prepare(model *m, int N) {
     if (N == m->N && m->act) return 0;
     if (N < 1) return err_set("batch size must be at least 1, not %d", N);
-    size_t a = 0, s = 0;
+    size_t a = 0, s = 0, x = 0;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
         n->act = a;
@@ -116,8 +116,18 @@ int model_prepare(model *m, int N) {
         n->save = s;
         if (n->op == OP_BN) s += 2 * (size_t)n->C;
         if (n->op == OP_DROPOUT) s += (size_t)N * node_numel(n);
+        n->argmax = x;
+        if (n->op == OP_MAXPOOL) x += (size_t)N * node_numel(n);
+        // A BN whose only consumer is the ReLU right after it computes that ReLU (fast kernels).
+        int uses = 0;
+        for (int j = i + 1; j < m->n_nodes; j++)
+            for (int k = 0; k < m->nodes[j].n_in; k++) uses += m->nodes[j].in[k] == i;
+        n->fused_relu = n->op == OP_BN && uses == 1 && i + 1 < m->n_nodes &&
+                        m->nodes[i + 1].op == OP_RELU && m->nodes[i + 1].in[0] == i;
     }
-    free(m->act); free(m->dact); free(m->save); free(m->probs); free(m->ws);
+    free(m->act); free(m->dact); free(m->save); free(m->probs); free(m->ws); free(m->argmax);
+    m->argmax = malloc((x ? x : 1) * sizeof(int32_t));
+    m->argmax_count = x;
     m->dact = NULL;
     m->ws = NULL;       // resized for the new batch by the executor
     m->ws_threads = 0;
@@ -127,9 +137,10 @@ int model_prepare(model *m, int N) {
     m->act_floats = a;
     m->save_floats = s;
     m->N = N;
-    if (!m->act || !m->save || !m->probs) {
-        free(m->act); free(m->save); free(m->probs);
+    if (!m->act || !m->save || !m->probs || !m->argmax) {
+        free(m->act); free(m->save); free(m->probs); free(m->argmax);
         m->act = m->save = m->probs = NULL;
+        m->argmax = NULL;
         m->N = 0;
         return err_set("out of memory: activations for batch %d need %.1f MiB", N,
                        a * 4.0 / 1048576);

@@ -61,6 +61,8 @@ typedef struct {
     long long macs;         // multiply-accumulates per sample
     size_t act;             // offset of the output in the activation arena (for the current N)
     size_t save;            // offset of saved state (BN stats, dropout mask) in the save arena
+    size_t argmax;          // max pool: offset of its int32 argmax in the argmax arena
+    int fused_relu;         // BN whose ReLU (the next node, its only consumer) it computes
 } model_node;
 
 typedef struct {
@@ -73,7 +75,8 @@ typedef struct {
     // Batch-dependent arenas, sized by model_prepare().
     int N;
     float *act, *dact, *save, *probs;
-    size_t act_floats, save_floats;
+    int32_t *argmax;                             // max pool argmax (fast kernels, training)
+    size_t act_floats, save_floats, argmax_count;
     rng dropout_rng;
     // Kernels: the fast path (packed GEMM, cpu_isa()/cpu_threads()) unless reference is set
     // (INCEPT_REFERENCE=1 in the environment, or set by the caller): the plain loops of ops.h.
