@@ -340,6 +340,8 @@ static void test_batchnorm(rng *r) {
     static const int shapes[][3] = {
         {1, 3, 5},  {7, 37, 195}, {2, 16, 1},   {7, 17, 64}, {1, 5, 1},  {3, 1, 9},
         {7, 20, 4}, {1, 33, 256}, {4, 48, 121}, {7, 64, 16}, {2, 7, 1000},
+        // Small planes (channel blocks) large enough to be split between threads.
+        {64, 300, 4}, {128, 520, 1}, {16, 50, 49}, {9, 70, 63},
     };
     int ok = 1, count = 0;
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
@@ -474,6 +476,9 @@ static void test_maxpool(rng *r) {
         {2, 3, 6, 5, 3, 3, 1, 1},   {7, 37, 14, 13, 3, 1, 1, 1}, {7, 33, 16, 15, 3, 2, 0, 1},
         {7, 19, 2, 2, 3, 1, 1, 1},  {7, 21, 1, 1, 3, 1, 1, 1},  {7, 40, 3, 3, 2, 2, 0, 1},
         {1, 2, 300, 5, 3, 1, 1, 0}, {1, 2, 5, 300, 3, 1, 1, 1}, {2, 2, 7, 9, 2, 2, 1, 1},
+        // Wide outputs (the row kernel) split between threads; 1x1 and 2x2 planes in bulk.
+        {7, 20, 40, 40, 3, 1, 1, 1}, {7, 5, 71, 70, 3, 2, 0, 1}, {128, 200, 2, 2, 3, 1, 1, 1},
+        {128, 300, 1, 1, 3, 1, 1, 1}, {128, 100, 2, 2, 2, 2, 0, 1},
     };
     int ok = 1, count = 0;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)

@@ -39,111 +39,101 @@ static void part_range(size_t total, int t, int n, size_t *lo, size_t *hi) {
 // ---------------------------------------------------------------------------------------------
 // Kernel bodies
 
-enum { LANES = 8 };
-
-AI double lanes_total(const double *a) {
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-}
-
-// Sum of one channel: N planes of HW values, `stride` floats apart.
-AI double bn_sum_body(const float *x, int N, size_t stride, int HW) {
-    double acc[LANES] = {0};
-    for (int n = 0; n < N; n++) {
-        const float *p = x + (size_t)n * stride;
-        int i = 0;
-        for (; i + LANES <= HW; i += LANES)
-            for (int j = 0; j < LANES; j++) acc[j] += p[i + j];
-        for (; i < HW; i++) acc[i % LANES] += p[i];
-    }
-    return lanes_total(acc);
-}
-
-// Sum of squared deviations from mean (the reference's second pass).
-AI double bn_ssd_body(const float *x, int N, size_t stride, int HW, double mean) {
-    double acc[LANES] = {0};
-    for (int n = 0; n < N; n++) {
-        const float *p = x + (size_t)n * stride;
-        int i = 0;
-        for (; i + LANES <= HW; i += LANES)
-            for (int j = 0; j < LANES; j++) {
-                double d = p[i + j] - mean;
-                acc[j] += d * d;
-            }
-        for (; i < HW; i++) {
-            double d = p[i] - mean;
-            acc[i % LANES] += d * d;
-        }
-    }
-    return lanes_total(acc);
-}
-
-// o = x*a + b, then relu as relu_forward (`v <= 0 ? 0 : v` keeps NaN).
-AI void bn_affine_body(float *o, const float *x, int N, size_t stride, int HW, float a, float b,
-                       int relu) {
-    for (int n = 0; n < N; n++) {
-        const float *p = x + (size_t)n * stride;
-        float *q = o + (size_t)n * stride;
-        if (relu)
-            for (int i = 0; i < HW; i++) {
-                float v = p[i] * a + b;
-                q[i] = v <= 0.0f ? 0.0f : v;
-            }
-        else
-            for (int i = 0; i < HW; i++) q[i] = p[i] * a + b;
-    }
-}
-
 // The gradient reaching the BN output: dout, masked by the ReLU output when fused
 // (relu_backward: zero where out <= 0; a NaN output passes its gradient).
+// Both loads are unconditional so that the compiler can turn the choice into a vector select.
 AI float bn_grad(const float *g, const float *out, int i, int relu) {
-    return relu ? (out[i] <= 0.0f ? 0.0f : g[i]) : g[i];
+    const float gv = g[i];
+    if (!relu) return gv;
+    const float ov = out[i];
+    return ov <= 0.0f ? 0.0f : gv;
 }
 
-// sum(dy) and sum(dy * (x - mean)) for one channel, with the reference's per-term arithmetic.
-AI void bn_bwd_sums_body(double *sum_dy, double *sum_dy_xm, const float *g, const float *out,
-                         const float *x, int N, size_t stride, int HW, float mean, int relu) {
-    double a1[LANES] = {0}, a2[LANES] = {0};
+// ---- batchnorm ----
+enum { BN_BLOCK_MAX = 512 };  // the longest row a kernel is given (BN_BLOCK below)
+
+// The kernels work on a "block": per sample n, a contiguous row of L <= BN_BLOCK floats (a few
+// whole channels when planes are small, a segment of one channel's plane when they are large),
+// rows `stride` floats apart. Every position q of the row keeps its own double partial sums
+// (over n, in order), which vectorises across positions; the caller then adds the positions up
+// in order. Per-channel constants come expanded to one value per position.
+
+AI void bnb_sum_body(double *restrict acc, const float *restrict x, int N, size_t stride, int L) {
     for (int n = 0; n < N; n++) {
-        const size_t off = (size_t)n * stride;
-        const float *gp = g + off, *op = relu ? out + off : NULL, *xp = x + off;
-        int i = 0;
-        for (; i + LANES <= HW; i += LANES)
-            for (int j = 0; j < LANES; j++) {
-                float gv = bn_grad(gp, op, i + j, relu);
-                a1[j] += gv;
-                a2[j] += (double)gv * (xp[i + j] - mean);
-            }
-        for (; i < HW; i++) {
-            float gv = bn_grad(gp, op, i, relu);
-            a1[i % LANES] += gv;
-            a2[i % LANES] += (double)gv * (xp[i] - mean);
+        const float *p = x + (size_t)n * stride;
+        for (int q = 0; q < L; q++) acc[q] += p[q];
+    }
+}
+
+AI void bnb_ssd_body(double *restrict acc, const float *restrict x, int N, size_t stride,
+                     int L, const double *restrict mean) {
+    for (int n = 0; n < N; n++) {
+        const float *p = x + (size_t)n * stride;
+        for (int q = 0; q < L; q++) {
+            double d = p[q] - mean[q];
+            acc[q] += d * d;
         }
     }
-    *sum_dy = lanes_total(a1);
-    *sum_dy_xm = lanes_total(a2);
 }
 
-// dx += (dy - gmean - (x - mean) * proj) * a, as the reference.
-AI void bn_bwd_apply_body(float *dx, const float *g, const float *out, const float *x, int N,
-                          size_t stride, int HW, float gmean, float proj, float mean, float a,
-                          int relu) {
+AI void bnb_affine_body(float *restrict o, const float *restrict x, int N, size_t stride, int L,
+                        const float *restrict a, const float *restrict b, int relu) {
     for (int n = 0; n < N; n++) {
-        const size_t off = (size_t)n * stride;
-        const float *gp = g + off, *op = relu ? out + off : NULL, *xp = x + off;
-        float *d = dx + off;
-        for (int i = 0; i < HW; i++)
-            d[i] += (bn_grad(gp, op, i, relu) - gmean - (xp[i] - mean) * proj) * a;
+        const float *p = x + (size_t)n * stride;
+        float *r = o + (size_t)n * stride;
+        if (relu)
+            for (int q = 0; q < L; q++) {
+                float v = p[q] * a[q] + b[q];
+                r[q] = v <= 0.0f ? 0.0f : v;
+            }
+        else
+            for (int q = 0; q < L; q++) r[q] = p[q] * a[q] + b[q];
     }
 }
 
-// dx += dy * a (eval mode: the statistics are constants).
-AI void bn_bwd_apply_eval_body(float *dx, const float *g, const float *out, int N, size_t stride,
-                               int HW, float a, int relu) {
+AI void bnb_bwd_sums_body(double *restrict a1, double *restrict a2, const float *restrict g,
+                          const float *restrict out, const float *restrict x, int N,
+                          size_t stride, int L, const float *restrict mean, int relu) {
+    float gm[BN_BLOCK_MAX];  // the masked gradient row: gcc 12 will not vectorise a float
+                             // select feeding double sums in one loop
     for (int n = 0; n < N; n++) {
         const size_t off = (size_t)n * stride;
-        const float *gp = g + off, *op = relu ? out + off : NULL;
+        const float *gp = g + off, *xp = x + off;
+        if (relu) {
+            const float *op = out + off;
+            for (int q = 0; q < L; q++) gm[q] = op[q] <= 0.0f ? 0.0f : gp[q];
+            gp = gm;
+        }
+        for (int q = 0; q < L; q++) {
+            const float gv = gp[q];
+            a1[q] += gv;
+            a2[q] += (double)gv * (xp[q] - mean[q]);
+        }
+    }
+}
+
+AI void bnb_bwd_apply_body(float *restrict dx, const float *restrict g,
+                           const float *restrict out, const float *restrict x, int N,
+                           size_t stride, int L, const float *restrict gmean,
+                           const float *restrict proj, const float *restrict mean,
+                           const float *restrict a, int relu) {
+    for (int n = 0; n < N; n++) {
+        const size_t off = (size_t)n * stride;
+        const float *gp = g + off, *op = relu ? out + off : gp, *xp = x + off;
         float *d = dx + off;
-        for (int i = 0; i < HW; i++) d[i] += bn_grad(gp, op, i, relu) * a;
+        for (int q = 0; q < L; q++)
+            d[q] += (bn_grad(gp, op, q, relu) - gmean[q] - (xp[q] - mean[q]) * proj[q]) * a[q];
+    }
+}
+
+AI void bnb_bwd_apply_eval_body(float *restrict dx, const float *restrict g,
+                                const float *restrict out, int N, size_t stride, int L,
+                                const float *restrict a, int relu) {
+    for (int n = 0; n < N; n++) {
+        const size_t off = (size_t)n * stride;
+        const float *gp = g + off, *op = relu ? out + off : gp;
+        float *d = dx + off;
+        for (int q = 0; q < L; q++) d[q] += bn_grad(gp, op, q, relu) * a[q];
     }
 }
 
@@ -239,18 +229,128 @@ AI void maxpool_planes_body(float *out, int32_t *arg, const float *in, size_t p0
     }
 }
 
+// ---- max pool on narrow outputs: candidate tables ----
+// With OW < MP_TABLE_OW (late GoogLeNet layers: 4x4, 2x2, 1x1 planes) a row is too short to
+// vectorise. There blocks of B planes are treated as one flat vector of B*OH*OW outputs, and a
+// table lists, for every output position q and window element c (row-major window order), the
+// element's index in its plane (-1 where the window element lies in the padding). Outputs then
+// go 16 at a time, each candidate fetched by a gather; the update rule is the reference's.
+
+enum { MP_TABLE_OW = 32, MP_TABLE_INTS = 16384, MP_BLOCK_OUT = 256 };
+
+#include <immintrin.h>
+
+typedef struct {
+    int B;              // planes per block
+    int Q;              // table row length: B*OH*OW rounded up to 16
+    int KK;             // window elements (k*k)
+    int HW, OHW;        // plane sizes
+    const int32_t *idx; // [KK][Q]: index in the plane, or -1
+    const int32_t *first;  // [Q]: first element inside the window (the reference's start), or -1
+    const int32_t *poff;   // [Q]: offset of the position's plane from the block's first plane
+    // "Same" pooling (stride 1, output size = input size): window element c of output q is
+    // input q + delta[c] of the block, so candidates come by (masked) contiguous loads.
+    int same;
+    const int32_t *delta;  // [KK]
+} mp_table;
+
+AI void maxpool_table_body(float *out, int32_t *arg, const float *in, size_t p0, size_t p1,
+                           const mp_table *T) {
+    for (size_t p = p0; p < p1; p += (size_t)T->B) {
+        const size_t nb = p1 - p < (size_t)T->B ? p1 - p : (size_t)T->B;
+        const int Qn = (int)nb * T->OHW;
+        const float *xb = in + p * T->HW;
+        float *ob = out + p * T->OHW;
+        int32_t *ab = arg ? arg + p * T->OHW : NULL;
+        for (int q = 0; q < Qn; q++) {
+            float m = -INFINITY;
+            int32_t id = T->first[q];
+            for (int c = 0; c < T->KK; c++) {
+                const int32_t li = T->idx[(size_t)c * T->Q + q];
+                if (li < 0) continue;
+                const float v = xb[T->poff[q] + li];
+                if (v > m || isnan(v)) m = v, id = li;
+            }
+            ob[q] = m;
+            if (ab) ab[q] = id;
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) static void maxpool_table_avx512(float *out, int32_t *arg,
+                                                                    const float *in, size_t p0,
+                                                                    size_t p1,
+                                                                    const mp_table *T) {
+    const __m512i zero = _mm512_setzero_si512();
+    for (size_t p = p0; p < p1; p += (size_t)T->B) {
+        const size_t nb = p1 - p < (size_t)T->B ? p1 - p : (size_t)T->B;
+        const int Qn = (int)nb * T->OHW;
+        const float *xb = in + p * T->HW;
+        float *ob = out + p * T->OHW;
+        int32_t *ab = arg ? arg + p * T->OHW : NULL;
+        for (int q = 0; q < Qn; q += 16) {
+            const __mmask16 lanes = Qn - q >= 16 ? (__mmask16)0xffff
+                                                 : (__mmask16)((1u << (Qn - q)) - 1);
+            const __m512i po = _mm512_loadu_si512(T->poff + q);
+            __m512 m = _mm512_set1_ps(-INFINITY);
+            __m512i id = _mm512_loadu_si512(T->first + q);
+            for (int c = 0; c < T->KK; c++) {
+                const __m512i li = _mm512_loadu_si512(T->idx + (size_t)c * T->Q + q);
+                const __mmask16 valid = _mm512_mask_cmpge_epi32_mask(lanes, li, zero);
+                const __m512 v =
+                    T->same ? _mm512_mask_loadu_ps(m, valid, xb + q + T->delta[c])
+                            : _mm512_mask_i32gather_ps(m, valid, _mm512_add_epi32(po, li), xb, 4);
+                const __mmask16 better = _mm512_mask_cmp_ps_mask(valid, v, m, _CMP_GT_OQ) |
+                                         _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
+                m = _mm512_mask_mov_ps(m, better, v);
+                id = _mm512_mask_mov_epi32(id, better, li);
+            }
+            _mm512_mask_storeu_ps(ob + q, lanes, m);
+            if (ab) _mm512_mask_storeu_epi32(ab + q, lanes, id);
+        }
+    }
+}
+
+// Fills the tables (caller's storage, MP_TABLE_INTS ints) for this geometry; 0 if they do not
+// fit or the outputs are wide enough for the row kernel.
+static int mp_table_build(mp_table *T, int32_t *store, int H, int W, int OH, int OW, int k,
+                          int s, int pad) {
+    const int OHW = OH * OW;
+    if (OW >= MP_TABLE_OW || OHW <= 0) return 0;
+    const int B = OHW >= MP_BLOCK_OUT ? 1 : MP_BLOCK_OUT / OHW;
+    const int Q = (B * OHW + 15) / 16 * 16, KK = k * k;
+    if ((size_t)(KK + 2) * Q + KK > MP_TABLE_INTS) return 0;
+    int32_t *idx = store, *first = store + (size_t)KK * Q, *poff = first + Q, *delta = poff + Q;
+    for (int c = 0; c < KK; c++) delta[c] = (c / k - pad) * W + (c % k - pad);
+    for (int q = 0; q < Q; q++) {
+        const int b = q / OHW, j = q % OHW, oh = j / OW, ow = j % OW;
+        first[q] = -1;
+        poff[q] = q < B * OHW ? b * H * W : 0;
+        for (int c = 0; c < KK; c++) {
+            const int h = oh * s - pad + c / k, w = ow * s - pad + c % k;
+            const int in = q < B * OHW && h >= 0 && h < H && w >= 0 && w < W;
+            idx[(size_t)c * Q + q] = in ? h * W + w : -1;
+            if (in && first[q] < 0) first[q] = h * W + w;
+        }
+    }
+    *T = (mp_table){B, Q, KK, H * W, OHW, idx, first, poff, s == 1 && OH == H && OW == W, delta};
+    return 1;
+}
+
 // ---------------------------------------------------------------------------------------------
 // One copy of every kernel per ISA level
 
 typedef struct {
-    double (*bn_sum)(const float *, int, size_t, int);
-    double (*bn_ssd)(const float *, int, size_t, int, double);
-    void (*bn_affine)(float *, const float *, int, size_t, int, float, float, int);
-    void (*bn_bwd_sums)(double *, double *, const float *, const float *, const float *, int,
-                        size_t, int, float, int);
-    void (*bn_bwd_apply)(float *, const float *, const float *, const float *, int, size_t, int,
-                         float, float, float, float, int);
-    void (*bn_bwd_apply_eval)(float *, const float *, const float *, int, size_t, int, float, int);
+    void (*bnb_sum)(double *, const float *, int, size_t, int);
+    void (*bnb_ssd)(double *, const float *, int, size_t, int, const double *);
+    void (*bnb_affine)(float *, const float *, int, size_t, int, const float *, const float *,
+                       int);
+    void (*bnb_bwd_sums)(double *, double *, const float *, const float *, const float *, int,
+                         size_t, int, const float *, int);
+    void (*bnb_bwd_apply)(float *, const float *, const float *, const float *, int, size_t, int,
+                          const float *, const float *, const float *, const float *, int);
+    void (*bnb_bwd_apply_eval)(float *, const float *, const float *, int, size_t, int,
+                               const float *, int);
     void (*relu_fwd)(float *, const float *, size_t);
     void (*relu_bwd)(float *, const float *, const float *, size_t);
     void (*add)(float *, const float *, size_t);
@@ -258,37 +358,41 @@ typedef struct {
     void (*muladd)(float *, const float *, const float *, size_t);
     void (*maxpool)(float *, int32_t *, const float *, size_t, size_t, int, int, int, int, int,
                     int, int);
+    void (*maxpool_table)(float *, int32_t *, const float *, size_t, size_t, const mp_table *);
 } fast_kernels;
 
 // The `relu` flag becomes a constant in each branch, so each loop is compiled without a test.
 #define DEFINE_KERNELS(SFX, ATTR)                                                                \
-    ATTR static double bn_sum_##SFX(const float *x, int N, size_t st, int HW) {                  \
-        return bn_sum_body(x, N, st, HW);                                                        \
+    ATTR static void bnb_sum_##SFX(double *acc, const float *x, int N, size_t st, int L) {       \
+        bnb_sum_body(acc, x, N, st, L);                                                          \
     }                                                                                            \
-    ATTR static double bn_ssd_##SFX(const float *x, int N, size_t st, int HW, double mean) {     \
-        return bn_ssd_body(x, N, st, HW, mean);                                                  \
+    ATTR static void bnb_ssd_##SFX(double *acc, const float *x, int N, size_t st, int L,         \
+                                   const double *mean) {                                         \
+        bnb_ssd_body(acc, x, N, st, L, mean);                                                    \
     }                                                                                            \
-    ATTR static void bn_affine_##SFX(float *o, const float *x, int N, size_t st, int HW,         \
-                                     float a, float b, int relu) {                               \
-        if (relu) bn_affine_body(o, x, N, st, HW, a, b, 1);                                      \
-        else bn_affine_body(o, x, N, st, HW, a, b, 0);                                           \
+    ATTR static void bnb_affine_##SFX(float *o, const float *x, int N, size_t st, int L,         \
+                                      const float *a, const float *b, int relu) {                \
+        if (relu) bnb_affine_body(o, x, N, st, L, a, b, 1);                                      \
+        else bnb_affine_body(o, x, N, st, L, a, b, 0);                                           \
     }                                                                                            \
-    ATTR static void bn_bwd_sums_##SFX(double *s1, double *s2, const float *g, const float *out, \
-                                       const float *x, int N, size_t st, int HW, float mean,     \
-                                       int relu) {                                               \
-        if (relu) bn_bwd_sums_body(s1, s2, g, out, x, N, st, HW, mean, 1);                       \
-        else bn_bwd_sums_body(s1, s2, g, out, x, N, st, HW, mean, 0);                            \
+    ATTR static void bnb_bwd_sums_##SFX(double *a1, double *a2, const float *g,                  \
+                                        const float *out, const float *x, int N, size_t st,      \
+                                        int L, const float *mean, int relu) {                    \
+        if (relu) bnb_bwd_sums_body(a1, a2, g, out, x, N, st, L, mean, 1);                       \
+        else bnb_bwd_sums_body(a1, a2, g, out, x, N, st, L, mean, 0);                            \
     }                                                                                            \
-    ATTR static void bn_bwd_apply_##SFX(float *dx, const float *g, const float *out,             \
-                                        const float *x, int N, size_t st, int HW, float gmean,   \
-                                        float proj, float mean, float a, int relu) {             \
-        if (relu) bn_bwd_apply_body(dx, g, out, x, N, st, HW, gmean, proj, mean, a, 1);          \
-        else bn_bwd_apply_body(dx, g, out, x, N, st, HW, gmean, proj, mean, a, 0);               \
+    ATTR static void bnb_bwd_apply_##SFX(float *dx, const float *g, const float *out,            \
+                                         const float *x, int N, size_t st, int L,                \
+                                         const float *gmean, const float *proj,                  \
+                                         const float *mean, const float *a, int relu) {          \
+        if (relu) bnb_bwd_apply_body(dx, g, out, x, N, st, L, gmean, proj, mean, a, 1);          \
+        else bnb_bwd_apply_body(dx, g, out, x, N, st, L, gmean, proj, mean, a, 0);               \
     }                                                                                            \
-    ATTR static void bn_bwd_apply_eval_##SFX(float *dx, const float *g, const float *out, int N, \
-                                             size_t st, int HW, float a, int relu) {             \
-        if (relu) bn_bwd_apply_eval_body(dx, g, out, N, st, HW, a, 1);                           \
-        else bn_bwd_apply_eval_body(dx, g, out, N, st, HW, a, 0);                                \
+    ATTR static void bnb_bwd_apply_eval_##SFX(float *dx, const float *g, const float *out,       \
+                                              int N, size_t st, int L, const float *a,           \
+                                              int relu) {                                        \
+        if (relu) bnb_bwd_apply_eval_body(dx, g, out, N, st, L, a, 1);                           \
+        else bnb_bwd_apply_eval_body(dx, g, out, N, st, L, a, 0);                                \
     }                                                                                            \
     ATTR static void relu_fwd_##SFX(float *o, const float *x, size_t n) {                        \
         relu_fwd_body(o, x, n);                                                                  \
@@ -309,10 +413,23 @@ typedef struct {
         maxpool_planes_body(out, arg, in, p0, p1, H, W, OH, OW, k, s, pad);                      \
     }                                                                                            \
     static const fast_kernels kernels_##SFX = {                                                  \
-        bn_sum_##SFX,   bn_ssd_##SFX,  bn_affine_##SFX, bn_bwd_sums_##SFX,                       \
-        bn_bwd_apply_##SFX, bn_bwd_apply_eval_##SFX, relu_fwd_##SFX, relu_bwd_##SFX,             \
+        bnb_sum_##SFX,  bnb_ssd_##SFX,                                                           \
+        bnb_affine_##SFX, bnb_bwd_sums_##SFX, bnb_bwd_apply_##SFX, bnb_bwd_apply_eval_##SFX,     \
+        relu_fwd_##SFX, relu_bwd_##SFX,                                                          \
         add_##SFX,      mul_##SFX,     muladd_##SFX,    maxpool_##SFX,                           \
+        maxpool_table_##SFX,                                                                     \
     };
+
+// The table kernel: AVX-512 has its own (gathers); the others use the plain loop.
+static void maxpool_table_scalar(float *out, int32_t *arg, const float *in, size_t p0, size_t p1,
+                                 const mp_table *T) {
+    maxpool_table_body(out, arg, in, p0, p1, T);
+}
+__attribute__((target("avx2"))) static void maxpool_table_avx2(float *out, int32_t *arg,
+                                                              const float *in, size_t p0,
+                                                              size_t p1, const mp_table *T) {
+    maxpool_table_body(out, arg, in, p0, p1, T);
+}
 
 DEFINE_KERNELS(scalar, )
 DEFINE_KERNELS(avx2, __attribute__((target("avx2"))))
@@ -329,6 +446,13 @@ static const fast_kernels *kernels(void) {
 // ---------------------------------------------------------------------------------------------
 // batchnorm2d
 
+// Channels go in groups of G = BN_BLOCK / HW whole channels (one block), or, when a plane is
+// longer than BN_BLOCK, one channel at a time in segments of BN_BLOCK positions. Which way
+// depends only on HW, and every channel's sums are the same whichever group it falls in, so
+// results do not depend on the thread count.
+
+enum { BN_BLOCK = BN_BLOCK_MAX };
+
 typedef struct {
     const fast_kernels *K;
     float *out, *save_mean, *save_invstd, *running_mean, *running_var;
@@ -338,32 +462,165 @@ typedef struct {
     float eps, momentum;
 } bn_job;
 
+static int bn_group(int HW) { return HW <= BN_BLOCK ? BN_BLOCK / HW : 1; }
+static int bn_segments(int HW) { return HW <= BN_BLOCK ? 1 : (HW + BN_BLOCK - 1) / BN_BLOCK; }
+
+// Segment s of group [c, c+nc): its offset in a sample's row and its length.
+static void bn_segment(const bn_job *j, int c, int nc, int s, size_t *off, int *L) {
+    if (j->HW <= BN_BLOCK) {
+        *off = (size_t)c * j->HW;
+        *L = nc * j->HW;
+    } else {
+        const int i0 = s * BN_BLOCK;
+        *off = (size_t)c * j->HW + i0;
+        *L = j->HW - i0 < BN_BLOCK ? j->HW - i0 : BN_BLOCK;
+    }
+}
+
+// The group channel (0..nc-1) that position q of a segment belongs to.
+static int bn_chan(const bn_job *j, int q) { return j->HW <= BN_BLOCK ? q / j->HW : 0; }
+
+// tot[chan] += acc[q] for the segment's positions, in order.
+static void bn_add_totals(double *tot, const double *acc, const bn_job *j, int L) {
+    for (int q = 0; q < L; q++) tot[bn_chan(j, q)] += acc[q];
+}
+
+// Expands per-channel values v[0..nc) to per-position values e[0..L).
+static void bn_expand_f(float *e, const float *v, const bn_job *j, int L) {
+    for (int q = 0; q < L; q++) e[q] = v[bn_chan(j, q)];
+}
+
+// sum(x) and then sum((x - mean)^2) of channels [c, c+nc).
+static void bn_group_sum(double *sum, const bn_job *j, int c, int nc) {
+    const size_t stride = (size_t)j->C * j->HW;
+    for (int k = 0; k < nc; k++) sum[k] = 0.0;
+    for (int s = 0; s < bn_segments(j->HW); s++) {
+        size_t off;
+        int L;
+        bn_segment(j, c, nc, s, &off, &L);
+        double acc[BN_BLOCK] = {0};
+        j->K->bnb_sum(acc, j->in + off, j->N, stride, L);
+        bn_add_totals(sum, acc, j, L);
+    }
+}
+
+static void bn_group_ssd(double *ssd, const bn_job *j, int c, int nc, const double *mean) {
+    const size_t stride = (size_t)j->C * j->HW;
+    for (int k = 0; k < nc; k++) ssd[k] = 0.0;
+    for (int s = 0; s < bn_segments(j->HW); s++) {
+        size_t off;
+        int L;
+        bn_segment(j, c, nc, s, &off, &L);
+        double acc[BN_BLOCK] = {0}, mq[BN_BLOCK];
+        for (int q = 0; q < L; q++) mq[q] = mean[bn_chan(j, q)];
+        j->K->bnb_ssd(acc, j->in + off, j->N, stride, L, mq);
+        bn_add_totals(ssd, acc, j, L);
+    }
+}
+
+// out = x*a + b (then relu) for channels [c, c+nc).
+static void bn_group_affine(const bn_job *j, int c, int nc, const float *a, const float *b) {
+    const size_t stride = (size_t)j->C * j->HW;
+    for (int s = 0; s < bn_segments(j->HW); s++) {
+        size_t off;
+        int L;
+        bn_segment(j, c, nc, s, &off, &L);
+        float aq[BN_BLOCK], bq[BN_BLOCK];
+        bn_expand_f(aq, a, j, L);
+        bn_expand_f(bq, b, j, L);
+        j->K->bnb_affine(j->out + off, j->in + off, j->N, stride, L, aq, bq, j->relu);
+    }
+}
+
+// sum(dy) and sum(dy * (x - mean)) of channels [c, c+nc), dy masked by the ReLU if fused.
+static void bn_group_bwd_sums(double *sdy, double *sdyxm, const bn_job *j, int c, int nc,
+                              const float *mean) {
+    const size_t stride = (size_t)j->C * j->HW;
+    for (int k = 0; k < nc; k++) sdy[k] = sdyxm[k] = 0.0;
+    for (int s = 0; s < bn_segments(j->HW); s++) {
+        size_t off;
+        int L;
+        bn_segment(j, c, nc, s, &off, &L);
+        double a1[BN_BLOCK] = {0}, a2[BN_BLOCK] = {0};
+        float mq[BN_BLOCK];
+        bn_expand_f(mq, mean, j, L);
+        j->K->bnb_bwd_sums(a1, a2, j->dout + off, j->relu ? j->fout + off : NULL, j->in + off,
+                           j->N, stride, L, mq, j->relu);
+        bn_add_totals(sdy, a1, j, L);
+        bn_add_totals(sdyxm, a2, j, L);
+    }
+}
+
+// din += (dy - gmean - (x - mean) * proj) * a for channels [c, c+nc).
+static void bn_group_bwd_apply(const bn_job *j, int c, int nc, const float *gmean,
+                               const float *proj, const float *mean, const float *a) {
+    const size_t stride = (size_t)j->C * j->HW;
+    for (int s = 0; s < bn_segments(j->HW); s++) {
+        size_t off;
+        int L;
+        bn_segment(j, c, nc, s, &off, &L);
+        float gq[BN_BLOCK], pq[BN_BLOCK], mq[BN_BLOCK], aq[BN_BLOCK];
+        bn_expand_f(gq, gmean, j, L);
+        bn_expand_f(pq, proj, j, L);
+        bn_expand_f(mq, mean, j, L);
+        bn_expand_f(aq, a, j, L);
+        j->K->bnb_bwd_apply(j->din + off, j->dout + off, j->relu ? j->fout + off : NULL,
+                            j->in + off, j->N, stride, L, gq, pq, mq, aq, j->relu);
+    }
+}
+
+// din += dy * a (eval) for channels [c, c+nc).
+static void bn_group_bwd_apply_eval(const bn_job *j, int c, int nc, const float *a) {
+    const size_t stride = (size_t)j->C * j->HW;
+    for (int s = 0; s < bn_segments(j->HW); s++) {
+        size_t off;
+        int L;
+        bn_segment(j, c, nc, s, &off, &L);
+        float aq[BN_BLOCK];
+        bn_expand_f(aq, a, j, L);
+        j->K->bnb_bwd_apply_eval(j->din + off, j->dout + off, j->relu ? j->fout + off : NULL,
+                                 j->N, stride, L, aq, j->relu);
+    }
+}
+
 static void bn_fwd_train_task(void *ctx, int t, int nt) {
     const bn_job *j = ctx;
-    const fast_kernels *K = j->K;
-    const size_t M = (size_t)j->N * j->HW, stride = (size_t)j->C * j->HW;
-    size_t c0, c1;
-    part_range((size_t)j->C, t, nt, &c0, &c1);
-    for (size_t c = c0; c < c1; c++) {
-        const float *x = j->in + c * j->HW;
-        const double mean = K->bn_sum(x, j->N, stride, j->HW) / (double)M;
-        const double ssd = K->bn_ssd(x, j->N, stride, j->HW, mean);
-        const double var = ssd / (double)M;
-        const double invstd = 1.0 / sqrt(var + j->eps);
-        if (j->save_mean) j->save_mean[c] = (float)mean;
-        if (j->save_invstd) j->save_invstd[c] = (float)invstd;
-        if (j->running_mean)
-            j->running_mean[c] =
-                (float)((1.0 - j->momentum) * j->running_mean[c] + j->momentum * mean);
-        if (j->running_var) {
-            const double uvar = M > 1 ? ssd / (double)(M - 1) : NAN;  // as the reference
-            j->running_var[c] =
-                (float)((1.0 - j->momentum) * j->running_var[c] + j->momentum * uvar);
+    const size_t M = (size_t)j->N * j->HW;
+    const int G = bn_group(j->HW);
+    size_t lo, hi;
+    part_range((size_t)j->C, t, nt, &lo, &hi);
+    double sum[BN_BLOCK], mean[BN_BLOCK], ssd[BN_BLOCK];
+    float a[BN_BLOCK], b[BN_BLOCK];
+    for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
+        const int nc = (int)hi - c0 < G ? (int)hi - c0 : G;
+        bn_group_sum(sum, j, c0, nc);
+        for (int k = 0; k < nc; k++) mean[k] = sum[k] / (double)M;
+        bn_group_ssd(ssd, j, c0, nc, mean);
+        for (int k = 0; k < nc; k++) {
+            const int c = c0 + k;
+            const double var = ssd[k] / (double)M;  // biased: used to normalise
+            const double invstd = 1.0 / sqrt(var + j->eps);
+            if (j->save_mean) j->save_mean[c] = (float)mean[k];
+            if (j->save_invstd) j->save_invstd[c] = (float)invstd;
+            if (j->running_mean)
+                j->running_mean[c] =
+                    (float)((1.0 - j->momentum) * j->running_mean[c] + j->momentum * mean[k]);
+            if (j->running_var) {
+                const double uvar = M > 1 ? ssd[k] / (double)(M - 1) : NAN;  // as the reference
+                j->running_var[c] =
+                    (float)((1.0 - j->momentum) * j->running_var[c] + j->momentum * uvar);
+            }
+            const double scale = invstd * (j->gamma ? j->gamma[c] : 1.0f);
+            a[k] = (float)scale;
+            b[k] = (float)((j->beta ? j->beta[c] : 0.0f) - mean[k] * scale);
         }
-        const double scale = invstd * (j->gamma ? j->gamma[c] : 1.0f);
-        const float a = (float)scale, b = (float)((j->beta ? j->beta[c] : 0.0f) - mean * scale);
-        K->bn_affine(j->out + c * j->HW, x, j->N, stride, j->HW, a, b, j->relu);
+        bn_group_affine(j, c0, nc, a, b);
     }
+}
+
+static int bn_threads(int N, int C, int HW) {
+    int nt = threads_for((size_t)N * C * HW);
+    return nt > C ? C : nt;
 }
 
 void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_invstd,
@@ -374,31 +631,32 @@ void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_in
                 .running_mean = running_mean, .running_var = running_var, .in = in,
                 .gamma = gamma, .beta = beta, .N = N, .C = C, .HW = HW, .relu = relu,
                 .eps = eps, .momentum = momentum};
-    int nt = threads_for((size_t)N * C * HW);
-    if (nt > C) nt = C;
-    cpu_parallel(bn_fwd_train_task, &j, nt);
+    cpu_parallel(bn_fwd_train_task, &j, bn_threads(N, C, HW));
 }
 
 static void bn_bwd_train_task(void *ctx, int t, int nt) {
     const bn_job *j = ctx;
-    const fast_kernels *K = j->K;
-    const size_t M = (size_t)j->N * j->HW, stride = (size_t)j->C * j->HW;
-    size_t c0, c1;
-    part_range((size_t)j->C, t, nt, &c0, &c1);
-    for (size_t c = c0; c < c1; c++) {
-        const size_t off = c * j->HW;
-        const float mean = j->mean_in[c], invstd = j->invstd_in[c];
-        double sum_dy, sum_dy_xm;
-        K->bn_bwd_sums(&sum_dy, &sum_dy_xm, j->dout + off, j->relu ? j->fout + off : NULL,
-                       j->in + off, j->N, stride, j->HW, mean, j->relu);
-        if (j->dbeta) j->dbeta[c] += (float)sum_dy;
-        if (j->dgamma) j->dgamma[c] += (float)(sum_dy_xm * invstd);
-        if (!j->din) continue;
-        const float gmean = (float)(sum_dy / (double)M);
-        const float proj = (float)(sum_dy_xm * invstd * invstd / (double)M);
-        const float a = invstd * (j->gamma ? j->gamma[c] : 1.0f);
-        K->bn_bwd_apply(j->din + off, j->dout + off, j->relu ? j->fout + off : NULL, j->in + off,
-                        j->N, stride, j->HW, gmean, proj, mean, a, j->relu);
+    const size_t M = (size_t)j->N * j->HW;
+    const int G = bn_group(j->HW);
+    size_t lo, hi;
+    part_range((size_t)j->C, t, nt, &lo, &hi);
+    double sdy[BN_BLOCK], sdyxm[BN_BLOCK];
+    float gmean[BN_BLOCK], proj[BN_BLOCK], a[BN_BLOCK];
+    for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
+        const int nc = (int)hi - c0 < G ? (int)hi - c0 : G;
+        const float *mean = j->mean_in + c0;
+        bn_group_bwd_sums(sdy, sdyxm, j, c0, nc, mean);
+        for (int k = 0; k < nc; k++) {
+            const int c = c0 + k;
+            const float invstd = j->invstd_in[c];
+            if (j->dbeta) j->dbeta[c] += (float)sdy[k];
+            if (j->dgamma) j->dgamma[c] += (float)(sdyxm[k] * invstd);
+            // dx = gamma*invstd * (dy - mean(dy) - xhat * mean(dy*xhat)), as the reference.
+            gmean[k] = (float)(sdy[k] / (double)M);
+            proj[k] = (float)(sdyxm[k] * invstd * invstd / (double)M);
+            a[k] = invstd * (j->gamma ? j->gamma[c] : 1.0f);
+        }
+        if (j->din) bn_group_bwd_apply(j, c0, nc, gmean, proj, mean, a);
     }
 }
 
@@ -410,23 +668,25 @@ void batchnorm2d_fast_backward_train(float *din, float *dgamma, float *dbeta, co
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
                 .fout = out, .in = in, .gamma = gamma, .mean_in = save_mean,
                 .invstd_in = save_invstd, .N = N, .C = C, .HW = HW, .relu = relu};
-    int nt = threads_for((size_t)N * C * HW);
-    if (nt > C) nt = C;
-    cpu_parallel(bn_bwd_train_task, &j, nt);
+    cpu_parallel(bn_bwd_train_task, &j, bn_threads(N, C, HW));
 }
 
 static void bn_fwd_eval_task(void *ctx, int t, int nt) {
     const bn_job *j = ctx;
-    const size_t stride = (size_t)j->C * j->HW;
-    size_t c0, c1;
-    part_range((size_t)j->C, t, nt, &c0, &c1);
-    for (size_t c = c0; c < c1; c++) {
-        const double scale =
-            (j->gamma ? j->gamma[c] : 1.0f) / sqrt((double)j->rvar_in[c] + j->eps);
-        const float a = (float)scale;
-        const float b = (float)((j->beta ? j->beta[c] : 0.0f) - j->mean_in[c] * scale);
-        j->K->bn_affine(j->out + c * j->HW, j->in + c * j->HW, j->N, stride, j->HW, a, b,
-                        j->relu);
+    const int G = bn_group(j->HW);
+    size_t lo, hi;
+    part_range((size_t)j->C, t, nt, &lo, &hi);
+    float a[BN_BLOCK], b[BN_BLOCK];
+    for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
+        const int nc = (int)hi - c0 < G ? (int)hi - c0 : G;
+        for (int k = 0; k < nc; k++) {
+            const int c = c0 + k;
+            const double scale =
+                (j->gamma ? j->gamma[c] : 1.0f) / sqrt((double)j->rvar_in[c] + j->eps);
+            a[k] = (float)scale;
+            b[k] = (float)((j->beta ? j->beta[c] : 0.0f) - j->mean_in[c] * scale);
+        }
+        bn_group_affine(j, c0, nc, a, b);
     }
 }
 
@@ -437,32 +697,27 @@ void batchnorm2d_fast_forward_eval(float *out, const float *in, const float *gam
     bn_job j = {.K = kernels(), .out = out, .in = in, .gamma = gamma, .beta = beta,
                 .mean_in = running_mean, .rvar_in = running_var, .N = N, .C = C, .HW = HW,
                 .relu = relu, .eps = eps};
-    int nt = threads_for((size_t)N * C * HW);
-    if (nt > C) nt = C;
-    cpu_parallel(bn_fwd_eval_task, &j, nt);
+    cpu_parallel(bn_fwd_eval_task, &j, bn_threads(N, C, HW));
 }
 
 static void bn_bwd_eval_task(void *ctx, int t, int nt) {
     const bn_job *j = ctx;
-    const fast_kernels *K = j->K;
-    const size_t stride = (size_t)j->C * j->HW;
-    size_t c0, c1;
-    part_range((size_t)j->C, t, nt, &c0, &c1);
-    for (size_t c = c0; c < c1; c++) {
-        const size_t off = c * j->HW;
-        const double invstd = 1.0 / sqrt((double)j->rvar_in[c] + j->eps);
-        const float mean = j->mean_in[c];
-        const float a = (float)(invstd * (j->gamma ? j->gamma[c] : 1.0f));
-        const float *fo = j->relu ? j->fout + off : NULL;
-        if (j->dgamma || j->dbeta) {
-            double sum_dy, sum_dy_xm;
-            K->bn_bwd_sums(&sum_dy, &sum_dy_xm, j->dout + off, fo, j->in + off, j->N, stride,
-                           j->HW, mean, j->relu);
-            if (j->dbeta) j->dbeta[c] += (float)sum_dy;
-            if (j->dgamma) j->dgamma[c] += (float)(sum_dy_xm * invstd);
+    const int G = bn_group(j->HW);
+    size_t lo, hi;
+    part_range((size_t)j->C, t, nt, &lo, &hi);
+    double sdy[BN_BLOCK], sdyxm[BN_BLOCK];
+    float a[BN_BLOCK];
+    for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
+        const int nc = (int)hi - c0 < G ? (int)hi - c0 : G;
+        if (j->dgamma || j->dbeta) bn_group_bwd_sums(sdy, sdyxm, j, c0, nc, j->mean_in + c0);
+        for (int k = 0; k < nc; k++) {
+            const int c = c0 + k;
+            const double invstd = 1.0 / sqrt((double)j->rvar_in[c] + j->eps);
+            if (j->dbeta) j->dbeta[c] += (float)sdy[k];
+            if (j->dgamma) j->dgamma[c] += (float)(sdyxm[k] * invstd);
+            a[k] = (float)(invstd * (j->gamma ? j->gamma[c] : 1.0f));
         }
-        if (j->din)
-            K->bn_bwd_apply_eval(j->din + off, j->dout + off, fo, j->N, stride, j->HW, a, j->relu);
+        if (j->din) bn_group_bwd_apply_eval(j, c0, nc, a);
     }
 }
 
@@ -474,9 +729,7 @@ void batchnorm2d_fast_backward_eval(float *din, float *dgamma, float *dbeta, con
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
                 .fout = out, .in = in, .gamma = gamma, .mean_in = running_mean,
                 .rvar_in = running_var, .N = N, .C = C, .HW = HW, .relu = relu, .eps = eps};
-    int nt = threads_for((size_t)N * C * HW);
-    if (nt > C) nt = C;
-    cpu_parallel(bn_bwd_eval_task, &j, nt);
+    cpu_parallel(bn_bwd_eval_task, &j, bn_threads(N, C, HW));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -556,12 +809,22 @@ typedef struct {
     const float *in;
     size_t planes;
     int H, W, OH, OW, k, s, pad;
+    const mp_table *table;  // NULL: the row kernel
 } pool_job;
 
 static void maxpool_fwd_task(void *ctx, int t, int nt) {
     const pool_job *j = ctx;
     size_t p0, p1;
     part_range(j->planes, t, nt, &p0, &p1);
+    if (j->table) {
+        // Whole blocks per thread: block boundaries do not change results, only speed.
+        const size_t B = (size_t)j->table->B, nblk = (j->planes + B - 1) / B;
+        part_range(nblk, t, nt, &p0, &p1);
+        p0 *= B;
+        p1 = p1 * B < j->planes ? p1 * B : j->planes;
+        if (p0 < p1) j->K->maxpool_table(j->out, j->arg, j->in, p0, p1, j->table);
+        return;
+    }
     j->K->maxpool(j->out, j->arg, j->in, p0, p1, j->H, j->W, j->OH, j->OW, j->k, j->s, j->pad);
 }
 
@@ -572,6 +835,9 @@ void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N,
                   .OH = pool_out_size(H, k, stride, pad, ceil_mode),
                   .OW = pool_out_size(W, k, stride, pad, ceil_mode), .k = k, .s = stride,
                   .pad = pad};
+    int32_t store[MP_TABLE_INTS];
+    mp_table table;
+    if (mp_table_build(&table, store, H, W, j.OH, j.OW, k, stride, pad)) j.table = &table;
     int nt = threads_for(j.planes * H * W);
     cpu_parallel(maxpool_fwd_task, &j, nt);
 }
