@@ -43,7 +43,8 @@ $(BUILD)/tests/%: tests/%.c $(BUILD)/libincept.a $(wildcard src/*/*.h)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libincept.a -o $@ $(LDLIBS)
 
 # Debian packages the build and the tests need; installed when missing (root), else named.
-DEBS := python3-torch python3-torchvision python3-numpy zlib1g-dev libstb-dev dataset-fashion-mnist
+DEBS := python3-torch python3-torchvision python3-numpy python3-pil zlib1g-dev libstb-dev \
+        dataset-fashion-mnist
 deps:
 	@tools/ensure-debs.sh $(DEBS)
 
@@ -52,3 +53,16 @@ test: deps all
 
 clean:
 	rm -rf build build-san incept
+
+# The README's main command: GoogLeNet on Fashion-MNIST with the default recipe into
+# runs/googlenet-fashion-mnist-<timestamp>/ (metrics.csv, curves.png, checkpoints, ...).
+# RUN_ARGS adds train options, e.g. RUN_ARGS="--epochs 20", or RUN_ARGS="--resume runs/DIR"
+# to continue an interrupted run.
+run: deps $(BIN)
+	./$(BIN) train googlenet --data fashion-mnist $(RUN_ARGS)
+
+# Side-by-side timing against PyTorch, onnxruntime, OpenVINO and ncnn (minutes; never part of
+# `make test`). Installs the peers from PyPI into $(BUILD)/bench-venv on first use.
+# BENCH_ARGS passes options through, e.g. BENCH_ARGS="--threads 1 --only gn-b1".
+bench: deps $(BIN)
+	$(PY) bench/compare.py --incept $(abspath $(BIN)) --build $(abspath $(BUILD)) $(BENCH_ARGS)
