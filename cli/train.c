@@ -199,7 +199,7 @@ int cmd_train(int argc, char **argv) {
         if (flag) { recipe_flag = a; n_recipe++; continue; }
         if (!v) return cli_usage("unknown option '%s' for 'train', or it needs a value", a);
         int recipe = 1;
-        if (!strcmp(a, "--data")) data = v;
+        if (!strcmp(a, "--data")) { data = v; recipe = 0; }   // checked against the run's
         else if (!strcmp(a, "--image-size")) rc = cli_int(a, v, 1, 4096, &cfg.image_size);
         else if (!strcmp(a, "--folder-size")) rc = cli_int(a, v, 8, 4096, &cfg.folder_size);
         else if (!strcmp(a, "--limit-train")) rc = cli_int(a, v, 1, 1 << 30, &cfg.limit_train);
@@ -301,8 +301,14 @@ int cmd_train(int argc, char **argv) {
     else rc = trainer_open(&t, &cfg, run_dir, init, command);
     free(command);
     if (rc) return cli_fail();
+    // `make run RUN_ARGS="--resume DIR"` repeats MODEL and --data: they must be the run's.
     if (resume && model_name && strcmp(model_name, t.cfg.model.name)) {
         fprintf(stderr, "incept: %s holds a %s run, not %s\n", resume, t.cfg.model.name, model_name);
+        trainer_close(&t);
+        return 1;
+    }
+    if (resume && data && strcmp(data, t.cfg.data)) {
+        fprintf(stderr, "incept: %s trains on --data %s, not %s\n", resume, t.cfg.data, data);
         trainer_close(&t);
         return 1;
     }

@@ -362,7 +362,7 @@ def test_resume_is_bit_exact():
         cmds = [l for l in f if l.startswith("command")]
     assert len(cmds) == 2 and "resumed" in cmds[1] and "--resume" in cmds[1]
     # resuming a finished run does nothing; --epochs extends it
-    out, _ = train(["googlenet", "--resume", two])
+    out, _ = train(["googlenet", "--data", "fashion-mnist", "--resume", two])   # as `make run` passes it
     assert "complete" in out
     # another seed: other shuffles, augmentation, dropout and init
     other = os.path.join(tmp, "other")
@@ -565,6 +565,8 @@ def test_bad_resume_and_run_dirs():
     assert before == {f: os.path.getmtime(os.path.join(d, f)) for f in os.listdir(d)}
     _, err = run(["train", "vgg11", "--resume", d], rc=1)
     one_error_line(err, d, "googlenet")
+    _, err = run(["train", "googlenet", "--data", "mnist", "--resume", d], rc=1)
+    one_error_line(err, d, "fashion-mnist", "mnist")
 
 
 def test_bad_predict_inputs():
