@@ -252,8 +252,15 @@ typedef struct {
     // input q + delta[c] of the block, so candidates come by (masked) contiguous loads.
     int same;
     const int32_t *delta;  // [KK]
+    // The window elements inside the input for at least one position, in window order (in a
+    // 1x1 plane only the centre of a 3x3 window): the others are skipped.
+    int n_act;
+    const int32_t *act;
 } mp_table;
 
+// Without branches on the data (a mispredicted branch per candidate would cost more than all
+// the rest): each candidate is read (the plane's first element stands in for one in the
+// padding) and the update is a select.
 AI void maxpool_table_body(float *out, int32_t *arg, const float *in, size_t p0, size_t p1,
                            const mp_table *T) {
     for (size_t p = p0; p < p1; p += (size_t)T->B) {
@@ -263,16 +270,60 @@ AI void maxpool_table_body(float *out, int32_t *arg, const float *in, size_t p0,
         float *ob = out + p * T->OHW;
         int32_t *ab = arg ? arg + p * T->OHW : NULL;
         for (int q = 0; q < Qn; q++) {
+            const float *xq = xb + T->poff[q];
             float m = -INFINITY;
             int32_t id = T->first[q];
-            for (int c = 0; c < T->KK; c++) {
-                const int32_t li = T->idx[(size_t)c * T->Q + q];
-                if (li < 0) continue;
-                const float v = xb[T->poff[q] + li];
-                if (v > m || isnan(v)) m = v, id = li;
+            for (int a = 0; a < T->n_act; a++) {
+                const int32_t li = T->idx[(size_t)T->act[a] * T->Q + q];
+                const int ok = li >= 0;
+                const float v = xq[ok ? li : 0];
+                // All ones where v replaces the maximum; integer blends, which gcc does not
+                // turn back into branches as it does float selects.
+                const uint32_t mask = -(uint32_t)(ok & ((v > m) | isnan(v)));
+                uint32_t vb, mb;
+                memcpy(&vb, &v, 4);
+                memcpy(&mb, &m, 4);
+                mb = (mb & ~mask) | (vb & mask);
+                memcpy(&m, &mb, 4);
+                id = (int32_t)(((uint32_t)id & ~mask) | ((uint32_t)li & mask));
             }
             ob[q] = m;
             if (ab) ab[q] = id;
+        }
+    }
+}
+
+__attribute__((target("avx2"))) static void maxpool_table_avx2(float *out, int32_t *arg,
+                                                              const float *in, size_t p0,
+                                                              size_t p1, const mp_table *T) {
+    const __m256i minus1 = _mm256_set1_epi32(-1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (size_t p = p0; p < p1; p += (size_t)T->B) {
+        const size_t nb = p1 - p < (size_t)T->B ? p1 - p : (size_t)T->B;
+        const int Qn = (int)nb * T->OHW;
+        const float *xb = in + p * T->HW;
+        float *ob = out + p * T->OHW;
+        int32_t *ab = arg ? arg + p * T->OHW : NULL;
+        for (int q = 0; q < Qn; q += 8) {
+            const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(Qn - q), lane);
+            const __m256i po = _mm256_loadu_si256((const __m256i *)(T->poff + q));
+            __m256 m = _mm256_set1_ps(-INFINITY);
+            __m256i id = _mm256_loadu_si256((const __m256i *)(T->first + q));
+            for (int a = 0; a < T->n_act; a++) {
+                const int c = T->act[a];
+                const __m256i li = _mm256_loadu_si256((const __m256i *)(T->idx + (size_t)c * T->Q + q));
+                const __m256i valid = _mm256_and_si256(lanes, _mm256_cmpgt_epi32(li, minus1));
+                const __m256 vm = _mm256_castsi256_ps(valid);
+                const __m256 v =
+                    T->same ? _mm256_maskload_ps(xb + q + T->delta[c], valid)
+                            : _mm256_mask_i32gather_ps(m, xb, _mm256_add_epi32(po, li), vm, 4);
+                const __m256 better = _mm256_and_ps(
+                    vm, _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+                m = _mm256_blendv_ps(m, v, better);
+                id = _mm256_castps_si256(
+                    _mm256_blendv_ps(_mm256_castsi256_ps(id), _mm256_castsi256_ps(li), better));
+            }
+            _mm256_maskstore_ps(ob + q, lanes, m);
+            if (ab) _mm256_maskstore_epi32(ab + q, lanes, id);
         }
     }
 }
@@ -294,7 +345,8 @@ __attribute__((target("avx512f"))) static void maxpool_table_avx512(float *out, 
             const __m512i po = _mm512_loadu_si512(T->poff + q);
             __m512 m = _mm512_set1_ps(-INFINITY);
             __m512i id = _mm512_loadu_si512(T->first + q);
-            for (int c = 0; c < T->KK; c++) {
+            for (int a = 0; a < T->n_act; a++) {
+                const int c = T->act[a];
                 const __m512i li = _mm512_loadu_si512(T->idx + (size_t)c * T->Q + q);
                 const __mmask16 valid = _mm512_mask_cmpge_epi32_mask(lanes, li, zero);
                 const __m512 v =
@@ -319,8 +371,9 @@ static int mp_table_build(mp_table *T, int32_t *store, int H, int W, int OH, int
     if (OW >= MP_TABLE_OW || OHW <= 0) return 0;
     const int B = OHW >= MP_BLOCK_OUT ? 1 : MP_BLOCK_OUT / OHW;
     const int Q = (B * OHW + 15) / 16 * 16, KK = k * k;
-    if ((size_t)(KK + 2) * Q + KK > MP_TABLE_INTS) return 0;
+    if ((size_t)(KK + 2) * Q + 2 * KK > MP_TABLE_INTS) return 0;
     int32_t *idx = store, *first = store + (size_t)KK * Q, *poff = first + Q, *delta = poff + Q;
+    int32_t *act = delta + KK;
     for (int c = 0; c < KK; c++) delta[c] = (c / k - pad) * W + (c % k - pad);
     for (int q = 0; q < Q; q++) {
         const int b = q / OHW, j = q % OHW, oh = j / OW, ow = j % OW;
@@ -333,7 +386,14 @@ static int mp_table_build(mp_table *T, int32_t *store, int H, int W, int OH, int
             if (in && first[q] < 0) first[q] = h * W + w;
         }
     }
-    *T = (mp_table){B, Q, KK, H * W, OHW, idx, first, poff, s == 1 && OH == H && OW == W, delta};
+    int n_act = 0;
+    for (int c = 0; c < KK; c++) {
+        int any = 0;
+        for (int q = 0; q < Q; q++) any |= idx[(size_t)c * Q + q] >= 0;
+        if (any) act[n_act++] = c;
+    }
+    *T = (mp_table){B,     Q,   KK, H * W, OHW, idx, first, poff, s == 1 && OH == H && OW == W,
+                    delta, n_act, act};
     return 1;
 }
 
@@ -420,14 +480,9 @@ typedef struct {
         maxpool_table_##SFX,                                                                     \
     };
 
-// The table kernel: AVX-512 has its own (gathers); the others use the plain loop.
+// The table kernel: AVX-512 and AVX2 have their own (masked loads and gathers).
 static void maxpool_table_scalar(float *out, int32_t *arg, const float *in, size_t p0, size_t p1,
                                  const mp_table *T) {
-    maxpool_table_body(out, arg, in, p0, p1, T);
-}
-__attribute__((target("avx2"))) static void maxpool_table_avx2(float *out, int32_t *arg,
-                                                              const float *in, size_t p0,
-                                                              size_t p1, const mp_table *T) {
     maxpool_table_body(out, arg, in, p0, p1, T);
 }
 
@@ -851,8 +906,10 @@ static void maxpool_bwd_task(void *ctx, int t, int nt) {
         float *dx = j->out + p * ip;
         const float *g = j->in + p * op;
         const int32_t *a = j->carg + p * op;
+        // The unsigned compare also skips -1 (an all-padding window) and keeps a stale or
+        // corrupt index from writing outside the plane.
         for (size_t i = 0; i < op; i++)
-            if (a[i] >= 0) dx[a[i]] += g[i];
+            if ((uint32_t)a[i] < (uint32_t)ip) dx[a[i]] += g[i];
     }
 }
 
