@@ -3,14 +3,17 @@
 // Each kernel is written once as a plain loop (an always-inline "body") and compiled three
 // times, for AVX-512F, AVX2 and baseline x86-64; cpu_isa() picks the copy. The arithmetic is
 // the same in every copy (ISO C mode: no FMA contraction; no reassociation without
-// -ffast-math), so every ISA level gives the same bits. Double-precision sums use 8 explicit
-// interleaved partial sums, a fixed order the compiler can vectorise without changing it.
+// -ffast-math), so every ISA level gives the same bits. Batchnorm's double sums keep one
+// partial sum per position of a row (summed over the batch in order, then over the positions
+// in order): a fixed order that vectorises across positions. The max pool on narrow outputs
+// has hand-written AVX-512 / AVX2 kernels (masked loads, gathers) with the same update rule.
 //
 // Threads split the work by channels (batchnorm: one channel's reduction is done by one
 // thread) or by planes / element ranges, never by anything that changes an order of additions.
 #include "ops/fast_ops.h"
 #include "ops/cpu.h"
 #include "ops/ops.h"
+#include <immintrin.h>
 #include <math.h>
 #include <string.h>
 
@@ -238,8 +241,6 @@ AI void maxpool_planes_body(float *out, int32_t *arg, const float *in, size_t p0
 
 enum { MP_TABLE_OW = 32, MP_TABLE_INTS = 16384, MP_BLOCK_OUT = 256 };
 
-#include <immintrin.h>
-
 typedef struct {
     int B;              // planes per block
     int Q;              // table row length: B*OH*OW rounded up to 16
@@ -257,6 +258,12 @@ typedef struct {
     int n_act;
     const int32_t *act;
 } mp_table;
+
+// p + d for a masked load: lanes outside the plane are masked off (never read), but the
+// address itself may lie before the buffer, which plain pointer arithmetic may not produce.
+static inline const float *shifted(const float *p, int32_t d) {
+    return (const float *)((uintptr_t)p + (uintptr_t)((intptr_t)d * (intptr_t)sizeof(float)));
+}
 
 // Without branches on the data (a mispredicted branch per candidate would cost more than all
 // the rest): each candidate is read (the plane's first element stands in for one in the
@@ -314,7 +321,7 @@ __attribute__((target("avx2"))) static void maxpool_table_avx2(float *out, int32
                 const __m256i valid = _mm256_and_si256(lanes, _mm256_cmpgt_epi32(li, minus1));
                 const __m256 vm = _mm256_castsi256_ps(valid);
                 const __m256 v =
-                    T->same ? _mm256_maskload_ps(xb + q + T->delta[c], valid)
+                    T->same ? _mm256_maskload_ps(shifted(xb + q, T->delta[c]), valid)
                             : _mm256_mask_i32gather_ps(m, xb, _mm256_add_epi32(po, li), vm, 4);
                 const __m256 better = _mm256_and_ps(
                     vm, _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
@@ -350,7 +357,7 @@ __attribute__((target("avx512f"))) static void maxpool_table_avx512(float *out, 
                 const __m512i li = _mm512_loadu_si512(T->idx + (size_t)c * T->Q + q);
                 const __mmask16 valid = _mm512_mask_cmpge_epi32_mask(lanes, li, zero);
                 const __m512 v =
-                    T->same ? _mm512_mask_loadu_ps(m, valid, xb + q + T->delta[c])
+                    T->same ? _mm512_mask_loadu_ps(m, valid, shifted(xb + q, T->delta[c]))
                             : _mm512_mask_i32gather_ps(m, valid, _mm512_add_epi32(po, li), xb, 4);
                 const __mmask16 better = _mm512_mask_cmp_ps_mask(valid, v, m, _CMP_GT_OQ) |
                                          _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
