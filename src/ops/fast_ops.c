@@ -680,6 +680,9 @@ static void bn_fwd_train_task(void *ctx, int t, int nt) {
     }
 }
 
+// Empty tensors: nothing to do (and no HW to divide by).
+static int bn_empty(int N, int C, int HW) { return N <= 0 || C <= 0 || HW <= 0; }
+
 static int bn_threads(int N, int C, int HW) {
     int nt = threads_for((size_t)N * C * HW);
     return nt > C ? C : nt;
@@ -689,6 +692,7 @@ void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_in
                                     float *running_mean, float *running_var,
                                     const float *in, const float *gamma, const float *beta,
                                     int N, int C, int HW, float eps, float momentum, int relu) {
+    if (bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .out = out, .save_mean = save_mean, .save_invstd = save_invstd,
                 .running_mean = running_mean, .running_var = running_var, .in = in,
                 .gamma = gamma, .beta = beta, .N = N, .C = C, .HW = HW, .relu = relu,
@@ -726,7 +730,7 @@ void batchnorm2d_fast_backward_train(float *din, float *dgamma, float *dbeta, co
                                      const float *out, const float *in, const float *gamma,
                                      const float *save_mean, const float *save_invstd,
                                      int N, int C, int HW, int relu) {
-    if (!din && !dgamma && !dbeta) return;
+    if ((!din && !dgamma && !dbeta) || bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
                 .fout = out, .in = in, .gamma = gamma, .mean_in = save_mean,
                 .invstd_in = save_invstd, .N = N, .C = C, .HW = HW, .relu = relu};
@@ -756,6 +760,7 @@ void batchnorm2d_fast_forward_eval(float *out, const float *in, const float *gam
                                    const float *beta, const float *running_mean,
                                    const float *running_var, int N, int C, int HW, float eps,
                                    int relu) {
+    if (bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .out = out, .in = in, .gamma = gamma, .beta = beta,
                 .mean_in = running_mean, .rvar_in = running_var, .N = N, .C = C, .HW = HW,
                 .relu = relu, .eps = eps};
@@ -787,7 +792,7 @@ void batchnorm2d_fast_backward_eval(float *din, float *dgamma, float *dbeta, con
                                     const float *out, const float *in, const float *gamma,
                                     const float *running_mean, const float *running_var,
                                     int N, int C, int HW, float eps, int relu) {
-    if (!din && !dgamma && !dbeta) return;
+    if ((!din && !dgamma && !dbeta) || bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
                 .fout = out, .in = in, .gamma = gamma, .mean_in = running_mean,
                 .rvar_in = running_var, .N = N, .C = C, .HW = HW, .relu = relu, .eps = eps};
