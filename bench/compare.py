@@ -2,6 +2,7 @@
 """`make bench`: incept against PyTorch, onnxruntime, OpenVINO and ncnn, side by side.
 
 usage: bench/compare.py [--incept ./incept] [--build build] [--threads 2] [--only KEY ...]
+                        [--omp-default]
 
 1. Peers. PyTorch is Debian's torch 1.13 (/usr/bin/python3, the project's reference oracle).
    onnxruntime, openvino, ncnn, pnnx (which brings PyPI's current torch, also timed, as
@@ -16,7 +17,10 @@ usage: bench/compare.py [--incept ./incept] [--build build] [--threads 2] [--onl
    all engines round-robin, rotating the order every repetition, >= 5 repetitions of K runs
    each after warm-up; a repetition's value is the median of its K runs and each engine's
    figure the median over repetitions. incept runs as `incept bench ... --iters K` (2 warm-up
-   runs of its own every time).
+   runs of its own every time), from a copy of the binary taken at the start.
+   The OpenMP peers (PyTorch, ncnn) run with OMP_WAIT_POLICY=PASSIVE unless --omp-default:
+   with spinning OpenMP barriers, Debian's torch gets 4-5x slower as soon as anything else
+   wants a core of this 2-core machine (incept's pool waits only briefly before sleeping).
 4. Prints one row per workload (each median and incept's ratio to each peer), the peak-RSS rows,
    the issue's targets one by one and `targets met: K/N` last. The table also goes to
    BUILD/bench-work/results.md and everything measured to BUILD/bench-work/results.json;
@@ -264,10 +268,12 @@ def file_sha(path):
 class Peer:
     """A bench/peer.py process; every request has a deadline."""
 
-    def __init__(self, name, cmd, logpath, timeout=900):
+    def __init__(self, name, cmd, logpath, omp_passive, timeout=900):
         self.name, self.timeout = name, timeout
         self.logf = open(logpath, "w")
         env = dict(os.environ, OMP_NUM_THREADS=cmd[cmd.index("--threads") + 1])
+        if omp_passive:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=self.logf, text=True, env=env)
         self.sel = selectors.DefaultSelector()
@@ -396,7 +402,8 @@ def workload_run(a, w, art, venv_py, res):
         if why:
             res[name] = f"n/a: {why}"
             continue
-        p = Peer(name, cmd, os.path.join(a.logdir, f"peer-{w['key']}-{name}.log"))
+        p = Peer(name, cmd, os.path.join(a.logdir, f"peer-{w['key']}-{name}.log"),
+                 not a.omp_default)
         try:
             hello = p.read()
         except (RuntimeError, ValueError) as e:
@@ -599,7 +606,8 @@ def report(a, results, meta):
                if isinstance(r := res.get(n), dict) and r.get("check_diff") is not None]
         if res.get("incept-check") is not None:
             chk.insert(0, f"incept {res['incept-check']:.1e}")
-        print(f"{w['key']}: CPU s per wall s: {', '.join(cpu)}"
+        load = "-".join(f"{v:.1f}" for v in res.get("loadavg", []))
+        print(f"{w['key']}: load average {load}; CPU s per wall s: {', '.join(cpu)}"
               + (f"; outputs vs PyTorch (max rel diff): {', '.join(chk)}" if chk else ""))
     print(f"! = outputs differ from PyTorch's by more than {CHECK_TOL:g} (relative)")
     print("versions: " + ", ".join(meta["versions"]))
@@ -622,12 +630,18 @@ def main():
     ap.add_argument("--incept", default=os.path.join(ROOT, "incept"))
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--omp-default", action="store_true",
+                    help="leave OpenMP's wait policy at its default (spinning) for the peers")
     ap.add_argument("--only", nargs="*", default=[], help="only these workloads: " + " ".join(w["key"] for w in WORKLOADS))
     a = ap.parse_args()
-    a.incept = os.path.abspath(a.incept)
     a.work = os.path.join(os.path.abspath(a.build), "bench-work")
     a.logdir = os.path.join(a.work, "logs")
     os.makedirs(a.logdir, exist_ok=True)
+    # One binary for the whole run, safe from a rebuild of ./incept while the bench runs.
+    snapshot = os.path.join(a.work, "incept")
+    shutil.copy2(os.path.abspath(a.incept), snapshot + ".new")
+    os.replace(snapshot + ".new", snapshot)
+    a.incept = snapshot
     t0 = time.time()
     pkg, venv_py = venv_setup(os.path.join(os.path.abspath(a.build), "bench-venv"), a.logdir)
     for p, why in pkg.items():
@@ -639,10 +653,13 @@ def main():
         if a.only and w["key"] not in a.only:
             continue
         results[w["key"]] = {}
+        load0 = os.getloadavg()[0]
         workload_run(a, w, art, venv_py, results[w["key"]])
+        results[w["key"]]["loadavg"] = [load0, os.getloadavg()[0]]
     versions = sorted({r["version"] for res in results.values() for r in res.values()
                        if isinstance(r, dict) and "version" in r})
     meta = {"threads": a.threads, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "omp_wait_policy": "default" if a.omp_default else "PASSIVE",
             "seconds": round(time.time() - t0), "versions": versions}
     report(a, results, meta)
     log(f"bench: {time.time() - t0:.0f} s in all")

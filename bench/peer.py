@@ -63,7 +63,8 @@ class TorchPeer:
         out = self.m(self.x)
         ce = torch.nn.functional.cross_entropy
         if self.aux:
-            loss = ce(out.logits, self.y) + 0.3 * (ce(out.aux1, self.y) + ce(out.aux2, self.y))
+            loss = ce(out.logits, self.y) + 0.3 * (ce(out.aux_logits1, self.y)
+                                                   + ce(out.aux_logits2, self.y))
         else:
             loss = ce(out, self.y)
         loss.backward()
