@@ -143,7 +143,7 @@ int model_forward(model *m, const float *x, int training) {
             if (ref)
                 maxpool2d_forward(out, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
             else
-                maxpool2d_fast_forward(out, training ? m->argmax + n->argmax : NULL, in, N, C, H, W,
+                maxpool2d_fast_forward(out, m->argmax + n->argmax, in, N, C, H, W,
                                        n->k, n->stride, n->pad, n->ceil_mode);
             break;
         case OP_AVGPOOL:
@@ -196,7 +196,8 @@ void model_backward(model *m, int training) {
         if (!m->dact) abort();    // sized like the activations, which did fit
     }
     for (int i = 0; i < m->n_nodes; i++) {
-        if (is_output(m, i)) continue;
+        // Outputs hold the caller's gradients; a fused BN's own slot is never used.
+        if (is_output(m, i) || (!ref && m->nodes[i].fused_relu)) continue;
         size_t cnt = (size_t)N * numel(&m->nodes[i]);
         if (ref) memset(m->dact + m->nodes[i].act, 0, cnt * sizeof(float));
         else tensor_fast_zero(m->dact + m->nodes[i].act, cnt);

@@ -100,7 +100,7 @@ int  model_prepare(model *m, int N);
 int  model_forward(model *m, const float *x, int training);
 float *model_out(const model *m, int node);     // a node's output for the current batch
 float *model_dout(const model *m, int node);    // its gradient
-// Backward through the nodes that ran in the last forward: expects the output gradients in
+// Backward through the nodes that ran in the last forward (same training flag): expects the output gradients in
 // model_dout(logits/aux1/aux2); zeroes all other activation gradients first; parameter
 // gradients ACCUMULATE into m->grads.
 void model_backward(model *m, int training);
