@@ -134,7 +134,8 @@ def venv_setup(venv, logdir):
         log(f"bench: creating {venv} with {base} -m venv")
         r = subprocess.run([base, "-m", "venv", venv], capture_output=True, text=True)
         if r.returncode:
-            why = f"venv: {last_error_line(r.stderr)}"
+            why = (f"{base} -m venv failed (exit {r.returncode}): "
+                   f"{last_error_line(r.stderr + r.stdout, 'no message')}")
             return {p: why for p in PIP_PKGS}, py
     for pkg in PIP_PKGS:
         stamp = os.path.join(venv, f".installed-{pkg}")
