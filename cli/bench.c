@@ -25,16 +25,18 @@ static int cmp_double(const void *a, const void *b) {
 int cmd_bench(int argc, char **argv) {
     model_config cfg;
     int rc = cli_model_name(&cfg, argc, argv), batch = 1, train = 0, threads = 0, iters = 10;
+    const char *weights = NULL;   // default: model_init(seed 1), as `incept init --seed 1`
     if (rc) return rc;
     for (int i = 3; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if ((rc = cli_model_option(&cfg, argc, argv, &i, NULL)) == 1) continue;
+        if ((rc = cli_model_option(&cfg, argc, argv, &i, NULL)) == 1) { rc = 0; continue; }
         if (rc) return rc;
         if (!strcmp(a, "--train")) { train = 1; continue; }
         if (!v) return cli_usage("unknown option '%s' for 'bench', or it needs a value", a);
         if (!strcmp(a, "--batch")) rc = cli_int(a, v, 1, 1 << 16, &batch);
         else if (!strcmp(a, "--threads")) rc = cli_int(a, v, 1, 256, &threads);
         else if (!strcmp(a, "--iters")) rc = cli_int(a, v, 1, 100000, &iters);
+        else if (!strcmp(a, "--weights")) weights = v;
         else if (!strcmp(a, "--input")) {
             char tail;
             if (sscanf(v, "%dx%dx%d%c", &cfg.in_channels, &cfg.H, &cfg.W, &tail) != 3 ||
@@ -50,7 +52,10 @@ int cmd_bench(int argc, char **argv) {
     model m;
     if (model_build(&m, &cfg)) return cli_fail();
     model_init(&m, 1);
-    if (model_prepare(&m, batch)) { model_free(&m); return cli_fail(); }
+    if ((weights && model_load(&m, weights, NULL)) || model_prepare(&m, batch)) {
+        model_free(&m);
+        return cli_fail();
+    }
     size_t nx = (size_t)batch * cfg.in_channels * cfg.H * cfg.W;
     float *x = malloc(nx * sizeof *x);
     int64_t *y = malloc((size_t)batch * sizeof *y);

@@ -469,3 +469,15 @@ def test_reference_googlenet_paper_and_vgg():
     with reference_kernels():
         test_googlenet_paper_no_aux_small()
         test_vgg11_bn()
+
+
+def test_bench_verb():
+    out, _ = run(["bench", "googlenet", "--input", "3x32x32", "--iters", "1", "--train", "--batch", "2", "--no-aux"])
+    assert "training step batch 2" in out and "img/s" in out and "% of the measured FMA peak" in out, out
+    d = tmpdir()
+    run(["init", "vgg11", "--num-classes", "10", "--output", f"{d}/w.safetensors"])
+    out, _ = run(["bench", "vgg11", "--weights", f"{d}/w.safetensors", "--input", "3x32x32", "--iters", "1", "--num-classes", "10"])
+    assert "vgg11 inference batch 1" in out, out
+    _, err = run(["bench", "vgg11", "--weights", f"{d}/w.safetensors", "--iters", "1"], rc=1)
+    assert "classifier.6.weight" in err, err
+    run(["bench", "googlenet", "--batch", "0"], rc=2)
