@@ -11,6 +11,13 @@ static int out_size(int H, int k, int stride, int pad) {
 // W'[c][o][dy][dx] = W[o][c][k-1-dy][k-1-dx]; this needs k-1-pad >= 0.
 static int din_as_conv(int k, int stride, int pad) { return stride == 1 && pad <= k - 1; }
 
+// A 1x1 image with a 1x1 output (e.g. a 3x3 pad-1 conv at the end of GoogLeNet on small
+// inputs) meets only the tap dy = dx = pad: the others read padding. Its gradients are then
+// plain matrix products with that tap's weights, 1/(k*k) of the im2col work.
+static int single_tap(int H, int W, int k, int stride, int pad) {
+    return H == 1 && W == 1 && pad < k && out_size(1, k, stride, pad) == 1;
+}
+
 static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
 size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int stride, int pad) {
@@ -25,6 +32,12 @@ size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int 
     else
         din = round16((size_t)ckk * ohw) + gemm_workspace_size(ckk, ohw, K);
     size_t s = fwd > dw ? fwd : dw;
+    if (single_tap(H, W, k, stride, pad)) {  // backward's shortcut (conv2d_fast_backward)
+        size_t dw1 = round16((size_t)K * C) + gemm_workspace_size(K, C, N);
+        size_t din1 = gemm_workspace_size(N, C, K);
+        if (dw1 > s) s = dw1;
+        if (din1 > s) s = din1;
+    }
     return s > din ? s : din;
 }
 
@@ -128,6 +141,27 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
     int ckk = C * k * k, ohw = OH * OW;
 
     if (db) bias_grad(db, dout, N, K, ohw);
+
+    if (k > 1 && single_tap(H, W, k, stride, pad)) {  // dout [N x K], in [N x C]
+        int kk = k * k, t = pad * k + pad;
+        if (dw) {  // tmp[K x C] = dout^T * in, then dW[o][c][t] += tmp[o][c]
+            float *tmp = ws;
+            gemm_operand a = {.kind = GEMM_DENSE, .p = dout, .rs = 1, .cs = K};
+            gemm_operand bm = {.kind = GEMM_DENSE, .p = in, .rs = C, .cs = 1};
+            gemm_output c = {.p = tmp, .ldc = C};
+            gemm_ex(&c, &a, &bm, NULL, K, C, N, 0, ws + round16((size_t)K * C));
+            for (int o = 0; o < K; o++)
+                for (int ch = 0; ch < C; ch++)
+                    dw[((size_t)o * C + ch) * kk + t] += tmp[(size_t)o * C + ch];
+        }
+        if (din) {  // din[N x C] += dout * W[:, :, tap]
+            gemm_operand a = {.kind = GEMM_DENSE, .p = dout, .rs = K, .cs = 1};
+            gemm_operand bm = {.kind = GEMM_DENSE, .p = w + t, .rs = (ptrdiff_t)C * kk, .cs = kk};
+            gemm_output c = {.p = din, .ldc = C};
+            gemm_ex(&c, &a, &bm, NULL, N, C, K, GEMM_ACCUMULATE, ws);
+        }
+        return;
+    }
 
     if (dw) {  // dW[K x ckk] += dout[K x (N*ohw)] * im2col(in)^T
         gemm_operand a = batch_cols(dout, K, ohw);
