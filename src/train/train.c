@@ -30,7 +30,7 @@ int train_config_default(train_config *cfg, const char *model_name) {
     memset(cfg, 0, sizeof *cfg);
     if (model_config_init(&cfg->model, model_name)) return -1;
     cfg->augment = 1;
-    cfg->epochs = 10;
+    cfg->epochs = 15;
     cfg->batch_size = 128;
     cfg->label_smoothing = 0.1f;
     optim_config_default(&cfg->optim, OPT_SGD);
