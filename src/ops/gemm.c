@@ -450,12 +450,119 @@ static void pack_b_im2col_t(float *dst, const gemm_operand *b, int k0, int kc, i
     pack_b_pad(dst, kc, nc, NR);
 }
 
+// ---- im2col of small images (AVX-512) ----
+// With short output rows (GoogLeNet's 8x8 ... 1x1 maps on small inputs) the runs above are a
+// few pixels long and their bookkeeping costs more than the copying. Instead, for 16
+// consecutive pixels at a time, a table gives each pixel's input offset and validity for
+// every tap (dy, dx); one masked gather then fills 16 entries of an im2col row per channel.
+enum { SMALL_OW_MAX = 8, SMALL_TAPS_MAX = 25 };
+
+typedef struct {
+    __m512i off[SMALL_TAPS_MAX];     // offset of tap t from the channel-0 plane of image img0
+    __mmask16 ok[SMALL_TAPS_MAX];    // lanes inside the image (and among the n pixels)
+} tap_table;
+
+// Whether the small-image packing applies to `o` for pixels [j, j + n) (offsets fit int32).
+static int im2col_small_ok(const gemm_operand *o, int j, int n) {
+    if (o->OW > SMALL_OW_MAX || o->k * o->k > SMALL_TAPS_MAX) return 0;
+    if (o->k == 1 && o->stride == 1 && o->pad == 0) return 0;  // pointwise: long runs already
+    int ohw = o->OH * o->OW;
+    size_t imgs = (size_t)((j + n - 1) / ohw - j / ohw + 1);
+    return imgs * (size_t)o->C * o->H * o->W < (size_t)INT32_MAX / 2;
+}
+
+// The table of pixels j..j+n-1 (n <= 16), offsets relative to image img0.
+static AVX512 void tap_table_fill(tap_table *t, const gemm_operand *o, int j, int n, int img0) {
+    int ohw = o->OH * o->OW, chw = o->C * o->H * o->W;
+    int base[16], y0[16], x0[16];
+    for (int l = 0; l < 16; l++) {
+        int p = j + (l < n ? l : 0), r = p % ohw;
+        y0[l] = r / o->OW * o->stride - o->pad;
+        x0[l] = r % o->OW * o->stride - o->pad;
+        base[l] = (p / ohw - img0) * chw + y0[l] * o->W + x0[l];
+    }
+    __m512i vb = _mm512_loadu_si512(base), vy = _mm512_loadu_si512(y0);
+    __m512i vx = _mm512_loadu_si512(x0);
+    __mmask16 lanes = (__mmask16)((1u << n) - 1);
+    for (int dy = 0, tap = 0; dy < o->k; dy++) {
+        __m512i y = _mm512_add_epi32(vy, _mm512_set1_epi32(dy));
+        __mmask16 oky = _mm512_mask_cmpge_epi32_mask(lanes, y, _mm512_setzero_si512()) &
+                        _mm512_cmplt_epi32_mask(y, _mm512_set1_epi32(o->H));
+        for (int dx = 0; dx < o->k; dx++, tap++) {
+            __m512i x = _mm512_add_epi32(vx, _mm512_set1_epi32(dx));
+            t->ok[tap] = _mm512_mask_cmpge_epi32_mask(oky, x, _mm512_setzero_si512()) &
+                         _mm512_cmplt_epi32_mask(x, _mm512_set1_epi32(o->W));
+            t->off[tap] = _mm512_add_epi32(vb, _mm512_set1_epi32(dy * o->W + dx));
+        }
+    }
+}
+
+// pack_b_im2col for small images: rows q = k0.. (channel, tap), 16 columns at a time.
+static AVX512 void pack_b_im2col_small(float *dst, const gemm_operand *b, int k0, int kc, int j0,
+                                       int nc, int NR) {
+    int kk = b->k * b->k, ohw = b->OH * b->OW, img0 = j0 / ohw;
+    size_t plane = (size_t)b->H * b->W;
+    const float *from = b->p + (size_t)img0 * b->C * plane;
+    tap_table t;
+    for (int g = 0; g < nc; g += 16) {  // NR is a multiple of 16: a group stays in one sliver
+        tap_table_fill(&t, b, j0 + g, nc - g < 16 ? nc - g : 16, img0);
+        float *d = bp_at(dst, kc, NR, 0, g);
+        int tap = k0 % kk;
+        const float *src = from + (size_t)(k0 / kk) * plane;
+        for (int r = 0; r < kc; r++, d += NR) {
+            _mm512_storeu_ps(d, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), t.ok[tap],
+                                                          t.off[tap], src, 4));
+            if (++tap == kk) tap = 0, src += plane;
+        }
+    }
+    pack_b_pad(dst, kc, nc, NR);
+}
+
+// pack_b_im2col_t for small images: 16 pixel rows at a time, 16 columns q gathered into a
+// 16 x 16 tile and transposed into the sliver.
+static AVX512 void pack_b_im2col_t_small(float *dst, const gemm_operand *b, int k0, int kc,
+                                         int j0, int nc, int NR) {
+    int kk = b->k * b->k, ohw = b->OH * b->OW, img0 = k0 / ohw;
+    size_t plane = (size_t)b->H * b->W;
+    const float *from = b->p + (size_t)img0 * b->C * plane;
+    tap_table t;
+    float tile[16 * 16];
+    for (int g = 0; g < kc; g += 16) {
+        int n = kc - g < 16 ? kc - g : 16;
+        tap_table_fill(&t, b, k0 + g, n, img0);
+        int tap = j0 % kk;
+        const float *src = from + (size_t)(j0 / kk) * plane;
+        for (int jc = 0; jc < nc; jc += 16) {
+            for (int c = 0; c < 16; c++) {
+                __m512 v = _mm512_setzero_ps();
+                if (jc + c < nc) {
+                    v = _mm512_mask_i32gather_ps(v, t.ok[tap], t.off[tap], src, 4);
+                    if (++tap == kk) tap = 0, src += plane;
+                }
+                _mm512_storeu_ps(tile + c * 16, v);
+            }
+            gemm_transpose16_avx512(bp_at(dst, kc, NR, g, jc), NR, tile, 16, n);
+        }
+    }
+    pack_b_pad(dst, kc, nc, NR);
+}
+
 static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
                    const gemm_config *cfg) {
     switch (b->kind) {
     case GEMM_DENSE: pack_b_dense(dst, b, k0, kc, j0, nc, cfg); break;
-    case GEMM_IM2COL: pack_b_im2col(dst, b, k0, kc, j0, nc, cfg); break;
-    case GEMM_IM2COL_T: pack_b_im2col_t(dst, b, k0, kc, j0, nc, cfg); break;
+    case GEMM_IM2COL:
+        if (cfg->kernel == gemm_kernel_avx512 && im2col_small_ok(b, j0, nc))
+            pack_b_im2col_small(dst, b, k0, kc, j0, nc, cfg->NR);
+        else
+            pack_b_im2col(dst, b, k0, kc, j0, nc, cfg);
+        break;
+    case GEMM_IM2COL_T:
+        if (cfg->kernel == gemm_kernel_avx512 && im2col_small_ok(b, k0, kc))
+            pack_b_im2col_t_small(dst, b, k0, kc, j0, nc, cfg->NR);
+        else
+            pack_b_im2col_t(dst, b, k0, kc, j0, nc, cfg);
+        break;
     case GEMM_PACKED: break;  // A only (gemm.h)
     }
 }
