@@ -587,6 +587,38 @@ static size_t bp_floats(const gemm_config *cfg, int N, int kcb);
 
 static float *align64(float *p) { return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
+// A tile over many small folds (e.g. 2x2 images: 12 in a tile of 48 columns): its columns are
+// gathered from and scattered to C with one index vector per 16 columns, not a copy per run.
+// base: C(i, j) of the tile's first column, r = j % fold.
+static AVX512 void tile_folded_avx512(const gemm_job *g, int kc, const float *a, const float *b,
+                                      float *base, int r, int mr, int nr,
+                                      const gemm_epilogue *e) {
+    const gemm_output *c = g->c;
+    int col[NR_MAX];  // offset of column jj from base
+    for (int jj = 0; jj < nr; jj++)
+        col[jj] = (int)((r + jj) / c->fold * c->fold_stride + (r + jj) % c->fold - r);
+    float tmp[MR_MAX * NR_MAX];
+    int NR = g->cfg->NR, nv = ceil_div(nr, 16);
+    __m512i idx[NR_MAX / 16];
+    __mmask16 m[NR_MAX / 16];
+    for (int v = 0; v < nv; v++) {
+        int n = nr - 16 * v;
+        m[v] = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+        idx[v] = _mm512_maskz_loadu_epi32(m[v], col + 16 * v);
+    }
+    if (e->load_c)
+        for (int ii = 0; ii < mr; ii++)
+            for (int v = 0; v < nv; v++)
+                _mm512_storeu_ps(tmp + ii * NR + 16 * v,
+                                 _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m[v], idx[v],
+                                                          base + (ptrdiff_t)ii * c->ldc, 4));
+    g->cfg->kernel(kc, a, b, tmp, NR, mr, nr, e);
+    for (int ii = 0; ii < mr; ii++)
+        for (int v = 0; v < nv; v++)
+            _mm512_mask_i32scatter_ps(base + (ptrdiff_t)ii * c->ldc, m[v], idx[v],
+                                      _mm512_maskz_loadu_ps(m[v], tmp + ii * NR + 16 * v), 4);
+}
+
 // One MR x NR tile of C at (i, j). A tile whose columns cross a fold (a batch boundary) is
 // computed in a contiguous scratch tile and copied in and out one contiguous run at a time.
 static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, int i, int j,
@@ -600,6 +632,11 @@ static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, 
     float *base = c->p + (ptrdiff_t)f * c->fold_stride + (ptrdiff_t)i * c->ldc + r;
     if (r + nr <= c->fold) {
         g->cfg->kernel(kc, a, b, base, c->ldc, mr, nr, e);
+        return;
+    }
+    if (g->cfg->kernel == gemm_kernel_avx512 && c->fold < 16 &&
+        (size_t)(nr / c->fold + 2) * (size_t)c->fold_stride < (size_t)INT32_MAX / 2) {
+        tile_folded_avx512(g, kc, a, b, base, r, mr, nr, e);
         return;
     }
     enum { MAX_RUNS = NR_MAX + 1 };
