@@ -509,6 +509,35 @@ static AVX512 void pack_b_im2col_small(float *dst, const gemm_operand *b, int k0
         float *d = bp_at(dst, kc, NR, 0, g);
         int tap = k0 % kk;
         const float *src = from + (size_t)(k0 / kk) * plane;
+        // The offsets in use of all taps within 32 floats (16 pixels of one image, e.g. 4x4
+        // or two rows of 8x8): load them once per channel and permute instead of gathering.
+        int lo = INT32_MAX, hi = -1;
+        for (int q = 0; q < kk; q++) {
+            if (!t.ok[q]) continue;
+            __m512i big = _mm512_set1_epi32(INT32_MAX), none = _mm512_set1_epi32(-1);
+            int a = _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(big, t.ok[q], t.off[q]));
+            int z = _mm512_reduce_max_epi32(_mm512_mask_mov_epi32(none, t.ok[q], t.off[q]));
+            if (a < lo) lo = a;
+            if (z > hi) hi = z;
+        }
+        if (hi >= 0 && hi - lo < 32) {
+            int span = hi - lo + 1;
+            __mmask16 m0 = span >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << span) - 1);
+            __mmask16 m1 = span > 16 ? (__mmask16)((1u << (span - 16)) - 1) : 0;
+            __m512i idx[SMALL_TAPS_MAX];
+            for (int q = 0; q < kk; q++)
+                idx[q] = _mm512_sub_epi32(t.off[q], _mm512_set1_epi32(lo));
+            src += lo;
+            __m512 w0 = _mm512_maskz_loadu_ps(m0, src), w1 = _mm512_maskz_loadu_ps(m1, src + 16);
+            for (int r = 0; r < kc; r++, d += NR) {
+                _mm512_storeu_ps(d, _mm512_maskz_permutex2var_ps(t.ok[tap], w0, idx[tap], w1));
+                if (++tap == kk && r + 1 < kc) {
+                    tap = 0, src += plane;
+                    w0 = _mm512_maskz_loadu_ps(m0, src), w1 = _mm512_maskz_loadu_ps(m1, src + 16);
+                }
+            }
+            continue;
+        }
         for (int r = 0; r < kc; r++, d += NR) {
             _mm512_storeu_ps(d, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), t.ok[tap],
                                                           t.off[tap], src, 4));
