@@ -181,7 +181,7 @@ int cmd_train(int argc, char **argv) {
     int epochs = 0, stop_after = 0, no_nesterov = 0, decay_bn_bias = 0, amsgrad = 0;
     int warmup = -1, step_size = -1, n_recipe = 0, rc = 0;
     const char *recipe_flag = NULL;   // a flag that --resume cannot take
-    cpu_init();
+    if (cpu_init()) return cli_fail();   // a bad INCEPT_ISA or INCEPT_THREADS
     for (int i = model_name ? 3 : 2; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int set_c = 0;
