@@ -21,18 +21,8 @@
 #define TOL_EXACT 1e-5
 #define TOL_REF 2e-5
 
-static int failed;
+#include "tap.h"
 
-static void result(int ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf(ok ? "ok - " : "not ok - ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    fflush(stdout);
-    if (!ok) failed++;
-}
 
 typedef struct {
     int N, C, H, W, K, k, stride, pad;

@@ -22,19 +22,9 @@
 
 #define TOL 1e-6
 
-static int failed;
+#include "tap.h"
 static double worst_rel;  // the largest toleranced error seen, for the summary line
 
-static void result(int ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf(ok ? "ok - " : "not ok - ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    fflush(stdout);
-    if (!ok) failed++;
-}
 
 // ---- run configurations: every ISA level this CPU has x 1, 2, 3 threads ----
 

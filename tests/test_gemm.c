@@ -17,18 +17,8 @@
 
 #define TOL 1e-5
 
-static int failed;
+#include "tap.h"
 
-static void result(int ok, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    printf(ok ? "ok - " : "not ok - ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    fflush(stdout);
-    if (!ok) failed++;
-}
 
 static void fill(float *x, size_t n, rng *r) {
     for (size_t i = 0; i < n; i++) x[i] = (float)(2.0 * rng_uniform(r) - 1.0);
