@@ -136,7 +136,8 @@ static const char *const TRAIN_USAGE =
     "usage: incept train MODEL --data SOURCE [options]\n"
     "       incept train [MODEL] --resume RUN_DIR [--epochs N] [--stop-after N] [--threads N]\n"
     "data:      --data fashion-mnist[:DIR] | mnist[:DIR] | cifar10:DIR | folder:DIR\n"
-    "           --image-size S  --folder-size S  --no-augment  --limit-train N  --limit-test N\n"
+    "           --image-size S  --folder-size S  --no-augment  --random-erasing P\n"
+    "           --limit-train N  --limit-test N\n"
     "recipe:    --epochs N  --batch-size N  --eval-batch-size N  --lr LR  --label-smoothing E\n"
     "           --optimizer sgd|adam|adamw  --momentum M  --dampening D  --no-nesterov\n"
     "           --weight-decay WD  --decay-bn-bias  --beta1 B  --beta2 B  --eps E  --amsgrad\n"
@@ -210,6 +211,7 @@ int cmd_train(int argc, char **argv) {
         else if (!strcmp(a, "--batch-size")) rc = cli_int(a, v, 2, 1 << 16, &cfg.batch_size);
         else if (!strcmp(a, "--eval-batch-size")) rc = cli_int(a, v, 1, 1 << 16, &cfg.eval_batch_size);
         else if (!strcmp(a, "--label-smoothing")) rc = cli_float(a, v, 0, 1, &cfg.label_smoothing);
+        else if (!strcmp(a, "--random-erasing")) rc = cli_float(a, v, 0, 1, &cfg.random_erasing);
         else if (!strcmp(a, "--lr")) rc = parse_double_opt(a, v, 0, 1e300, &lr);
         else if (!strcmp(a, "--optimizer")) optimizer = v;
         else if (!strcmp(a, "--momentum")) rc = parse_double_opt(a, v, 0, 1e300, &momentum);
@@ -251,6 +253,8 @@ int cmd_train(int argc, char **argv) {
         if (strlen(data) >= sizeof cfg.data) return cli_usage("--data: path too long");
         snprintf(cfg.data, sizeof cfg.data, "%s", data);
         if (epochs) cfg.epochs = epochs;
+        if (cfg.random_erasing > 0 && !cfg.augment)
+            return cli_usage("--random-erasing is an augmentation: it cannot go with --no-augment");
         if (optimizer) {
             int k = optim_kind_parse(optimizer);
             if (k < 0) return cli_usage("--optimizer: %s", err_msg());

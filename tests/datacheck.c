@@ -134,6 +134,7 @@ static int cmd_batch(int argc, char **argv) {
                                 (int)opt(argc, argv, 4, "out_c", 0), (int)opt(argc, argv, 4, "augment", 1));
     p.pad_crop = (int)opt(argc, argv, 4, "pad", p.pad_crop);
     p.hflip = (int)opt(argc, argv, 4, "hflip", p.hflip);
+    p.erase_p = (float)opt(argc, argv, 4, "erase", p.erase_p);
     p.rrc = (int)opt(argc, argv, 4, "rrc", p.rrc);
     p.eval_crop = (float)opt(argc, argv, 4, "eval_crop", p.eval_crop);
     p.rrc_scale[0] = (float)opt(argc, argv, 4, "scale0", p.rrc_scale[0]);
@@ -150,26 +151,26 @@ static int cmd_batch(int argc, char **argv) {
     size_t per = (size_t)p.out_C * p.out_H * p.out_W;
     float *x = malloc(sizeof(float) * per * B);
     int64_t *y = malloc(sizeof(int64_t) * B);
-    int32_t *crops = malloc(sizeof(int32_t) * 6 * B);
+    int32_t *crops = malloc(sizeof(int32_t) * 10 * B);
     // Record the crops batch_make will use by drawing them from a copy of the generator in
     // the documented order.
     r2 = r;
     for (int b = 0; b < B; b++) {
         crop c;
         crop_draw(&c, d->H, d->W, &p, &r2, train);
-        int32_t v[6] = {c.top, c.left, c.h, c.w, c.flip, idx[b]};
-        memcpy(crops + 6 * b, v, sizeof v);
+        int32_t v[10] = {c.top, c.left, c.h, c.w, c.flip, idx[b], c.etop, c.eleft, c.eh, c.ew};
+        memcpy(crops + 10 * b, v, sizeof v);
     }
     batch_make(x, y, d, idx, B, &p, &r, train);
     rc = write_file(argv[3], ".x", x, sizeof(float) * per * B) ||
          write_file(argv[3], ".y", y, sizeof(int64_t) * B) ||
-         write_file(argv[3], ".crops", crops, sizeof(int32_t) * 6 * B);
+         write_file(argv[3], ".crops", crops, sizeof(int32_t) * 10 * B);
     if (!rc)
         printf("{\"out_C\": %d, \"out_H\": %d, \"out_W\": %d, \"mean\": [%.9g, %.9g, %.9g], "
-               "\"std\": [%.9g, %.9g, %.9g], \"pad\": %d, \"hflip\": %d, \"rrc\": %d, "
+               "\"std\": [%.9g, %.9g, %.9g], \"pad\": %d, \"hflip\": %d, \"rrc\": %d, \"erase\": %.9g, "
                "\"eval_crop\": %.9g, \"H\": %d, \"W\": %d, \"C\": %d, \"next\": %llu}\n",
                p.out_C, p.out_H, p.out_W, p.mean[0], p.mean[1], p.mean[2], p.std[0], p.std[1],
-               p.std[2], p.pad_crop, p.hflip, p.rrc, p.eval_crop, d->H, d->W, d->C,
+               p.std[2], p.pad_crop, p.hflip, p.rrc, p.erase_p, p.eval_crop, d->H, d->W, d->C,
                (unsigned long long)rng_u64(&r));
     free(idx); free(x); free(y); free(crops);
     dataset_free(&tr);
@@ -177,8 +178,10 @@ static int cmd_batch(int argc, char **argv) {
     return rc ? fail() : 0;
 }
 
+// rrc and erase: N boxes of rrc_box / erase_box, each with the draws its 10 attempts would take.
 static int cmd_rrc(int argc, char **argv) {
-    if (argc < 10) return err_set("usage: rrc H W SEED S0 S1 R0 R1 N"), fail();
+    if (argc < 10) return err_set("usage: rrc|erase H W SEED S0 S1 R0 R1 N"), fail();
+    int erase = !strcmp(argv[1], "erase");
     int H = atoi(argv[2]), W = atoi(argv[3]), N = atoi(argv[9]);
     float scale[2] = {(float)atof(argv[5]), (float)atof(argv[6])};
     float ratio[2] = {(float)atof(argv[7]), (float)atof(argv[8])};
@@ -197,8 +200,13 @@ static int cmd_rrc(int argc, char **argv) {
             printf("%s[%.9g, %.9g]", a ? ", " : "", s, lr);
         }
         crop b;
-        rrc_box(&b, H, W, scale, ratio, &r);
-        printf("], \"box\": [%d, %d, %d, %d]}", b.top, b.left, b.h, b.w);
+        if (erase) {
+            erase_box(&b, H, W, scale, ratio, &r);
+            printf("], \"box\": [%d, %d, %d, %d]}", b.etop, b.eleft, b.eh, b.ew);
+        } else {
+            rrc_box(&b, H, W, scale, ratio, &r);
+            printf("], \"box\": [%d, %d, %d, %d]}", b.top, b.left, b.h, b.w);
+        }
     }
     printf("]}\n");
     return 0;
@@ -272,7 +280,7 @@ int main(int argc, char **argv) {
     if (!strcmp(c, "load")) return cmd_load(argc, argv);
     if (!strcmp(c, "resize")) return cmd_resize(argc, argv);
     if (!strcmp(c, "batch")) return cmd_batch(argc, argv);
-    if (!strcmp(c, "rrc")) return cmd_rrc(argc, argv);
+    if (!strcmp(c, "rrc") || !strcmp(c, "erase")) return cmd_rrc(argc, argv);
     if (!strcmp(c, "decode")) return cmd_decode(argc, argv);
     if (!strcmp(c, "image")) return cmd_image(argc, argv);
     if (!strcmp(c, "bench")) return cmd_bench(argc, argv);

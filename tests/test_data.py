@@ -8,6 +8,7 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from common import BUILD, tmpdir
 
 DC = os.path.join(BUILD, "tests", "datacheck")
@@ -388,7 +389,7 @@ def batch(source, **kw):
     meta = dc_json("batch", source, prefix, *[f"{k}={v}" for k, v in kw.items()])
     x = np.fromfile(prefix + ".x", dtype=np.float32).reshape(-1, meta["out_C"], meta["out_H"], meta["out_W"])
     y = np.fromfile(prefix + ".y", dtype=np.int64)
-    crops = np.fromfile(prefix + ".crops", dtype=np.int32).reshape(-1, 6)
+    crops = np.fromfile(prefix + ".crops", dtype=np.int32).reshape(-1, 10)
     return meta, x, y, crops
 
 
@@ -396,12 +397,16 @@ def check_batch(source, pixels, labels, **kw):
     meta, x, y, crops = batch(source, **kw)
     B = len(x)
     for b in range(B):
-        top, left, h, w, flip, i = crops[b].tolist()
+        top, left, h, w, flip, i, et, el, eh, ew = crops[b].tolist()
         if meta["rrc"] and kw.get("augment", 1) and kw.get("train", 1):
             assert 0 <= top and top + h <= meta["H"] and 0 <= left and left + w <= meta["W"], crops[b]
         elif meta["pad"] and kw.get("augment", 1) and kw.get("train", 1):
             assert abs(top) <= meta["pad"] and abs(left) <= meta["pad"] and (h, w) == (meta["H"], meta["W"])
         ref = torch_sample(pixels[i], (top, left, h, w, flip), meta)
+        if eh:   # RandomErasing(value=0) after Normalize: torchvision's F.erase
+            assert meta["erase"] > 0 and 0 <= et and et + eh <= meta["out_H"] and \
+                0 <= el and el + ew <= meta["out_W"], crops[b]
+            ref = TF.erase(ref, et, el, eh, ew, torch.tensor(0.0))
         err = (torch.from_numpy(x[b]) - ref).abs().max().item()
         assert err <= 2e-5, f"{source} {kw} sample {b}: max abs err {err} crop {crops[b]}"
         assert y[b] == labels[i]
@@ -438,6 +443,15 @@ def test_batch_vs_torchvision():
     assert meta["rrc"] == 1 and len(set(map(tuple, crops[:, :4].tolist()))) > 3
     check_batch(f"folder:{fd}", out["test"][0], out["test"][1], image_size=28, b=3, test=1,
                 train=0, folder_size=32)
+    # RandomErasing on top of pad-crop + flip: about half the samples get a box.
+    meta, x, crops = check_batch(f"fashion-mnist:{d}", pix, lab, image_size=32, out_c=3, b=40,
+                                 seed=5, erase=0.5)
+    erased = int((crops[:, 8] > 0).sum())
+    assert 8 <= erased <= 32, f"{erased}/40 samples erased at p=0.5"
+    assert (x[crops[:, 8] > 0] == 0).any() and len(set(crops[:, 8].tolist())) > 3
+    # Eval batches are never erased.
+    _, _, crops = check_batch(f"fashion-mnist:{d}", pix, lab, image_size=32, b=8, train=0, erase=1)
+    assert not crops[:, 8].any()
 
 
 def test_augmentation_determinism():
@@ -497,6 +511,43 @@ def test_rrc_vs_torchvision():
 
 
 # ------------------------------------------------------------------ single images (predict)
+
+def test_erasing_vs_torchvision():
+    """erase_box follows RandomErasing.get_params: torchvision fed the same draws chooses the
+    same box, or none when no attempt fits."""
+    import torchvision.transforms as T
+    n_none = 0
+    for (H, W, s0, s1, r0, r1) in [(32, 32, 0.02, 0.33, 0.3, 3.3), (56, 40, 0.02, 0.33, 0.3, 3.3),
+                                   (8, 30, 0.1, 0.9, 0.3, 3.3), (6, 6, 0.5, 1.0, 0.5, 2.0),
+                                   (4, 4, 0.9, 1.0, 0.9, 1.1)]:
+        res = dc_json("erase", H, W, 77, s0, s1, r0, r1, 40)
+        r0f, r1f = res["ratio"]
+        for box in res["boxes"]:
+            draws = [v for pair in box["draws"] for v in pair]
+            top, left, h, w = box["box"]
+
+            class Fake:
+                def uniform_(self, lo, hi):
+                    return torch.tensor([draws.pop(0)], dtype=torch.float32)
+
+            picks = [top, left]
+            real_randint = torch.randint
+
+            def randint(lo, hi, size):
+                v = picks.pop(0)
+                assert lo <= v < hi, (lo, v, hi)
+                return real_randint(v, v + 1, size)
+
+            with mock.patch.object(torch, "empty", lambda *a, **k: Fake()), \
+                 mock.patch.object(torch, "randint", randint):
+                ref = T.RandomErasing.get_params(torch.zeros(1, H, W), [s0, s1], [r0f, r1f], [0.0])
+            if h == 0:   # no attempt fit: torchvision returns the whole image unchanged
+                n_none += 1
+                assert list(ref[:4]) == [0, 0, H, W], (H, W, ref[:4])
+            else:
+                assert list(ref[:4]) == box["box"], f"{H}x{W}: torch {ref[:4]} vs {box}"
+    assert n_none >= 40, "the no-fit path was not exercised"
+
 
 def test_image_load_vs_torchvision():
     from PIL import Image

@@ -339,12 +339,14 @@ def same_checkpoint(a, b):
 
 def test_resume_is_bit_exact():
     """2 epochs in one go == 1 epoch, stop, --resume, 1 more epoch (aux heads and dropout on,
-    augmentation on); the run directory's default name; a different seed changes the run."""
+    augmentation with random erasing on); the run directory's default name; a different seed
+    changes the run."""
     tmp = tmpdir()
     one = os.path.join(tmp, "one")
-    train(TINY + ["--run-dir", one])
+    erase = ["--random-erasing", 0.5]
+    train(TINY + erase + ["--run-dir", one])
     # default run directory runs/<model>-<data>-<timestamp>, relative to the working directory
-    out, _ = train(TINY + ["--stop-after", 1], cwd=tmp)
+    out, _ = train(TINY + erase + ["--stop-after", 1], cwd=tmp)
     made = os.listdir(os.path.join(tmp, "runs"))
     assert len(made) == 1 and re.fullmatch(r"googlenet-fashion-mnist-\d{8}-\d{6}", made[0]), made
     two = os.path.join(tmp, "runs", made[0])
@@ -485,6 +487,8 @@ def test_bad_flags_are_usage_errors():
     assert "--data" in usage_error(["eval", "googlenet", "--weights", "w"])
     assert "IMAGE" in usage_error(["predict", "googlenet", "--weights", "w"])
     assert "--top" in usage_error(["predict", "googlenet", "--weights", "w", "--top", 0, "x.png"])
+    assert "--random-erasing" in usage_error(base + ["--random-erasing", 1.5])
+    assert "--no-augment" in usage_error(base + ["--random-erasing", 0.5, "--no-augment"])
 
 
 def write_idx(d, name, arr, magic):

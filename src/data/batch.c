@@ -25,6 +25,14 @@ int preprocess_check(const preprocess *p, int C) {
         return err_set("preprocess: random resized crop scale (%g, %g) / ratio (%g, %g) invalid "
                        "(need 0 < scale lo <= hi <= 1, 0 < ratio lo <= hi)", p->rrc_scale[0],
                        p->rrc_scale[1], p->rrc_ratio[0], p->rrc_ratio[1]);
+    if (!(p->erase_p >= 0 && p->erase_p <= 1))
+        return err_set("preprocess: random erasing probability %g not in [0, 1]", p->erase_p);
+    if (p->erase_p > 0 && !(p->erase_scale[0] > 0 && p->erase_scale[0] <= p->erase_scale[1] &&
+                            p->erase_scale[1] <= 1 && p->erase_ratio[0] > 0 &&
+                            p->erase_ratio[0] <= p->erase_ratio[1] && isfinite(p->erase_ratio[1])))
+        return err_set("preprocess: random erasing scale (%g, %g) / ratio (%g, %g) invalid "
+                       "(need 0 < scale lo <= hi <= 1, 0 < ratio lo <= hi)", p->erase_scale[0],
+                       p->erase_scale[1], p->erase_ratio[0], p->erase_ratio[1]);
     return 0;
 }
 
@@ -57,6 +65,10 @@ int preprocess_default(preprocess *p, const dataset *d, int image_size, int out_
     p->rrc_scale[1] = 1.0f;
     p->rrc_ratio[0] = 3.0f / 4.0f;
     p->rrc_ratio[1] = 4.0f / 3.0f;
+    p->erase_scale[0] = 0.02f;                 // torchvision RandomErasing's defaults
+    p->erase_scale[1] = 0.33f;
+    p->erase_ratio[0] = 0.3f;
+    p->erase_ratio[1] = 3.3f;
     return preprocess_check(p, d->C);
 }
 
@@ -112,7 +124,28 @@ void rrc_box(crop *c, int H, int W, const float scale[2], const float ratio[2], 
     c->w = w;
 }
 
+void erase_box(crop *c, int H, int W, const float scale[2], const float ratio[2], rng *r) {
+    double area = (double)H * W;
+    float lr0 = logf(ratio[0]), lr1 = logf(ratio[1]);   // float32 draws, as rrc_box
+    c->etop = c->eleft = c->eh = c->ew = 0;
+    for (int attempt = 0; attempt < 10; attempt++) {
+        float s = scale[0] + (float)rng_uniform(r) * (scale[1] - scale[0]);
+        float lr = lr0 + (float)rng_uniform(r) * (lr1 - lr0);
+        double target = area * s, ar = expf(lr);
+        // Unlike RandomResizedCrop, torchvision's erasing takes the ratio as h / w.
+        int h = py_round(sqrt(target * ar)), w = py_round(sqrt(target / ar));
+        if (h < H && w < W) {
+            c->etop = (int)rng_below(r, (uint32_t)(H - h + 1));
+            c->eleft = (int)rng_below(r, (uint32_t)(W - w + 1));
+            c->eh = h;
+            c->ew = w;
+            return;
+        }
+    }
+}
+
 void crop_draw(crop *c, int H, int W, const preprocess *p, rng *r, int train) {
+    c->etop = c->eleft = c->eh = c->ew = 0;
     if (train && p->augment && r) {
         if (p->rrc) {
             rrc_box(c, H, W, p->rrc_scale, p->rrc_ratio, r);
@@ -125,6 +158,8 @@ void crop_draw(crop *c, int H, int W, const preprocess *p, rng *r, int train) {
             c->w = W;
         }
         c->flip = p->hflip ? rng_uniform(r) < 0.5 : 0;
+        if (p->erase_p > 0 && rng_uniform(r) < p->erase_p)
+            erase_box(c, p->out_H, p->out_W, p->erase_scale, p->erase_ratio, r);
         return;
     }
     // CenterCrop(round(f*H), round(f*W)): offsets as torchvision (round half to even).
@@ -213,6 +248,8 @@ void crop_render(float *out, const uint8_t *img, int C, int H, int W, const crop
     for (int ch = 0; ch < p->out_C; ch++) {
         float m = p->mean[ch], s = p->std[ch], *o = out + (size_t)ch * OH * OW;
         for (int i = 0; i < OH * OW; i++) o[i] = (o[i] - m) / s;
+        for (int y = c->etop; y < c->etop + c->eh; y++)   // RandomErasing, value 0
+            memset(o + (size_t)y * OW + c->eleft, 0, sizeof(float) * c->ew);
     }
 }
 

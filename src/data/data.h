@@ -77,6 +77,8 @@ typedef struct {
     int hflip;                 // RandomHorizontalFlip(p=0.5)
     int rrc;                   // RandomResizedCrop(scale=rrc_scale, ratio=rrc_ratio); it
     float rrc_scale[2], rrc_ratio[2];  // replaces pad_crop when both are set
+    float erase_p;             // > 0: RandomErasing(p, erase_scale, erase_ratio, value=0) after
+    float erase_scale[2], erase_ratio[2];  // Normalize (0 = the mean), training batches only
 } preprocess;
 
 // Defaults for a data set at image_size x image_size (<= 0: the stored size) with out_C
@@ -91,12 +93,14 @@ void preprocess_imagenet(preprocess *p);
 int  preprocess_check(const preprocess *p, int C);
 
 // Which part of a stored image one sample is made from: rows [top, top+h), columns
-// [left, left+w) (may extend past the image: zero padding), then mirrored if flip.
-typedef struct { int top, left, h, w, flip; } crop;
+// [left, left+w) (may extend past the image: zero padding), then mirrored if flip; then the
+// output box rows [etop, etop+eh), columns [eleft, eleft+ew) set to 0 (eh = 0: none).
+typedef struct { int top, left, h, w, flip, etop, eleft, eh, ew; } crop;
 
 // Chooses the crop of a stored H x W image. train && p->augment: random per p, drawing from r
 // in this order: the RRC box (rrc_box) or the pad-crop offsets (rng_below(2*pad+1) for the
-// top, then for the left), then the flip (rng_uniform(r) < 0.5). Otherwise the centre box of
+// top, then for the left), then the flip (rng_uniform(r) < 0.5), then with erase_p > 0 the
+// erasing: rng_uniform(r) < erase_p, then erase_box. Otherwise the centre box of
 // p->eval_crop, no randomness (r may be NULL).
 void crop_draw(crop *c, int H, int W, const preprocess *p, rng *r, int train);
 // Renders one sample: out [out_C x out_H x out_W] from img [C x H x W] uint8 and crop c
@@ -117,6 +121,11 @@ void indices_shuffle(int *idx, int n, rng *r);
 // to even, as Python); accepted if 0 < w <= W and 0 < h <= H, then top = rng_below(H-h+1),
 // left = rng_below(W-w+1). Else the centre crop fallback clamped to the ratio range.
 void rrc_box(crop *c, int H, int W, const float scale[2], const float ratio[2], rng *r);
+// torchvision RandomErasing.get_params on an H x W output: up to 10 attempts, each drawing
+// s then log-ratio as rrc_box; h = round(sqrt(H*W*s*e^lr)), w = round(sqrt(H*W*s/e^lr));
+// accepted if h < H and w < W, then etop = rng_below(H-h+1), eleft = rng_below(W-w+1).
+// No attempt fits: nothing erased (eh = ew = 0).
+void erase_box(crop *c, int H, int W, const float scale[2], const float ratio[2], rng *r);
 
 // ---- images ----
 // Decodes a JPEG, PNG or BMP file into *pix (malloc'd, planar C x H x W, C = 1 or 3; the

@@ -20,11 +20,14 @@ typedef struct {
     meta_type type;
     size_t off;       // into ckpt_meta
     int n;            // M_STR: buffer size; M_FLOATS: element count
+    int optional;     // added after format 1 was first written: missing in older files = 0
 } meta_field;
 
-#define FLD(key, type, member) {key, type, offsetof(ckpt_meta, member), 0}
-#define STR(key, member) {key, M_STR, offsetof(ckpt_meta, member), (int)sizeof(((ckpt_meta *)0)->member)}
-#define ARR(key, member, n) {key, M_FLOATS, offsetof(ckpt_meta, member), n}
+#define FLD(key, type, member) {key, type, offsetof(ckpt_meta, member), 0, 0}
+#define STR(key, member) {key, M_STR, offsetof(ckpt_meta, member), (int)sizeof(((ckpt_meta *)0)->member), 0}
+#define ARR(key, member, n) {key, M_FLOATS, offsetof(ckpt_meta, member), n, 0}
+#define OPT_FLD(key, type, member) {key, type, offsetof(ckpt_meta, member), 0, 1}
+#define OPT_ARR(key, member, n) {key, M_FLOATS, offsetof(ckpt_meta, member), n, 1}
 
 static const meta_field FIELDS[] = {
     STR("model", cfg.model.name),
@@ -54,6 +57,9 @@ static const meta_field FIELDS[] = {
     FLD("preprocess.rrc", M_INT, pre.rrc),
     ARR("preprocess.rrc_scale", pre.rrc_scale, 2),
     ARR("preprocess.rrc_ratio", pre.rrc_ratio, 2),
+    OPT_FLD("preprocess.erase_p", M_FLOAT, pre.erase_p),
+    OPT_ARR("preprocess.erase_scale", pre.erase_scale, 2),
+    OPT_ARR("preprocess.erase_ratio", pre.erase_ratio, 2),
     FLD("preprocess.resize", M_INT, resize),
     FLD("train.epochs", M_INT, cfg.epochs),
     FLD("train.batch_size", M_INT, cfg.batch_size),
@@ -223,6 +229,7 @@ int ckpt_meta_read(ckpt_meta *meta, const st_file *f, const char *path) {
     memset(&m, 0, sizeof m);
     for (int i = 0; i < N_FIELDS; i++) {
         const char *s = st_meta(f, FIELDS[i].key);
+        if (!s && FIELDS[i].optional) continue;
         if (!s) return err_set("%s: metadata '%s' is missing", path, FIELDS[i].key);
         if (field_parse(&m, &FIELDS[i], s, path)) return -1;
     }

@@ -270,6 +270,8 @@ static int setup(trainer *t, const preprocess *pre, int resize) {
             return err_set("%s: %s (--in-channels %d, --image-size %d)", c->data, why,
                            c->in_channels, c->image_size);
         }
+        t->pre.erase_p = c->random_erasing;
+        if (preprocess_check(&t->pre, t->train.C)) return -1;
         // predict's single-image pipeline that reproduces the eval crop of a folder set
         // (Resize(256) + CenterCrop(224) at the defaults); other sets are resized whole.
         t->resize = strcmp(t->train.name, "folder") ? 0

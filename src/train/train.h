@@ -32,6 +32,7 @@ typedef struct {
     int in_channels;          // <= 0: the data set's channel count
     int num_classes;          // <= 0: the data set's class count (else it must match)
     int augment;              // the data set's default augmentation (data.h) on or off
+    float random_erasing;     // > 0: RandomErasing with this probability (augment must be on)
     int limit_train;          // > 0: train on the first N training samples only
     int limit_test;           // > 0: evaluate on the first N test samples only
     int epochs;
