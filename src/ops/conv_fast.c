@@ -1,7 +1,9 @@
 // Convolution through gemm_ex(): see conv_fast.h.
 #include "ops/conv_fast.h"
+#include "ops/cpu.h"
 #include "ops/gemm.h"
 #include <stdint.h>
+#include <string.h>
 
 static int out_size(int H, int k, int stride, int pad) {
     return H + 2 * pad < k ? 0 : (H + 2 * pad - k) / stride + 1;
@@ -11,14 +13,79 @@ static int out_size(int H, int k, int stride, int pad) {
 // W'[c][o][dy][dx] = W[o][c][k-1-dy][k-1-dx]; this needs k-1-pad >= 0.
 static int din_as_conv(int k, int stride, int pad) { return stride == 1 && pad <= k - 1; }
 
-// A 1x1 image with a 1x1 output (e.g. a 3x3 pad-1 conv at the end of GoogLeNet on small
-// inputs) meets only the tap dy = dx = pad: the others read padding. Its gradients are then
-// plain matrix products with that tap's weights, 1/(k*k) of the im2col work.
-static int single_tap(int H, int W, int k, int stride, int pad) {
-    return H == 1 && W == 1 && pad < k && out_size(1, k, stride, pad) == 1;
+static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+
+// ---- maps smaller than the kernel ----
+// GoogLeNet's 3x3 convolutions meet 2x2 and 1x1 maps on 32x32 inputs (4a-5b). There most
+// im2col taps read padding: an output pixel sees at most H*W < k*k inputs per channel. The
+// convolution of one image is then better done as the dense layer it is, from the C*H*W inputs
+// to the K*OH*OW outputs, with weights Weff expanded from W on each call (zeros where a tap
+// falls outside the kernel): H*W instead of k*k multiply-adds per output and input channel,
+// and plain matrix operands instead of im2col ones.
+int conv2d_fast_dense(int H, int W, int k) { return (long long)H * W < (long long)k * k; }
+
+typedef struct {
+    float *weff;
+    const float *w;
+    int C, H, W, K, k, stride, pad, OH, OW;
+} dense_ctx;
+
+// Rows (o, oy, ox) of Weff [K*OH*OW x C*H*W], split by output channel.
+static void dense_weights_task(void *vctx, int t, int nt) {
+    const dense_ctx *d = vctx;
+    const int kk = d->k * d->k, ci = d->C * d->H * d->W;
+    for (int o = (int)((long long)d->K * t / nt); o < (int)((long long)d->K * (t + 1) / nt); o++)
+        for (int oy = 0; oy < d->OH; oy++)
+            for (int ox = 0; ox < d->OW; ox++) {
+                float *row = d->weff + ((size_t)(o * d->OH + oy) * d->OW + ox) * ci;
+                memset(row, 0, sizeof(float) * ci);
+                for (int c = 0; c < d->C; c++) {
+                    const float *wk = d->w + ((size_t)o * d->C + c) * kk;
+                    float *rc = row + (size_t)c * d->H * d->W;
+                    for (int dy = 0; dy < d->k; dy++) {
+                        int y = oy * d->stride - d->pad + dy;
+                        if (y < 0 || y >= d->H) continue;
+                        for (int dx = 0; dx < d->k; dx++) {
+                            int x = ox * d->stride - d->pad + dx;
+                            if (x >= 0 && x < d->W) rc[y * d->W + x] = wk[dy * d->k + dx];
+                        }
+                    }
+                }
+            }
 }
 
-static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+static void dense_weights(float *weff, const float *w, int C, int H, int W, int K, int k,
+                          int stride, int pad) {
+    dense_ctx d = {weff, w, C, H, W, K, k, stride, pad, out_size(H, k, stride, pad),
+                   out_size(W, k, stride, pad)};
+    cpu_parallel(dense_weights_task, &d, K);
+}
+
+// dw[o][c][dy][dx] += sum over (oy, ox) of g[(o, oy, ox)][(c, y, x)], the taps Weff spread.
+static void dense_weights_grad_task(void *vctx, int t, int nt) {
+    const dense_ctx *d = vctx;   // weff holds the gradient of Weff, w the dw to accumulate into
+    const int kk = d->k * d->k, ci = d->C * d->H * d->W;
+    float *dw = (float *)d->w;
+    for (int o = (int)((long long)d->K * t / nt); o < (int)((long long)d->K * (t + 1) / nt); o++)
+        for (int c = 0; c < d->C; c++)
+            for (int dy = 0; dy < d->k; dy++)
+                for (int dx = 0; dx < d->k; dx++) {
+                    float acc = 0.0f;
+                    int any = 0;
+                    for (int oy = 0; oy < d->OH; oy++) {
+                        int y = oy * d->stride - d->pad + dy;
+                        if (y < 0 || y >= d->H) continue;
+                        for (int ox = 0; ox < d->OW; ox++) {
+                            int x = ox * d->stride - d->pad + dx;
+                            if (x < 0 || x >= d->W) continue;
+                            acc += d->weff[((size_t)(o * d->OH + oy) * d->OW + ox) * ci +
+                                           ((size_t)c * d->H + y) * d->W + x];
+                            any = 1;
+                        }
+                    }
+                    if (any) dw[((size_t)o * d->C + c) * kk + dy * d->k + dx] += acc;
+                }
+}
 
 size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int stride, int pad) {
     int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
@@ -32,11 +99,14 @@ size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int 
     else
         din = round16((size_t)ckk * ohw) + gemm_workspace_size(ckk, ohw, K);
     size_t s = fwd > dw ? fwd : dw;
-    if (single_tap(H, W, k, stride, pad)) {  // backward's shortcut (conv2d_fast_backward)
-        size_t dw1 = round16((size_t)K * C) + gemm_workspace_size(K, C, N);
-        size_t din1 = gemm_workspace_size(N, C, K);
-        if (dw1 > s) s = dw1;
-        if (din1 > s) s = din1;
+    if (conv2d_fast_dense(H, W, k)) {   // Weff (+ the bias per output) and the GEMMs on it
+        int ko = K * ohw, ci = C * H * W;
+        size_t g = gemm_workspace_size(N, ko, ci), g2 = gemm_workspace_size(ko, ci, N),
+               g3 = gemm_workspace_size(N, ci, ko);
+        if (g2 > g) g = g2;
+        if (g3 > g) g = g3;
+        size_t d = round16((size_t)ko * ci) + round16((size_t)ko) + g;
+        if (d > s) s = d;
     }
     return s > din ? s : din;
 }
@@ -72,9 +142,29 @@ static void forward(float *out, const float *in, const gemm_operand *a, const fl
     gemm_ex(&c, a, &bm, b, K, N * ohw, ckk, flags, ws);
 }
 
+// out [N x K*OH*OW] = in [N x C*H*W] * Weff^T (+ b per output channel, repeated per pixel).
+static void dense_forward(float *out, const float *in, const float *w, const float *b, int N,
+                          int C, int H, int W, int K, int k, int stride, int pad, int relu,
+                          float *ws) {
+    int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
+    int ohw = OH * OW, ko = K * ohw, ci = C * H * W;
+    float *weff = ws, *bias = ws + round16((size_t)ko * ci), *gws = bias + round16((size_t)ko);
+    dense_weights(weff, w, C, H, W, K, k, stride, pad);
+    if (b)
+        for (int j = 0; j < ko; j++) bias[j] = b[j / ohw];
+    gemm(out, ko, in, ci, weff, ci, b ? bias : NULL, N, ko, ci,
+         GEMM_TRANS_B | (b ? GEMM_BIAS_COL : 0) | (relu ? GEMM_RELU : 0), gws);
+}
+
 void conv2d_fast_forward(float *out, const float *in, const float *w, const float *b, int N,
                          int C, int H, int W, int K, int k, int stride, int pad, int relu,
                          float *ws) {
+    int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
+    if (N <= 0 || K <= 0 || OH <= 0 || OW <= 0) return;
+    if (conv2d_fast_dense(H, W, k)) {
+        dense_forward(out, in, w, b, N, C, H, W, K, k, stride, pad, relu, ws);
+        return;
+    }
     gemm_operand a = {.kind = GEMM_DENSE, .p = w, .rs = (ptrdiff_t)C * k * k, .cs = 1};
     forward(out, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
 }
@@ -142,23 +232,17 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
 
     if (db) bias_grad(db, dout, N, K, ohw);
 
-    if (k > 1 && single_tap(H, W, k, stride, pad)) {  // dout [N x K], in [N x C]
-        int kk = k * k, t = pad * k + pad;
-        if (dw) {  // tmp[K x C] = dout^T * in, then dW[o][c][t] += tmp[o][c]
-            float *tmp = ws;
-            gemm_operand a = {.kind = GEMM_DENSE, .p = dout, .rs = 1, .cs = K};
-            gemm_operand bm = {.kind = GEMM_DENSE, .p = in, .rs = C, .cs = 1};
-            gemm_output c = {.p = tmp, .ldc = C};
-            gemm_ex(&c, &a, &bm, NULL, K, C, N, 0, ws + round16((size_t)K * C));
-            for (int o = 0; o < K; o++)
-                for (int ch = 0; ch < C; ch++)
-                    dw[((size_t)o * C + ch) * kk + t] += tmp[(size_t)o * C + ch];
+    if (conv2d_fast_dense(H, W, k)) {   // dout [N x K*ohw], in and din [N x C*H*W]
+        int ko = K * ohw, ci = C * H * W;
+        float *g = ws, *gws = ws + round16((size_t)ko * ci) + round16((size_t)ko);
+        if (dw) {   // dWeff = dout^T * in, folded back onto the taps it was spread from
+            gemm(g, ci, dout, ko, in, ci, NULL, ko, ci, N, GEMM_TRANS_A, gws);
+            dense_ctx d = {g, dw, C, H, W, K, k, stride, pad, OH, OW};
+            cpu_parallel(dense_weights_grad_task, &d, K);
         }
-        if (din) {  // din[N x C] += dout * W[:, :, tap]
-            gemm_operand a = {.kind = GEMM_DENSE, .p = dout, .rs = K, .cs = 1};
-            gemm_operand bm = {.kind = GEMM_DENSE, .p = w + t, .rs = (ptrdiff_t)C * kk, .cs = kk};
-            gemm_output c = {.p = din, .ldc = C};
-            gemm_ex(&c, &a, &bm, NULL, N, C, K, GEMM_ACCUMULATE, ws);
+        if (din) {  // din += dout * Weff
+            dense_weights(g, w, C, H, W, K, k, stride, pad);
+            gemm(din, ci, dout, ko, g, ci, NULL, N, ci, ko, GEMM_ACCUMULATE, gws);
         }
         return;
     }

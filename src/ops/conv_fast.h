@@ -9,6 +9,12 @@
 #pragma once
 #include <stddef.h>
 
+// Maps smaller than the kernel (H*W < k*k) are convolved as the dense layer they are (weights
+// expanded per call into a [K*OH*OW x C*H*W] matrix in the workspace): fewer multiply-adds
+// than im2col, whose taps mostly read padding there. 1 if conv2d_fast_forward/backward take
+// that path for this map and kernel (conv2d_fast_forward_packed never does).
+int conv2d_fast_dense(int H, int W, int k);
+
 // Workspace in floats for conv2d_fast_forward and conv2d_fast_backward with these sizes, at
 // the current thread count (cpu_threads()).
 size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int stride, int pad);
