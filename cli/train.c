@@ -367,7 +367,7 @@ int cmd_train(int argc, char **argv) {
 typedef struct {
     model_config cfg;
     const char *weights, *data, *output, *labels;
-    int batch, limit, image_size, folder_size, top, in_set, n_model_opts;
+    int batch, limit, image_size, folder_size, top, in_set, n_model_opts, tta;
     const char *model_opt;
     const char **images; int n_images;
 } infer_opts;
@@ -391,6 +391,7 @@ static int infer_parse(int argc, char **argv, infer_opts *o, int predict) {
         }
         if (rc) return rc;
         if (predict && a[0] != '-') { o->images[o->n_images++] = a; continue; }
+        if (!predict && !strcmp(a, "--tta")) { o->tta = 1; continue; }
         if (!v) return cli_usage("unknown option '%s' for '%s', or it needs a value", a, argv[1]);
         if (!strcmp(a, "--weights")) o->weights = v;
         else if (!strcmp(a, "--threads")) rc = threads_set(a, v);
@@ -491,7 +492,7 @@ int cmd_eval(int argc, char **argv) {
     }
     if (model_ready(&m, &o.cfg, o.weights)) { rc = cli_fail(); goto done; }
     progress_view view = {.tty = isatty(STDERR_FILENO)};
-    if (evaluate(&m, &te, &pre, o.batch, &r, progress_draw, &view)) {
+    if (evaluate(&m, &te, &pre, o.batch, o.tta, &r, progress_draw, &view)) {
         progress_clear(&view);
         rc = cli_fail();
         goto done;
@@ -505,7 +506,8 @@ int cmd_eval(int argc, char **argv) {
         snprintf(num[k], sizeof num[k], "%d", k);
         names[k] = k < te.n_classes ? te.class_names[k] : num[k];
     }
-    printf("%s on %s test split (%d images), weights %s\n", m.cfg.name, o.data, r.n, o.weights);
+    printf("%s on %s test split (%d images%s), weights %s\n", m.cfg.name, o.data, r.n,
+           o.tta ? ", each scored with its mirror image" : "", o.weights);
     printf("loss %.4f  top-1 %.2f%% (%lld/%d)  top-%d %.2f%% (%lld/%d)\n\n", r.loss,
            100.0 * r.correct1 / r.n, r.correct1, r.n, r.K < 5 ? r.K : 5, 100.0 * r.correct5 / r.n,
            r.correct5, r.n);

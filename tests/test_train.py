@@ -184,6 +184,31 @@ def eval_torch(path, n, aux=False):
     return loss, top1, top5, logits
 
 
+def test_eval_flip_tta_matches_pytorch():
+    """--tta scores each image by the mean softmax of it and its mirror image."""
+    d = short_run()["dir"]
+    w = os.path.join(d, "best.safetensors")
+    out, _ = run(["eval", "googlenet", "--weights", w, "--data", "fashion-mnist", "--limit-test", 300,
+                  "--batch-size", 64, "--tta"])
+    m = re.search(r"loss ([\d.]+)  top-1 [\d.]+% \((\d+)/300\)  top-5 [\d.]+% \((\d+)/300\)", out)
+    assert m and "mirror" in out, out
+    net = tv_googlenet(aux=False)
+    _, meta = load_checkpoint(net, w)
+    net.eval()
+    imgs, y = fashion("test", 300)
+    x = to_input(imgs, meta, int(meta["preprocess.height"]))
+    with torch.no_grad():
+        p = (F.softmax(net(x), 1) + F.softmax(net(torch.flip(x, [3])), 1)) / 2
+    loss = -torch.log(p[torch.arange(300), y]).mean().item()
+    top1 = (p.argmax(1) == y).sum().item()
+    top5 = (p.topk(5, 1).indices == y[:, None]).any(1).sum().item()
+    assert abs(float(m.group(1)) - loss) <= 1e-4 * max(1, loss), (m.group(1), loss)
+    assert abs(int(m.group(2)) - top1) <= 1 and abs(int(m.group(3)) - top5) <= 1, (m.groups(), top1, top5)
+    # a plain evaluation of the same images differs (else the flip would not be tested)
+    plain, _ = run(["eval", "googlenet", "--weights", w, "--data", "fashion-mnist", "--limit-test", 300])
+    assert re.search(r"loss ([\d.]+)", plain).group(1) != m.group(1)
+
+
 def test_eval_matches_pytorch():
     d = short_run()["dir"]
     w = os.path.join(d, "best.safetensors")

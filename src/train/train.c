@@ -150,8 +150,29 @@ static int argmax(const float *v, int K) {
     return best;
 }
 
-int evaluate(model *m, const dataset *d, const preprocess *p, int batch, eval_result *r,
-             train_progress_fn progress, void *ctx) {
+// x [n, C, H, W] mirrored left-right in place.
+static void batch_flip(float *x, int n, int C, int H, int W) {
+    for (size_t r = 0; r < (size_t)n * C * H; r++)
+        for (int a = 0, b = W - 1; a < b; a++, b--) {
+            float t = x[r * W + a];
+            x[r * W + a] = x[r * W + b];
+            x[r * W + b] = t;
+        }
+}
+
+// acc [n x K] += softmax of each row of logits.
+static void softmax_add(double *acc, const float *logits, int n, int K) {
+    for (int i = 0; i < n; i++) {
+        const float *l = logits + (size_t)i * K;
+        double mx = l[0], sum = 0;
+        for (int k = 1; k < K; k++) mx = l[k] > mx ? l[k] : mx;
+        for (int k = 0; k < K; k++) sum += exp(l[k] - mx);
+        for (int k = 0; k < K; k++) acc[(size_t)i * K + k] += exp(l[k] - mx) / sum;
+    }
+}
+
+int evaluate(model *m, const dataset *d, const preprocess *p, int batch, int flip_tta,
+             eval_result *r, train_progress_fn progress, void *ctx) {
     memset(r, 0, sizeof *r);
     const int K = m->cfg.num_classes, n = d->n;
     if (n < 1) return err_set("evaluation: the data set is empty");
@@ -169,8 +190,11 @@ int evaluate(model *m, const dataset *d, const preprocess *p, int batch, eval_re
     float *x = malloc(Nb * per * sizeof *x), *probs = malloc((size_t)Nb * K * sizeof *probs);
     int64_t *y = malloc((size_t)Nb * sizeof *y);
     int *idx = malloc((size_t)n * sizeof *idx);
+    double *mean = flip_tta ? malloc((size_t)Nb * K * sizeof *mean) : NULL;
+    float *score = flip_tta ? malloc((size_t)Nb * K * sizeof *score) : NULL;
     r->confusion = calloc((size_t)K * K, sizeof *r->confusion);
-    int rc = x && probs && y && idx && r->confusion ? 0 : err_set("evaluation: out of memory");
+    int rc = x && probs && y && idx && r->confusion && (!flip_tta || (mean && score))
+                 ? 0 : err_set("evaluation: out of memory");
     for (int i = 0; !rc && i < n; i++) idx[i] = i;
     const int steps = (n + Nb - 1) / Nb, topk = K < 5 ? K : 5;
     double loss = 0, t0 = now_s();
@@ -181,7 +205,21 @@ int evaluate(model *m, const dataset *d, const preprocess *p, int batch, eval_re
         memset(x + cnt * per, 0, (Nb - cnt) * per * sizeof *x);
         if (model_forward(m, x, 0)) { rc = -1; break; }
         const float *logits = model_out(m, m->logits);
-        loss += (double)cross_entropy_forward(probs, logits, y, cnt, K, 0) * cnt;
+        if (flip_tta) {   // rank by the mean probability of the image and its mirror
+            memset(mean, 0, (size_t)cnt * K * sizeof *mean);
+            softmax_add(mean, logits, cnt, K);
+            batch_flip(x, Nb, p->out_C, p->out_H, p->out_W);
+            if (model_forward(m, x, 0)) { rc = -1; break; }
+            softmax_add(mean, model_out(m, m->logits), cnt, K);
+            for (int i = 0; i < cnt; i++) {
+                double pt = mean[(size_t)i * K + y[i]] / 2;
+                loss -= log(pt > 1e-300 ? pt : 1e-300);
+                for (int k = 0; k < K; k++) score[(size_t)i * K + k] = (float)mean[(size_t)i * K + k];
+            }
+            logits = score;
+        } else {
+            loss += (double)cross_entropy_forward(probs, logits, y, cnt, K, 0) * cnt;
+        }
         for (int i = 0; i < cnt; i++) {
             const float *l = logits + (size_t)i * K;
             int t = (int)y[i], pred = argmax(l, K), above = 0;
@@ -199,7 +237,7 @@ int evaluate(model *m, const dataset *d, const preprocess *p, int batch, eval_re
             progress(ctx, &pr);
         }
     }
-    free(x); free(probs); free(y); free(idx);
+    free(x); free(probs); free(y); free(idx); free(mean); free(score);
     if (rc) { eval_result_free(r); return -1; }
     r->n = n;
     r->K = K;
@@ -603,7 +641,7 @@ int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
     double train_s = now_s() - t0;
     eval_result r;
     progress_relay pr = {progress, ctx, e + 1, c->epochs};
-    if (evaluate(m, &t->test, &t->pre, c->eval_batch_size, &r, progress ? relay : NULL, &pr)) return -1;
+    if (evaluate(m, &t->test, &t->pre, c->eval_batch_size, 0, &r, progress ? relay : NULL, &pr)) return -1;
     if (!isfinite(r.loss)) {
         char what[64];
         snprintf(what, sizeof what, "the test loss is %s", nonfinite(r.loss));

@@ -79,9 +79,11 @@ typedef struct {
 typedef void (*train_progress_fn)(void *ctx, const train_progress *p);
 
 // Evaluates with batches of up to `batch` samples (the last one is padded, model_prepare is
-// called once). progress may be NULL. -1 on failure (r is then empty).
-int  evaluate(model *m, const dataset *d, const preprocess *p, int batch, eval_result *r,
-              train_progress_fn progress, void *ctx);
+// called once). flip_tta: test-time augmentation, each image scored by the mean of the softmax
+// probabilities of it and its mirror image (the loss is then -log of that mean). progress may
+// be NULL. -1 on failure (r is then empty).
+int  evaluate(model *m, const dataset *d, const preprocess *p, int batch, int flip_tta,
+              eval_result *r, train_progress_fn progress, void *ctx);
 void eval_result_free(eval_result *r);
 // confusion.csv: a header row of predicted class names, then one row per true class.
 int  confusion_write_csv(const char *path, const eval_result *r, char *const *class_names);
