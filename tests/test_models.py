@@ -557,3 +557,11 @@ def test_arena_modes_bit_identical():
 def test_arena_poison_matches_pytorch():
     with env(INCEPT_ARENA="poison"):
         test_googlenet_gradients_aux()
+
+
+def test_unfolded_inference():
+    # Inference folds each BN into its conv's packed weights by default; the unfolded fast path
+    # (conv, then the BN+ReLU kernel) must match PyTorch as well.
+    with env(INCEPT_FOLD="0"):
+        test_googlenet_eval_forward()
+        test_googlenet_paper_no_aux_small()

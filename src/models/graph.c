@@ -22,6 +22,66 @@ static size_t numel(const model_node *n) { return (size_t)n->C * n->H * n->W; }
 
 static int runs(const model_node *n, int training) { return training || n->head == 0; }
 
+// Inference with the fast kernels: conv [-> BN] [-> ReLU] as one GEMM on folded weights.
+static int folding(const model *m, int flags) {
+    return !m->reference && m->fold && !(flags & (MODEL_TRAIN | MODEL_GRAD));
+}
+
+static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+// The BN folded into conv i, or NULL.
+static const model_node *folded_bn(const model *m, int i) {
+    const int t = m->nodes[i].fold_to;
+    return t > i && m->nodes[i + 1].op == OP_BN ? &m->nodes[i + 1] : NULL;
+}
+
+// Makes m->folded: per conv (of the main path), its weights times the BN's per-channel scale
+// gamma / sqrt(running_var + eps), packed for the GEMM, then its bias
+// beta + (conv bias - running_mean) * scale; without a BN, the conv's own weights and bias.
+static int fold_ready(model *m) {
+    if (m->folded && m->folded_isa == (int)cpu_isa()) return 0;
+    model_params_changed(m);
+    size_t total = 0, tmp = 1;
+    for (int i = 0; i < m->n_nodes; i++) {
+        model_node *n = &m->nodes[i];
+        if (n->op != OP_CONV || !runs(n, 0)) continue;
+        const model_tensor *w = &m->tensors[n->weight];
+        n->folded = total;
+        total += round16(conv2d_fast_pack_weights_size(w->shape[1], n->C, n->k)) + round16(n->C);
+        if (w->numel > tmp) tmp = w->numel;
+    }
+    float *f = malloc((total ? total : 1) * sizeof(float)), *wf = malloc(tmp * sizeof(float));
+    if (!f || !wf) {
+        free(f); free(wf);
+        return err_set("out of memory: %.1f MiB of folded inference weights", total * 4.0 / 1048576);
+    }
+    for (int i = 0; i < m->n_nodes; i++) {
+        const model_node *n = &m->nodes[i];
+        if (n->op != OP_CONV || !runs(n, 0)) continue;
+        const model_tensor *w = &m->tensors[n->weight];
+        const int C = w->shape[1], K = n->C;
+        const size_t row = w->numel / (size_t)K;
+        const float *src = P(n->weight), *cb = n->bias >= 0 ? P(n->bias) : NULL;
+        float *bias = f + n->folded + round16(conv2d_fast_pack_weights_size(C, K, n->k));
+        const model_node *bn = folded_bn(m, i);
+        for (int k = 0; k < K; k++) {
+            double scale = 1.0, shift = cb ? cb[k] : 0.0;
+            if (bn) {   // as batchnorm2d_forward_eval's per-channel scale, in double
+                scale = P(bn->weight)[k] / sqrt((double)P(bn->running_var)[k] + bn->eps);
+                shift = P(bn->bias)[k] + (shift - P(bn->running_mean)[k]) * scale;
+            }
+            for (size_t e = 0; e < row; e++)
+                wf[k * row + e] = (float)(src[k * row + e] * scale);
+            bias[k] = (float)shift;
+        }
+        conv2d_fast_pack_weights(f + n->folded, wf, C, K, n->k);
+    }
+    free(wf);
+    m->folded = f;
+    m->folded_isa = (int)cpu_isa();
+    return 0;
+}
+
 #define OUT(j) (m->arena + m->nodes[j].act.off)
 #define OUT_ARGMAX(n) (m->arena + (n)->argmax.off)
 #define DOUT(j) (m->arena + m->nodes[j].dact.off)
@@ -35,8 +95,14 @@ void node_uses_of(const model *m, int i, int flags, node_uses *u) {
     u->fwd_out = u->bwd_dout = -1;
     u->runs = runs(n, flags & MODEL_TRAIN);
     if (!u->runs) return;
+    if (folding(m, flags)) {   // the conv computes its chain, the rest of which does nothing
+        if (n->fold_conv >= 0) return;
+        for (int j = 0; j < n->n_in; j++) u->fwd_in[u->n_fwd_in++] = n->in[j];
+        u->fwd_out = n->op == OP_CONV ? n->fold_to : i;
+        return;
+    }
     // Fast kernels: a BN fused with its ReLU writes the ReLU's output and, in backward, reads
-    // the ReLU's output and gradient; the ReLU itself does nothing.
+    // the ReLU's gradient (and recomputes its mask from the BN input); the ReLU does nothing.
     const int fused_bn = !ref && n->fused_relu;
     const int fused_relu = !ref && n->op == OP_RELU && m->nodes[n->in[0]].fused_relu;
     if (!fused_relu) {
@@ -49,12 +115,8 @@ void node_uses_of(const model *m, int i, int flags, node_uses *u) {
     for (int j = 0; j < n->n_in; j++)   // the network input needs no gradient
         if (m->nodes[n->in[j]].op != OP_INPUT) u->bwd_din[u->n_bwd_din++] = n->in[j];
     switch (n->op) {
-    case OP_CONV: case OP_LINEAR: case OP_LRN:
+    case OP_CONV: case OP_LINEAR: case OP_LRN: case OP_BN:
         u->bwd_act[u->n_bwd_act++] = n->in[0];
-        break;
-    case OP_BN:
-        u->bwd_act[u->n_bwd_act++] = n->in[0];
-        if (fused_bn) u->bwd_act[u->n_bwd_act++] = i + 1;
         break;
     case OP_RELU:
         u->bwd_act[u->n_bwd_act++] = i;
@@ -148,11 +210,13 @@ static void linear_bwd(model *m, const model_node *n, float *din, const float *d
 
 int model_forward(model *m, const float *x, int flags) {
     const int N = m->N, ref = m->reference, training = flags & MODEL_TRAIN;
+    const int fold = folding(m, flags);
     m->ran_flags = -1;
-    if (workspace_ready(m) || model_plan(m, flags)) return -1;
+    if (!fold) model_params_changed(m);   // training changes them; inference keeps the folding
+    if (workspace_ready(m) || model_plan(m, flags) || (fold && fold_ready(m))) return -1;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
-        if (!runs(n, training)) continue;
+        if (!runs(n, training) || (fold && n->fold_conv >= 0)) continue;
         float *out = OUT(i);
         const model_node *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
         const float *in = a ? OUT(n->in[0]) : NULL;
@@ -167,7 +231,17 @@ int model_forward(model *m, const float *x, int flags) {
             transform_input_forward(out, in, N, H * W);
             break;
         case OP_CONV:
-            conv_forward(m, n, out, in, C, H, W);
+            if (fold) {
+                const float *pw = m->folded + n->folded;
+                const float *b = pw + round16(conv2d_fast_pack_weights_size(C, n->C, n->k));
+                const int has_bias = n->bias >= 0 || folded_bn(m, i);   // or the BN's shift
+                if (conv2d_fast_forward_packed(OUT(n->fold_to), in, pw, has_bias ? b : NULL, N, C, H,
+                                               W, n->C, n->k, n->stride, n->pad,
+                                               m->nodes[n->fold_to].op == OP_RELU, m->ws))
+                    return -1;
+            } else {
+                conv_forward(m, n, out, in, C, H, W);
+            }
             break;
         case OP_BN: {
             const float *g = P(n->weight), *b = P(n->bias);
@@ -179,13 +253,14 @@ int model_forward(model *m, const float *x, int flags) {
                 if ((long long)N * H * W < 2)
                     return err_set("%s: batch norm in training mode needs more than one value per "
                                    "channel (batch %d, %dx%d)", n->path, N, H, W);
-                float *mean = m->save + n->save, *invstd = mean + n->C;
+                // Saved for backward: mean, invstd and (fast kernels) the affine it applied.
+                float *mean = m->save + n->save, *invstd = mean + n->C, *affine = invstd + n->C;
                 if (ref)
                     batchnorm2d_forward_train(o, mean, invstd, rm, rv, in, g, b, N, C, H * W,
                                               n->eps, n->momentum);
                 else
-                    batchnorm2d_fast_forward_train(o, mean, invstd, rm, rv, in, g, b, N, C, H * W,
-                                                   n->eps, n->momentum, relu);
+                    batchnorm2d_fast_forward_train(o, mean, invstd, affine, rm, rv, in, g, b, N, C,
+                                                   H * W, n->eps, n->momentum, relu);
                 m->counters[m->tensors[n->num_batches_tracked].off]++;
             } else if (ref) {
                 batchnorm2d_forward_eval(o, in, g, b, rm, rv, N, C, H * W, n->eps);
@@ -268,23 +343,22 @@ static void backward_node(model *m, int i, int training) {
     case OP_BN: {
         const float *g = P(n->weight);
         const int relu = !ref && n->fused_relu;
-        // Fused: the gradient and output are the ReLU's.
-        const float *o = relu ? OUT(i + 1) : out;
+        // Fused: the gradient is the ReLU's (its mask is recomputed from the input).
         const float *d = relu ? DOUT(i + 1) : dout;
         if (training) {
-            const float *mean = m->save + n->save, *invstd = mean + n->C;
+            const float *mean = m->save + n->save, *invstd = mean + n->C, *affine = invstd + n->C;
             if (ref)
                 batchnorm2d_backward_train(din, G(n->weight), G(n->bias), d, in, g, mean,
                                            invstd, N, C, H * W);
             else
-                batchnorm2d_fast_backward_train(din, G(n->weight), G(n->bias), d, o, in, g,
-                                                mean, invstd, N, C, H * W, relu);
+                batchnorm2d_fast_backward_train(din, G(n->weight), G(n->bias), d, in, g, mean,
+                                                invstd, affine, N, C, H * W, relu);
         } else if (ref) {
             batchnorm2d_backward_eval(din, G(n->weight), G(n->bias), d, in, g,
                                       P(n->running_mean), P(n->running_var), N, C, H * W,
                                       n->eps);
         } else {
-            batchnorm2d_fast_backward_eval(din, G(n->weight), G(n->bias), d, o, in, g,
+            batchnorm2d_fast_backward_eval(din, G(n->weight), G(n->bias), d, in, g, P(n->bias),
                                            P(n->running_mean), P(n->running_var), N, C,
                                            H * W, n->eps, relu);
         }

@@ -73,6 +73,11 @@ typedef struct {
     size_t save;            // offset of saved state (BN stats, dropout mask) in the save arena
     int fused_relu;         // BN whose ReLU (the next node, its only consumer) it computes
                             // (fast kernels; set by model_build)
+    // Inference with the fast kernels: a conv computes conv [-> BN] [-> ReLU] as one GEMM, BN
+    // folded into its packed weights and bias, ReLU in the epilogue (set by model_build).
+    int fold_to;            // conv: the last node of that chain (itself if nothing follows)
+    int fold_conv;          // BN/ReLU in such a chain: its conv; else -1
+    size_t folded;          // conv: offset of its packed weights, then its bias, in m->folded
 } model_node;
 
 typedef struct {
@@ -97,6 +102,9 @@ typedef struct {
     // (INCEPT_REFERENCE=1 in the environment, or set by the caller): the plain loops of ops.h.
     int reference;
     float *ws; size_t ws_floats; int ws_threads;  // fast-kernel workspace for batch N
+    int fold;                                    // fold BN into convs at inference (default 1;
+                                                 // INCEPT_FOLD=0 at build turns it off)
+    float *folded; int folded_isa;               // made at the first inference forward
     int build_failed;                            // set by the builder on a shape error
     int cur_head;                                // builder state: head of new nodes
 } model;
@@ -135,6 +143,9 @@ float *model_dout(const model *m, int node);    // its gradient (after a MODEL_G
 // parameter gradients ACCUMULATE into m->grads. -1 (err_set) without a MODEL_GRAD forward.
 int  model_backward(model *m);
 void model_zero_grad(model *m);
+// Drops what was derived from the parameters (the folded inference weights): call after
+// writing m->params directly. model_load, model_init and training forwards do it themselves.
+void model_params_changed(model *m);
 
 // Training-mode forward + mean cross-entropy (+ 0.3 × each aux head's) + backward.
 // Parameter gradients accumulate. loss_out gets the total loss. -1 if a target is out of range.
