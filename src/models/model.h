@@ -127,7 +127,7 @@ enum {
 // How the plan places slots: ARENA_SHARED (default) lets slots with disjoint lifetimes share
 // memory; ARENA_SEPARATE gives every slot its own; ARENA_POISON shares and also fills each slot
 // with NaN when its lifetime ends, so a read the plan did not foresee shows in the results.
-// Set from INCEPT_ARENA=shared|separate|poison at build, or by the caller before a forward.
+// Set from INCEPT_ARENA=shared|separate|poison at build, or by the caller before model_prepare.
 enum { ARENA_SHARED, ARENA_SEPARATE, ARENA_POISON };
 
 // Forward pass on x [N,C,H,W] (model_prepare(N) first) with MODEL_* flags. -1 on a condition
