@@ -160,7 +160,7 @@ static int cmd_forward(int argc, char **argv) {
     st_file f = {0};
     const float *x;
     float *xbuf = NULL;
-    if (load_inputs(&o, &m, &f, &x, NULL, &xbuf) || model_forward(&m, x, o.train)) {
+    if (load_inputs(&o, &m, &f, &x, NULL, &xbuf) || model_forward(&m, x, o.train ? MODEL_TRAIN : 0)) {
         rc = cli_fail();
     } else {
         st_entry e[3];

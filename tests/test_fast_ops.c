@@ -207,13 +207,15 @@ static void bn_run_fast(outputs *o, void *ctx) {
     const float *g = c->affine ? c->gamma : NULL, *b = c->affine ? c->beta : NULL;
     if (c->eval) {
         batchnorm2d_fast_forward_eval(out, c->x, g, b, rm, rv, c->N, c->C, c->HW, 1e-3f, c->relu);
-        batchnorm2d_fast_backward_eval(din, dg, db, c->dout, out, c->x, g, rm, rv, c->N, c->C,
+        batchnorm2d_fast_backward_eval(din, dg, db, c->dout, c->x, g, b, rm, rv, c->N, c->C,
                                        c->HW, 1e-3f, c->relu);
     } else {
-        batchnorm2d_fast_forward_train(out, mean, invstd, rm, rv, c->x, g, b, c->N, c->C, c->HW,
-                                       1e-3f, 0.1f, c->relu);
-        batchnorm2d_fast_backward_train(din, dg, db, c->dout, out, c->x, g, mean, invstd, c->N,
+        float *affine = buf_new(2 * C);
+        batchnorm2d_fast_forward_train(out, mean, invstd, affine, rm, rv, c->x, g, b, c->N, c->C,
+                                       c->HW, 1e-3f, 0.1f, c->relu);
+        batchnorm2d_fast_backward_train(din, dg, db, c->dout, c->x, g, mean, invstd, affine, c->N,
                                         c->C, c->HW, c->relu);
+        free(affine);
     }
     outputs_add(o, "out", out, n, c->eval);
     if (!c->eval) {

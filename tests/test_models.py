@@ -482,3 +482,86 @@ def test_bench_verb():
     _, err = run(["bench", "googlenet", "--weights", f"{d}/w.safetensors", "--iters", "1"], rc=1)
     assert "fc.weight" in err, err
     run(["bench", "googlenet", "--batch", "0"], rc=2)
+
+
+# ---------------------------------------------------------------- the arena plan
+# Activations, their gradients and max-pool argmaxes share one arena whose slots reuse memory
+# by liveness (src/models/plan.c). With INCEPT_ARENA=separate every slot has memory of its
+# own; with =poison slots are shared and filled with NaN as soon as the plan considers them
+# dead, so a read the plan did not foresee turns results into NaN. All three must give the
+# same bits, on both kernel paths; and poisoned runs still match PyTorch.
+
+class env:
+    def __init__(self, **kw):
+        self.kw = kw
+
+    def __enter__(self):
+        self.old = {k: os.environ.get(k) for k in self.kw}
+        os.environ.update(self.kw)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def arena_runs(name, w, x, y, opts, modes, verbs):
+    """Each verb ("forward", "forward --train", "gradients") under each arena mode:
+    {mode: {verb:output: tensor}}."""
+    d = tmpdir()
+    st_save(f"{d}/x.safetensors", {"input": x, "target": y})
+    got = {}
+    for mode in modes:
+        with env(INCEPT_ARENA=mode):
+            res = {}
+            for verb in verbs:
+                out = f"{d}/out.safetensors"
+                v = verb.split()
+                run(v[:1] + [name, "--weights", w, "--input", f"{d}/x.safetensors", "--output", out]
+                    + opts + v[1:])
+                res.update({f"{verb}:{k}": v for k, v in st_load(out).items()})
+            got[mode] = res
+    return got
+
+
+def check_arena_modes(name, w, shape, opts, modes, verbs):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(*shape, generator=g), torch.randint(0, 10, (shape[0],), generator=g)
+    got = arena_runs(name, w, x, y, opts, modes, verbs)
+    base = got["separate"]
+    for mode in modes[1:]:
+        assert set(got[mode]) == set(base)
+        for k, v in base.items():
+            assert torch.isfinite(v).all(), f"{name} separate {k}: not finite"
+            assert torch.equal(got[mode][k], v), f"{name} {mode} {k} differs from separate"
+    return base
+
+
+def test_arena_modes_bit_identical():
+    d = tmpdir()
+    w = save_weights(tv_googlenet(classes=10, seed=12), d)
+    opts = ["--num-classes", "10", "--dropout", "0.3", "--dropout-aux", "0.5"]
+    verbs = ["forward", "forward --train", "gradients"]
+    for ref in ("0", "1"):
+        with env(INCEPT_REFERENCE=ref):
+            got = check_arena_modes("googlenet", w, (2, 3, 64, 64), opts, ["separate", "shared", "poison"], verbs)
+            assert {"forward --train:aux1", "forward --train:aux2"} <= set(got), sorted(got)
+    # VGG's classifier makes big weight files: the fast kernels only, incept's own init.
+    run(["init", "vgg11_bn", "--num-classes", "10", "--output", f"{d}/vgg.safetensors"])
+    check_arena_modes("vgg11_bn", f"{d}/vgg.safetensors", (2, 3, 32, 32), ["--num-classes", "10"],
+                      ["separate", "poison"], ["forward", "gradients"])
+
+
+def test_arena_poison_matches_pytorch():
+    with env(INCEPT_ARENA="poison"):
+        test_googlenet_gradients_aux()
+
+
+def test_unfolded_inference():
+    # Inference folds each BN into its conv's packed weights by default; the unfolded fast path
+    # (conv, then the BN+ReLU kernel) must match PyTorch as well.
+    with env(INCEPT_FOLD="0"):
+        test_googlenet_eval_forward()
+        test_googlenet_paper_no_aux_small()

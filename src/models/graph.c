@@ -3,9 +3,11 @@
 // linear layers go to the fast kernels (ops/conv_fast.h, ops/gemm.h) unless m->reference is
 // set; every other op is the reference loop of ops.h. Another backend (CUDA) plugs in here
 // without touching the network definitions.
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "models/model.h"
+#include "models/plan.h"
 #include "ops/conv_fast.h"
 #include "ops/cpu.h"
 #include "ops/fast_ops.h"
@@ -19,6 +21,124 @@
 static size_t numel(const model_node *n) { return (size_t)n->C * n->H * n->W; }
 
 static int runs(const model_node *n, int training) { return training || n->head == 0; }
+
+// Inference with the fast kernels: conv [-> BN] [-> ReLU] as one GEMM on folded weights.
+static int folding(const model *m, int flags) {
+    return !m->reference && m->fold && !(flags & (MODEL_TRAIN | MODEL_GRAD));
+}
+
+static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+// The BN folded into conv i, or NULL.
+static const model_node *folded_bn(const model *m, int i) {
+    const int t = m->nodes[i].fold_to;
+    return t > i && m->nodes[i + 1].op == OP_BN ? &m->nodes[i + 1] : NULL;
+}
+
+// Makes m->folded: per conv (of the main path), its weights times the BN's per-channel scale
+// gamma / sqrt(running_var + eps), packed for the GEMM, then its bias
+// beta + (conv bias - running_mean) * scale; without a BN, the conv's own weights and bias.
+static int fold_ready(model *m) {
+    if (m->folded && m->folded_isa == (int)cpu_isa()) return 0;
+    model_params_changed(m);
+    size_t total = 0, tmp = 1;
+    for (int i = 0; i < m->n_nodes; i++) {
+        model_node *n = &m->nodes[i];
+        if (n->op != OP_CONV || !runs(n, 0)) continue;
+        const model_tensor *w = &m->tensors[n->weight];
+        n->folded = total;
+        total += round16(conv2d_fast_pack_weights_size(w->shape[1], n->C, n->k)) + round16(n->C);
+        if (w->numel > tmp) tmp = w->numel;
+    }
+    float *f = malloc((total ? total : 1) * sizeof(float)), *wf = malloc(tmp * sizeof(float));
+    if (!f || !wf) {
+        free(f); free(wf);
+        return err_set("out of memory: %.1f MiB of folded inference weights", total * 4.0 / 1048576);
+    }
+    for (int i = 0; i < m->n_nodes; i++) {
+        const model_node *n = &m->nodes[i];
+        if (n->op != OP_CONV || !runs(n, 0)) continue;
+        const model_tensor *w = &m->tensors[n->weight];
+        const int C = w->shape[1], K = n->C;
+        const size_t row = w->numel / (size_t)K;
+        const float *src = P(n->weight), *cb = n->bias >= 0 ? P(n->bias) : NULL;
+        float *bias = f + n->folded + round16(conv2d_fast_pack_weights_size(C, K, n->k));
+        const model_node *bn = folded_bn(m, i);
+        for (int k = 0; k < K; k++) {
+            double scale = 1.0, shift = cb ? cb[k] : 0.0;
+            if (bn) {   // as batchnorm2d_forward_eval's per-channel scale, in double
+                scale = P(bn->weight)[k] / sqrt((double)P(bn->running_var)[k] + bn->eps);
+                shift = P(bn->bias)[k] + (shift - P(bn->running_mean)[k]) * scale;
+            }
+            for (size_t e = 0; e < row; e++)
+                wf[k * row + e] = (float)(src[k * row + e] * scale);
+            bias[k] = (float)shift;
+        }
+        conv2d_fast_pack_weights(f + n->folded, wf, C, K, n->k);
+    }
+    free(wf);
+    m->folded = f;
+    m->folded_isa = (int)cpu_isa();
+    return 0;
+}
+
+#define OUT(j) (m->arena + m->nodes[j].act.off)
+#define OUT_ARGMAX(n) (m->arena + (n)->argmax.off)
+#define DOUT(j) (m->arena + m->nodes[j].dact.off)
+
+// What the executor below touches, for the planner: keep the two in step. (INCEPT_ARENA=poison
+// makes a read that this misses show up as NaN in the results.)
+void node_uses_of(const model *m, int i, int flags, node_uses *u) {
+    const model_node *n = &m->nodes[i];
+    const int ref = m->reference;
+    memset(u, 0, sizeof *u);
+    u->fwd_out = u->bwd_dout = -1;
+    u->runs = runs(n, flags & MODEL_TRAIN);
+    if (!u->runs) return;
+    if (folding(m, flags)) {   // the conv computes its chain, the rest of which does nothing
+        if (n->fold_conv >= 0) return;
+        for (int j = 0; j < n->n_in; j++) u->fwd_in[u->n_fwd_in++] = n->in[j];
+        u->fwd_out = n->op == OP_CONV ? n->fold_to : i;
+        return;
+    }
+    // Fast kernels: a BN fused with its ReLU writes the ReLU's output and, in backward, reads
+    // the ReLU's gradient (and recomputes its mask from the BN input); the ReLU does nothing.
+    const int fused_bn = !ref && n->fused_relu;
+    const int fused_relu = !ref && n->op == OP_RELU && m->nodes[n->in[0]].fused_relu;
+    if (!fused_relu) {
+        for (int j = 0; j < n->n_in; j++) u->fwd_in[u->n_fwd_in++] = n->in[j];
+        u->fwd_out = fused_bn ? i + 1 : i;
+    }
+    if (!(flags & MODEL_GRAD) || n->op == OP_INPUT || fused_relu) return;
+    u->argmax = n->op == OP_MAXPOOL && !ref;
+    u->bwd_dout = fused_bn ? i + 1 : i;
+    for (int j = 0; j < n->n_in; j++)   // the network input needs no gradient
+        if (m->nodes[n->in[j]].op != OP_INPUT) u->bwd_din[u->n_bwd_din++] = n->in[j];
+    switch (n->op) {
+    case OP_CONV: case OP_LINEAR: case OP_LRN: case OP_BN:
+        u->bwd_act[u->n_bwd_act++] = n->in[0];
+        break;
+    case OP_RELU:
+        u->bwd_act[u->n_bwd_act++] = i;
+        break;
+    case OP_MAXPOOL:
+        if (ref) u->bwd_act[u->n_bwd_act++] = n->in[0];
+        break;
+    default:
+        break;
+    }
+}
+
+// ARENA_POISON: NaN into every slot whose lifetime ends with this step.
+static void poison(model *m, int step) {
+    if (m->arena_mode != ARENA_POISON) return;
+    for (int j = 0; j < m->n_nodes; j++) {
+        model_slot *s3[3] = {&m->nodes[j].act, &m->nodes[j].dact, &m->nodes[j].argmax};
+        for (int k = 0; k < 3; k++)
+            if (s3[k]->floats && s3[k]->last == step)
+                for (size_t e = 0; e < s3[k]->floats; e++) m->arena[s3[k]->off + e] = NAN;
+    }
+}
 
 // Sizes the fast kernels' workspace for the current batch and thread count.
 static int workspace_ready(model *m) {
@@ -88,15 +208,18 @@ static void linear_bwd(model *m, const model_node *n, float *din, const float *d
     if (din) gemm(din, IN, dout, OUT, P(n->weight), IN, NULL, N, IN, OUT, GEMM_ACCUMULATE, m->ws);
 }
 
-int model_forward(model *m, const float *x, int training) {
-    const int N = m->N, ref = m->reference;
-    if (workspace_ready(m)) return -1;
+int model_forward(model *m, const float *x, int flags) {
+    const int N = m->N, ref = m->reference, training = flags & MODEL_TRAIN;
+    const int fold = folding(m, flags);
+    m->ran_flags = -1;
+    if (!fold) model_params_changed(m);   // training changes them; inference keeps the folding
+    if (workspace_ready(m) || model_plan(m, flags) || (fold && fold_ready(m))) return -1;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
-        if (!runs(n, training)) continue;
-        float *out = m->act + n->act;
+        if (!runs(n, training) || (fold && n->fold_conv >= 0)) continue;
+        float *out = OUT(i);
         const model_node *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
-        const float *in = a ? m->act + a->act : NULL;
+        const float *in = a ? OUT(n->in[0]) : NULL;
         int C = a ? a->C : 0, H = a ? a->H : 0, W = a ? a->W : 0;
         size_t cnt = (size_t)N * numel(n);
         switch (n->op) {
@@ -108,25 +231,36 @@ int model_forward(model *m, const float *x, int training) {
             transform_input_forward(out, in, N, H * W);
             break;
         case OP_CONV:
-            conv_forward(m, n, out, in, C, H, W);
+            if (fold) {
+                const float *pw = m->folded + n->folded;
+                const float *b = pw + round16(conv2d_fast_pack_weights_size(C, n->C, n->k));
+                const int has_bias = n->bias >= 0 || folded_bn(m, i);   // or the BN's shift
+                if (conv2d_fast_forward_packed(OUT(n->fold_to), in, pw, has_bias ? b : NULL, N, C, H,
+                                               W, n->C, n->k, n->stride, n->pad,
+                                               m->nodes[n->fold_to].op == OP_RELU, m->ws))
+                    return -1;
+            } else {
+                conv_forward(m, n, out, in, C, H, W);
+            }
             break;
         case OP_BN: {
             const float *g = P(n->weight), *b = P(n->bias);
             float *rm = P(n->running_mean), *rv = P(n->running_var);
             // Fused with its ReLU, the BN writes the ReLU's output (its own is never stored).
             const int relu = !ref && n->fused_relu;
-            float *o = relu ? m->act + m->nodes[i + 1].act : out;
+            float *o = relu ? OUT(i + 1) : out;
             if (training) {
                 if ((long long)N * H * W < 2)
                     return err_set("%s: batch norm in training mode needs more than one value per "
                                    "channel (batch %d, %dx%d)", n->path, N, H, W);
-                float *mean = m->save + n->save, *invstd = mean + n->C;
+                // Saved for backward: mean, invstd and (fast kernels) the affine it applied.
+                float *mean = m->save + n->save, *invstd = mean + n->C, *affine = invstd + n->C;
                 if (ref)
                     batchnorm2d_forward_train(o, mean, invstd, rm, rv, in, g, b, N, C, H * W,
                                               n->eps, n->momentum);
                 else
-                    batchnorm2d_fast_forward_train(o, mean, invstd, rm, rv, in, g, b, N, C, H * W,
-                                                   n->eps, n->momentum, relu);
+                    batchnorm2d_fast_forward_train(o, mean, invstd, affine, rm, rv, in, g, b, N, C,
+                                                   H * W, n->eps, n->momentum, relu);
                 m->counters[m->tensors[n->num_batches_tracked].off]++;
             } else if (ref) {
                 batchnorm2d_forward_eval(o, in, g, b, rm, rv, N, C, H * W, n->eps);
@@ -143,8 +277,8 @@ int model_forward(model *m, const float *x, int training) {
             if (ref)
                 maxpool2d_forward(out, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
             else
-                maxpool2d_fast_forward(out, m->argmax + n->argmax, in, N, C, H, W,
-                                       n->k, n->stride, n->pad, n->ceil_mode);
+                maxpool2d_fast_forward(out, n->argmax.floats ? (int32_t *)OUT_ARGMAX(n) : NULL,
+                                       in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
             break;
         case OP_AVGPOOL:
             avgpool2d_forward(out, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode,
@@ -169,7 +303,7 @@ int model_forward(model *m, const float *x, int training) {
             const float *ins[NODE_MAX_IN];
             int Cs[NODE_MAX_IN];
             for (int j = 0; j < n->n_in; j++) {
-                ins[j] = m->act + m->nodes[n->in[j]].act;
+                ins[j] = OUT(n->in[j]);
                 Cs[j] = m->nodes[n->in[j]].C;
             }
             if (ref) concat_forward(out, ins, Cs, n->n_in, N, n->H * n->W);
@@ -183,122 +317,130 @@ int model_forward(model *m, const float *x, int training) {
         case OP_COUNT:
             break;
         }
+        poison(m, plan_fwd_step(i));
     }
+    m->ran_flags = flags;
     return 0;
 }
 
 static int is_output(const model *m, int i) { return i == m->logits || i == m->aux1 || i == m->aux2; }
 
-void model_backward(model *m, int training) {
+// Backward of node i (the caller checked that it runs and is not the input).
+static void backward_node(model *m, int i, int training) {
     const int N = m->N, ref = m->reference;
-    if (!m->dact) {
-        m->dact = calloc(m->act_floats, sizeof(float));
-        if (!m->dact) abort();    // sized like the activations, which did fit
+    model_node *n = &m->nodes[i];
+    const float *out = OUT(i), *dout = DOUT(i);
+    const model_node *a = &m->nodes[n->in[0]];
+    const float *in = OUT(n->in[0]);
+    // The network input needs no gradient.
+    float *din = a->op == OP_INPUT ? NULL : DOUT(n->in[0]);
+    int C = a->C, H = a->H, W = a->W;
+    size_t cnt = (size_t)N * numel(n);
+    switch (n->op) {
+    case OP_CONV:
+        conv_backward(m, n, din, dout, in, C, H, W);
+        break;
+    case OP_BN: {
+        const float *g = P(n->weight);
+        const int relu = !ref && n->fused_relu;
+        // Fused: the gradient is the ReLU's (its mask is recomputed from the input).
+        const float *d = relu ? DOUT(i + 1) : dout;
+        if (training) {
+            const float *mean = m->save + n->save, *invstd = mean + n->C, *affine = invstd + n->C;
+            if (ref)
+                batchnorm2d_backward_train(din, G(n->weight), G(n->bias), d, in, g, mean,
+                                           invstd, N, C, H * W);
+            else
+                batchnorm2d_fast_backward_train(din, G(n->weight), G(n->bias), d, in, g, mean,
+                                                invstd, affine, N, C, H * W, relu);
+        } else if (ref) {
+            batchnorm2d_backward_eval(din, G(n->weight), G(n->bias), d, in, g,
+                                      P(n->running_mean), P(n->running_var), N, C, H * W,
+                                      n->eps);
+        } else {
+            batchnorm2d_fast_backward_eval(din, G(n->weight), G(n->bias), d, in, g, P(n->bias),
+                                           P(n->running_mean), P(n->running_var), N, C,
+                                           H * W, n->eps, relu);
+        }
+        break;
     }
-    for (int i = 0; i < m->n_nodes; i++) {
-        // Outputs hold the caller's gradients; a fused BN's own slot is never used.
-        if (is_output(m, i) || (!ref && m->nodes[i].fused_relu)) continue;
-        size_t cnt = (size_t)N * numel(&m->nodes[i]);
-        if (ref) memset(m->dact + m->nodes[i].act, 0, cnt * sizeof(float));
-        else tensor_fast_zero(m->dact + m->nodes[i].act, cnt);
+    case OP_LINEAR:
+        linear_bwd(m, n, din, dout, in, C * H * W);
+        break;
+    case OP_CONCAT: {
+        float *dins[NODE_MAX_IN];
+        int Cs[NODE_MAX_IN];
+        for (int j = 0; j < n->n_in; j++) {
+            const model_node *b = &m->nodes[n->in[j]];
+            dins[j] = b->op == OP_INPUT ? NULL : DOUT(n->in[j]);
+            Cs[j] = b->C;
+        }
+        if (ref) concat_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
+        else concat_fast_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
+        break;
     }
-    for (int i = m->n_nodes - 1; i >= 0; i--) {
-        model_node *n = &m->nodes[i];
-        if (!runs(n, training) || n->op == OP_INPUT) continue;
-        const float *out = m->act + n->act, *dout = m->dact + n->act;
-        const model_node *a = &m->nodes[n->in[0]];
-        const float *in = m->act + a->act;
-        // The network input needs no gradient.
-        float *din = a->op == OP_INPUT ? NULL : m->dact + a->act;
-        int C = a->C, H = a->H, W = a->W;
-        size_t cnt = (size_t)N * numel(n);
+    default:
+        if (!din) break;   // parameter-free op right after the input: nothing to do
         switch (n->op) {
-        case OP_CONV:
-            conv_backward(m, n, din, dout, in, C, H, W);
+        case OP_TRANSFORM_INPUT: transform_input_backward(din, dout, N, H * W); break;
+        case OP_RELU:
+            if (ref) relu_backward(din, dout, out, cnt);
+            else if (!a->fused_relu) relu_fast_backward(din, dout, out, cnt);
             break;
-        case OP_BN: {
-            const float *g = P(n->weight);
-            const int relu = !ref && n->fused_relu;
-            // Fused: the gradient and output are the ReLU's.
-            const float *o = relu ? m->act + m->nodes[i + 1].act : out;
-            const float *d = relu ? m->dact + m->nodes[i + 1].act : dout;
-            if (training) {
-                const float *mean = m->save + n->save, *invstd = mean + n->C;
-                if (ref)
-                    batchnorm2d_backward_train(din, G(n->weight), G(n->bias), d, in, g, mean,
-                                               invstd, N, C, H * W);
-                else
-                    batchnorm2d_fast_backward_train(din, G(n->weight), G(n->bias), d, o, in, g,
-                                                    mean, invstd, N, C, H * W, relu);
+        case OP_MAXPOOL:
+            if (ref)
+                maxpool2d_backward(din, dout, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
+            else
+                maxpool2d_fast_backward(din, dout, (const int32_t *)OUT_ARGMAX(n), N, C, H, W,
+                                        n->k, n->stride, n->pad, n->ceil_mode);
+            break;
+        case OP_AVGPOOL:
+            avgpool2d_backward(din, dout, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode,
+                               n->count_include_pad);
+            break;
+        case OP_ADAPTIVE_AVGPOOL:
+            if (ref) adaptive_avgpool2d_backward(din, dout, N, C, H, W, n->H, n->W);
+            else adaptive_avgpool2d_fast_backward(din, dout, N, C, H, W, n->H, n->W);
+            break;
+        case OP_LRN:
+            lrn_backward(din, dout, in, N, C, H * W, n->lrn_size, n->lrn_alpha, n->lrn_beta,
+                         n->lrn_k);
+            break;
+        case OP_DROPOUT:
+        case OP_FLATTEN:    // dropout in eval mode is the identity, like flatten
+            if (n->op == OP_DROPOUT && training) {
+                if (ref) dropout_backward(din, dout, m->save + n->save, cnt);
+                else dropout_fast_backward(din, dout, m->save + n->save, cnt);
             } else if (ref) {
-                batchnorm2d_backward_eval(din, G(n->weight), G(n->bias), d, in, g,
-                                          P(n->running_mean), P(n->running_var), N, C, H * W,
-                                          n->eps);
+                for (size_t j = 0; j < cnt; j++) din[j] += dout[j];
             } else {
-                batchnorm2d_fast_backward_eval(din, G(n->weight), G(n->bias), d, o, in, g,
-                                               P(n->running_mean), P(n->running_var), N, C,
-                                               H * W, n->eps, relu);
+                tensor_fast_add(din, dout, cnt);
             }
             break;
-        }
-        case OP_LINEAR:
-            linear_bwd(m, n, din, dout, in, C * H * W);
-            break;
-        case OP_CONCAT: {
-            float *dins[NODE_MAX_IN];
-            int Cs[NODE_MAX_IN];
-            for (int j = 0; j < n->n_in; j++) {
-                const model_node *b = &m->nodes[n->in[j]];
-                dins[j] = b->op == OP_INPUT ? NULL : m->dact + b->act;
-                Cs[j] = b->C;
-            }
-            if (ref) concat_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
-            else concat_fast_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
-            break;
-        }
         default:
-            if (!din) break;   // parameter-free op right after the input: nothing to do
-            switch (n->op) {
-            case OP_TRANSFORM_INPUT: transform_input_backward(din, dout, N, H * W); break;
-            case OP_RELU:
-                if (ref) relu_backward(din, dout, out, cnt);
-                else if (!a->fused_relu) relu_fast_backward(din, dout, out, cnt);
-                break;
-            case OP_MAXPOOL:
-                if (ref)
-                    maxpool2d_backward(din, dout, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
-                else
-                    maxpool2d_fast_backward(din, dout, m->argmax + n->argmax, N, C, H, W, n->k,
-                                            n->stride, n->pad, n->ceil_mode);
-                break;
-            case OP_AVGPOOL:
-                avgpool2d_backward(din, dout, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode,
-                                   n->count_include_pad);
-                break;
-            case OP_ADAPTIVE_AVGPOOL:
-                if (ref) adaptive_avgpool2d_backward(din, dout, N, C, H, W, n->H, n->W);
-                else adaptive_avgpool2d_fast_backward(din, dout, N, C, H, W, n->H, n->W);
-                break;
-            case OP_LRN:
-                lrn_backward(din, dout, in, N, C, H * W, n->lrn_size, n->lrn_alpha, n->lrn_beta,
-                             n->lrn_k);
-                break;
-            case OP_DROPOUT:
-            case OP_FLATTEN:    // dropout in eval mode is the identity, like flatten
-                if (n->op == OP_DROPOUT && training) {
-                    if (ref) dropout_backward(din, dout, m->save + n->save, cnt);
-                    else dropout_fast_backward(din, dout, m->save + n->save, cnt);
-                } else if (ref) {
-                    for (size_t j = 0; j < cnt; j++) din[j] += dout[j];
-                } else {
-                    tensor_fast_add(din, dout, cnt);
-                }
-                break;
-            default:
-                break;
-            }
+            break;
         }
     }
+}
+
+int model_backward(model *m) {
+    if (m->ran_flags < 0 || !(m->ran_flags & MODEL_GRAD))
+        return err_set("model_backward: the last forward did not keep what backward needs");
+    const int training = m->ran_flags & MODEL_TRAIN;
+    for (int i = m->n_nodes - 1; i >= 0; i--) {
+        const int step = plan_bwd_step(m, i);
+        // Gradients coming into use now start at zero (the outputs' hold the caller's).
+        for (int j = 0; j < m->n_nodes; j++) {
+            const model_slot *s = &m->nodes[j].dact;
+            if (!s->floats || s->first != step || is_output(m, j)) continue;
+            if (m->reference) memset(m->arena + s->off, 0, s->floats * sizeof(float));
+            else tensor_fast_zero(m->arena + s->off, s->floats);
+        }
+        if (runs(&m->nodes[i], training) && m->nodes[i].op != OP_INPUT) backward_node(m, i, training);
+        poison(m, step);
+    }
+    m->ran_flags = -1;   // the gradients' slots now hold other data
+    return 0;
 }
 
 int model_loss_backward(model *m, const float *x, const int64_t *target, float smoothing,
@@ -307,11 +449,7 @@ int model_loss_backward(model *m, const float *x, const int64_t *target, float s
     for (int i = 0; i < N; i++)
         if (target[i] < 0 || target[i] >= K)
             return err_set("target %lld of sample %d is outside [0, %d)", (long long)target[i], i, K);
-    if (model_forward(m, x, 1)) return -1;
-    if (!m->dact) {
-        m->dact = calloc(m->act_floats, sizeof(float));
-        if (!m->dact) return err_set("out of memory for activation gradients");
-    }
+    if (model_forward(m, x, MODEL_TRAIN | MODEL_GRAD)) return -1;
     // Main loss + 0.3 × each aux head's loss (GoogLeNet paper, torchvision's training recipe).
     const int outs[3] = {m->logits, m->aux1, m->aux2};
     const float weight[3] = {1.0f, 0.3f, 0.3f};
@@ -324,7 +462,7 @@ int model_loss_backward(model *m, const float *x, const int64_t *target, float s
         memset(d, 0, (size_t)N * K * sizeof(float));
         cross_entropy_backward(d, probs, target, N, K, smoothing, weight[h]);
     }
-    model_backward(m, 1);
+    if (model_backward(m)) return -1;
     *loss_out = (float)loss;
     return 0;
 }

@@ -32,6 +32,14 @@ int model_config_init(model_config *cfg, const char *name) {
     return err_set("unknown model '%s' (see 'incept models')", name);
 }
 
+// Node i's only consumer is the next node, of kind op.
+static int only_next(const model *m, int i, op_kind op) {
+    int uses = 0;
+    for (int j = i + 1; j < m->n_nodes; j++)
+        for (int k = 0; k < m->nodes[j].n_in; k++) uses += m->nodes[j].in[k] == i;
+    return uses == 1 && i + 1 < m->n_nodes && m->nodes[i + 1].op == op && m->nodes[i + 1].in[0] == i;
+}
+
 int model_build(model *m, const model_config *cfg) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
@@ -46,8 +54,30 @@ int model_build(model *m, const model_config *cfg) {
     if (c->H < 1 || c->W < 1) return err_set("input size %dx%d is not valid", c->H, c->W);
     const char *ref = getenv("INCEPT_REFERENCE");
     m->reference = ref && *ref && strcmp(ref, "0");
+    const char *arena = getenv("INCEPT_ARENA");
+    if (arena && *arena && strcmp(arena, "shared")) {
+        if (!strcmp(arena, "separate")) m->arena_mode = ARENA_SEPARATE;
+        else if (!strcmp(arena, "poison")) m->arena_mode = ARENA_POISON;
+        else return err_set("INCEPT_ARENA must be shared, separate or poison, not '%s'", arena);
+    }
+    m->plan_flags = m->ran_flags = -1;
     int rc = vgg ? vgg_build(m) : googlenet_build(m);
     if (rc) { model_free(m); return -1; }
+    // Fusions of the fast kernels. A BN whose only consumer is the ReLU right after it computes
+    // that ReLU; at inference a conv computes the BN and/or ReLU that follow it likewise.
+    for (int i = 0; i < m->n_nodes; i++) m->nodes[i].fold_conv = -1;
+    for (int i = 0; i < m->n_nodes; i++) {
+        model_node *n = &m->nodes[i];
+        n->fused_relu = n->op == OP_BN && only_next(m, i, OP_RELU);
+        if (n->op != OP_CONV) continue;
+        int t = i;
+        if (only_next(m, t, OP_BN)) t++;
+        if (only_next(m, t, OP_RELU)) t++;
+        n->fold_to = t;
+        for (int j = i + 1; j <= t; j++) m->nodes[j].fold_conv = i;
+    }
+    const char *fold = getenv("INCEPT_FOLD");
+    m->fold = !(fold && !strcmp(fold, "0"));
     m->params = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
     m->grads = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
     m->counters = calloc(m->n_counters ? (size_t)m->n_counters : 1, sizeof(int64_t));
@@ -60,7 +90,7 @@ int model_build(model *m, const model_config *cfg) {
 
 void model_free(model *m) {
     free(m->nodes); free(m->tensors); free(m->params); free(m->grads); free(m->counters);
-    free(m->act); free(m->dact); free(m->save); free(m->probs); free(m->ws); free(m->argmax);
+    free(m->arena); free(m->save); free(m->probs); free(m->ws); free(m->folded);
     memset(m, 0, sizeof *m);
 }
 
@@ -72,7 +102,13 @@ static float trunc_normal(rng *r, double std, double a, double b) {
     }
 }
 
+void model_params_changed(model *m) {
+    free(m->folded);
+    m->folded = NULL;
+}
+
 void model_init(model *m, uint64_t seed) {
+    model_params_changed(m);
     rng r;
     rng_seed(&r, seed);
     int vgg = is_vgg(&m->cfg);
@@ -106,50 +142,34 @@ void model_init(model *m, uint64_t seed) {
 static size_t node_numel(const model_node *n) { return (size_t)n->C * n->H * n->W; }
 
 int model_prepare(model *m, int N) {
-    if (N == m->N && m->act) return 0;
+    if (N == m->N && m->save) return 0;
     if (N < 1) return err_set("batch size must be at least 1, not %d", N);
-    size_t a = 0, s = 0, x = 0;
+    size_t s = 0;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
-        n->act = a;
-        a += (size_t)N * node_numel(n);
         n->save = s;
-        if (n->op == OP_BN) s += 2 * (size_t)n->C;
+        if (n->op == OP_BN) s += 4 * (size_t)n->C;   // mean, invstd, affine (graph.c)
         if (n->op == OP_DROPOUT) s += (size_t)N * node_numel(n);
-        n->argmax = x;
-        if (n->op == OP_MAXPOOL) x += (size_t)N * node_numel(n);
-        // A BN whose only consumer is the ReLU right after it computes that ReLU (fast kernels).
-        int uses = 0;
-        for (int j = i + 1; j < m->n_nodes; j++)
-            for (int k = 0; k < m->nodes[j].n_in; k++) uses += m->nodes[j].in[k] == i;
-        n->fused_relu = n->op == OP_BN && uses == 1 && i + 1 < m->n_nodes &&
-                        m->nodes[i + 1].op == OP_RELU && m->nodes[i + 1].in[0] == i;
     }
-    free(m->act); free(m->dact); free(m->save); free(m->probs); free(m->ws); free(m->argmax);
-    m->argmax = malloc((x ? x : 1) * sizeof(int32_t));
-    m->argmax_count = x;
-    m->dact = NULL;
+    free(m->save); free(m->probs); free(m->ws);
     m->ws = NULL;       // resized for the new batch by the executor
     m->ws_threads = 0;
-    m->act = malloc(a * sizeof(float));
+    m->plan_flags = m->ran_flags = -1;   // the arena is laid out again for the new batch
     m->save = malloc((s ? s : 1) * sizeof(float));
     m->probs = malloc((size_t)3 * N * m->cfg.num_classes * sizeof(float));
-    m->act_floats = a;
     m->save_floats = s;
     m->N = N;
-    if (!m->act || !m->save || !m->probs || !m->argmax) {
-        free(m->act); free(m->save); free(m->probs); free(m->argmax);
-        m->act = m->save = m->probs = NULL;
-        m->argmax = NULL;
+    if (!m->save || !m->probs) {
+        free(m->save); free(m->probs);
+        m->save = m->probs = NULL;
         m->N = 0;
-        return err_set("out of memory: activations for batch %d need %.1f MiB", N,
-                       a * 4.0 / 1048576);
+        return err_set("out of memory for batch %d", N);
     }
     return 0;
 }
 
-float *model_out(const model *m, int node) { return m->act + m->nodes[node].act; }
-float *model_dout(const model *m, int node) { return m->dact + m->nodes[node].act; }
+float *model_out(const model *m, int node) { return m->arena + m->nodes[node].act.off; }
+float *model_dout(const model *m, int node) { return m->arena + m->nodes[node].dact.off; }
 
 void model_zero_grad(model *m) { memset(m->grads, 0, m->n_floats * sizeof(float)); }
 
@@ -264,6 +284,7 @@ static void shape_str(char *buf, size_t cap, int ndim, const int64_t *s) {
 static int is_aux_key(const char *k) { return !strncmp(k, "aux1.", 5) || !strncmp(k, "aux2.", 5); }
 
 int model_load(model *m, const char *path, int *ignored_aux) {
+    model_params_changed(m);
     st_file f;
     if (st_read(&f, path)) return -1;
     int rc = 0, ignored = 0;

@@ -3,8 +3,10 @@
 // then drive everything else: allocation of the single parameter/gradient buffers, checkpoint
 // keys, initialisation and the summary. Nothing about a network is written down twice.
 //
-// Memory: parameters, gradients, activations and activation gradients each live in one buffer;
-// a node's output is a slice [act + node.act, N*C*H*W) of the activation arena.
+// Memory: parameters and gradients live in one buffer each. Activations, activation gradients
+// and max-pool argmaxes share one arena, laid out by a plan (plan.c) for the batch size and the
+// kind of pass: a slot is kept only while something still reads it, and slots whose lifetimes
+// do not overlap share memory. A node's output is [arena + node.act.off, N*C*H*W floats).
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -45,6 +47,13 @@ typedef enum {
     OP_ADAPTIVE_AVGPOOL, OP_LRN, OP_LINEAR, OP_DROPOUT, OP_CONCAT, OP_FLATTEN, OP_COUNT
 } op_kind;
 
+// A piece of the arena: where it lies and the steps of the pass during which it holds data.
+// Steps: forward of node i = i, backward of node i = 2*n_nodes - 1 - i (see plan.c).
+typedef struct {
+    size_t off, floats;     // floats = 0: no slot in the current plan
+    int first, last;        // live from the start of step `first` to the end of step `last`
+} model_slot;
+
 #define NODE_MAX_IN 4
 typedef struct {
     op_kind op;
@@ -59,10 +68,16 @@ typedef struct {
     int lrn_size; float lrn_alpha, lrn_beta, lrn_k;
     int weight, bias, running_mean, running_var, num_batches_tracked;   // tensor ids or -1
     long long macs;         // multiply-accumulates per sample
-    size_t act;             // offset of the output in the activation arena (for the current N)
+    // Arena slots in the current plan: output, its gradient, max pool's int32 argmax.
+    model_slot act, dact, argmax;
     size_t save;            // offset of saved state (BN stats, dropout mask) in the save arena
-    size_t argmax;          // max pool: offset of its int32 argmax in the argmax arena
     int fused_relu;         // BN whose ReLU (the next node, its only consumer) it computes
+                            // (fast kernels; set by model_build)
+    // Inference with the fast kernels: a conv computes conv [-> BN] [-> ReLU] as one GEMM, BN
+    // folded into its packed weights and bias, ReLU in the epilogue (set by model_build).
+    int fold_to;            // conv: the last node of that chain (itself if nothing follows)
+    int fold_conv;          // BN/ReLU in such a chain: its conv; else -1
+    size_t folded;          // conv: offset of its packed weights, then its bias, in m->folded
 } model_node;
 
 typedef struct {
@@ -72,16 +87,24 @@ typedef struct {
     float *params, *grads;  size_t n_floats;     // F32 tensors (params and buffers), same layout
     int64_t *counters;      int n_counters;      // num_batches_tracked
     int logits, aux1, aux2;                      // output node ids (-1 if absent)
-    // Batch-dependent arenas, sized by model_prepare().
+    // Batch-dependent buffers: save and probs sized by model_prepare(), the arena by the plan of
+    // the pass being run (model_forward), kept at the largest size needed so far.
     int N;
-    float *act, *dact, *save, *probs;
-    int32_t *argmax;                             // max pool argmax (fast kernels, training)
-    size_t act_floats, save_floats, argmax_count;
+    float *save, *probs;
+    size_t save_floats;
+    float *arena; size_t arena_floats;
+    int plan_flags;                              // MODEL_TRAIN|MODEL_GRAD of the plan; -1 none
+    size_t plan_floats;                          // arena floats the current plan uses
+    int arena_mode;                              // ARENA_SHARED / _SEPARATE / _POISON
+    int ran_flags;                               // flags of the last forward; -1 none
     rng dropout_rng;
     // Kernels: the fast path (packed GEMM, cpu_isa()/cpu_threads()) unless reference is set
     // (INCEPT_REFERENCE=1 in the environment, or set by the caller): the plain loops of ops.h.
     int reference;
     float *ws; size_t ws_floats; int ws_threads;  // fast-kernel workspace for batch N
+    int fold;                                    // fold BN into convs at inference (default 1;
+                                                 // INCEPT_FOLD=0 at build turns it off)
+    float *folded; int folded_isa;               // made at the first inference forward
     int build_failed;                            // set by the builder on a shape error
     int cur_head;                                // builder state: head of new nodes
 } model;
@@ -92,19 +115,37 @@ int  model_build(model *m, const model_config *cfg);
 void model_free(model *m);
 // torchvision's initialisation schemes, deterministic from seed; also seeds dropout.
 void model_init(model *m, uint64_t seed);
-// Sizes the activation arenas for batch N (no-op if already sized).
+// Sets the batch size (no-op if already set): sizes the small per-batch buffers; the arena
+// follows at the next forward.
 int  model_prepare(model *m, int N);
 
-// Forward pass on x [N,C,H,W] (model_prepare(N) first). training: batch-statistics BN (running
-// stats updated), dropout on, aux heads run. -1 on a condition PyTorch also rejects.
-int  model_forward(model *m, const float *x, int training);
-float *model_out(const model *m, int node);     // a node's output for the current batch
-float *model_dout(const model *m, int node);    // its gradient
-// Backward through the nodes that ran in the last forward (same training flag): expects the output gradients in
-// model_dout(logits/aux1/aux2); zeroes all other activation gradients first; parameter
-// gradients ACCUMULATE into m->grads.
-void model_backward(model *m, int training);
+// Forward pass flags.
+enum {
+    MODEL_TRAIN = 1,   // batch-statistics BN (running stats updated), dropout on, aux heads run
+    MODEL_GRAD = 2,    // keep what model_backward needs (else only what the forward needs)
+};
+// How the plan places slots: ARENA_SHARED (default) lets slots with disjoint lifetimes share
+// memory; ARENA_SEPARATE gives every slot its own; ARENA_POISON shares and also fills each slot
+// with NaN when its lifetime ends, so a read the plan did not foresee shows in the results.
+// Set from INCEPT_ARENA=shared|separate|poison at build, or by the caller before model_prepare.
+enum { ARENA_SHARED, ARENA_SEPARATE, ARENA_POISON };
+
+// Forward pass on x [N,C,H,W] (model_prepare(N) first) with MODEL_* flags. -1 on a condition
+// PyTorch also rejects, or out of memory for the arena.
+int  model_forward(model *m, const float *x, int flags);
+// A node's output for the current batch. After the forward: the outputs (logits/aux1/aux2) are
+// kept until the next forward; other nodes' slots may already hold other data.
+float *model_out(const model *m, int node);
+float *model_dout(const model *m, int node);    // its gradient (after a MODEL_GRAD forward)
+// Backward through the nodes that ran in the last forward, which must have had MODEL_GRAD
+// (and in that forward's mode): expects the output gradients in model_dout(logits/aux1/aux2),
+// written after the forward; zeroes every other activation gradient when it comes into use;
+// parameter gradients ACCUMULATE into m->grads. -1 (err_set) without a MODEL_GRAD forward.
+int  model_backward(model *m);
 void model_zero_grad(model *m);
+// Drops what was derived from the parameters (the folded inference weights): call after
+// writing m->params directly. model_load, model_init and training forwards do it themselves.
+void model_params_changed(model *m);
 
 // Training-mode forward + mean cross-entropy (+ 0.3 × each aux head's) + backward.
 // Parameter gradients accumulate. loss_out gets the total loss. -1 if a target is out of range.

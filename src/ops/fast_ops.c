@@ -42,14 +42,20 @@ static void part_range(size_t total, int t, int n, size_t *lo, size_t *hi) {
 // ---------------------------------------------------------------------------------------------
 // Kernel bodies
 
-// The gradient reaching the BN output: dout, masked by the ReLU output when fused
-// (relu_backward: zero where out <= 0; a NaN output passes its gradient).
-// Both loads are unconditional so that the compiler can turn the choice into a vector select.
-AI float bn_grad(const float *g, const float *out, int i, int relu) {
-    const float gv = g[i];
+// The ReLU output when fused, recomputed from the BN input x with the forward's own per-position
+// affine (ra, rb): the same expression as bnb_affine_body, so the same bits.
+AI float bn_relu_in(const float *x, const float *ra, const float *rb, int q) {
+    return x[q] * ra[q] + rb[q];
+}
+
+// The gradient reaching the BN output: dout, masked by the ReLU when fused (relu_backward: zero
+// where the output is <= 0; a NaN output passes its gradient).
+// The loads are unconditional so that the compiler can turn the choice into a vector select.
+AI float bn_grad(const float *g, const float *x, const float *ra, const float *rb, int q,
+                 int relu) {
+    const float gv = g[q];
     if (!relu) return gv;
-    const float ov = out[i];
-    return ov <= 0.0f ? 0.0f : gv;
+    return bn_relu_in(x, ra, rb, q) <= 0.0f ? 0.0f : gv;
 }
 
 // ---- batchnorm ----
@@ -95,16 +101,16 @@ AI void bnb_affine_body(float *restrict o, const float *restrict x, int N, size_
 }
 
 AI void bnb_bwd_sums_body(double *restrict a1, double *restrict a2, const float *restrict g,
-                          const float *restrict out, const float *restrict x, int N,
-                          size_t stride, int L, const float *restrict mean, int relu) {
+                          const float *restrict x, int N, size_t stride, int L,
+                          const float *restrict mean, const float *restrict ra,
+                          const float *restrict rb, int relu) {
     float gm[BN_BLOCK_MAX];  // the masked gradient row: gcc 12 will not vectorise a float
                              // select feeding double sums in one loop
     for (int n = 0; n < N; n++) {
         const size_t off = (size_t)n * stride;
         const float *gp = g + off, *xp = x + off;
         if (relu) {
-            const float *op = out + off;
-            for (int q = 0; q < L; q++) gm[q] = op[q] <= 0.0f ? 0.0f : gp[q];
+            for (int q = 0; q < L; q++) gm[q] = bn_grad(gp, xp, ra, rb, q, 1);
             gp = gm;
         }
         for (int q = 0; q < L; q++) {
@@ -116,27 +122,29 @@ AI void bnb_bwd_sums_body(double *restrict a1, double *restrict a2, const float 
 }
 
 AI void bnb_bwd_apply_body(float *restrict dx, const float *restrict g,
-                           const float *restrict out, const float *restrict x, int N,
-                           size_t stride, int L, const float *restrict gmean,
-                           const float *restrict proj, const float *restrict mean,
-                           const float *restrict a, int relu) {
+                           const float *restrict x, int N, size_t stride, int L,
+                           const float *restrict gmean, const float *restrict proj,
+                           const float *restrict mean, const float *restrict a,
+                           const float *restrict ra, const float *restrict rb, int relu) {
     for (int n = 0; n < N; n++) {
         const size_t off = (size_t)n * stride;
-        const float *gp = g + off, *op = relu ? out + off : gp, *xp = x + off;
+        const float *gp = g + off, *xp = x + off;
         float *d = dx + off;
         for (int q = 0; q < L; q++)
-            d[q] += (bn_grad(gp, op, q, relu) - gmean[q] - (xp[q] - mean[q]) * proj[q]) * a[q];
+            d[q] += (bn_grad(gp, xp, ra, rb, q, relu) - gmean[q] - (xp[q] - mean[q]) * proj[q]) *
+                    a[q];
     }
 }
 
 AI void bnb_bwd_apply_eval_body(float *restrict dx, const float *restrict g,
-                                const float *restrict out, int N, size_t stride, int L,
-                                const float *restrict a, int relu) {
+                                const float *restrict x, int N, size_t stride, int L,
+                                const float *restrict a, const float *restrict ra,
+                                const float *restrict rb, int relu) {
     for (int n = 0; n < N; n++) {
         const size_t off = (size_t)n * stride;
-        const float *gp = g + off, *op = relu ? out + off : gp;
+        const float *gp = g + off, *xp = relu ? x + off : gp;
         float *d = dx + off;
-        for (int q = 0; q < L; q++) d[q] += bn_grad(gp, op, q, relu) * a[q];
+        for (int q = 0; q < L; q++) d[q] += bn_grad(gp, xp, ra, rb, q, relu) * a[q];
     }
 }
 
@@ -412,12 +420,13 @@ typedef struct {
     void (*bnb_ssd)(double *, const float *, int, size_t, int, const double *);
     void (*bnb_affine)(float *, const float *, int, size_t, int, const float *, const float *,
                        int);
-    void (*bnb_bwd_sums)(double *, double *, const float *, const float *, const float *, int,
-                         size_t, int, const float *, int);
-    void (*bnb_bwd_apply)(float *, const float *, const float *, const float *, int, size_t, int,
-                          const float *, const float *, const float *, const float *, int);
+    void (*bnb_bwd_sums)(double *, double *, const float *, const float *, int, size_t, int,
+                         const float *, const float *, const float *, int);
+    void (*bnb_bwd_apply)(float *, const float *, const float *, int, size_t, int, const float *,
+                          const float *, const float *, const float *, const float *,
+                          const float *, int);
     void (*bnb_bwd_apply_eval)(float *, const float *, const float *, int, size_t, int,
-                               const float *, int);
+                               const float *, const float *, const float *, int);
     void (*relu_fwd)(float *, const float *, size_t);
     void (*relu_bwd)(float *, const float *, const float *, size_t);
     void (*add)(float *, const float *, size_t);
@@ -442,24 +451,24 @@ typedef struct {
         if (relu) bnb_affine_body(o, x, N, st, L, a, b, 1);                                      \
         else bnb_affine_body(o, x, N, st, L, a, b, 0);                                           \
     }                                                                                            \
-    ATTR static void bnb_bwd_sums_##SFX(double *a1, double *a2, const float *g,                  \
-                                        const float *out, const float *x, int N, size_t st,      \
-                                        int L, const float *mean, int relu) {                    \
-        if (relu) bnb_bwd_sums_body(a1, a2, g, out, x, N, st, L, mean, 1);                       \
-        else bnb_bwd_sums_body(a1, a2, g, out, x, N, st, L, mean, 0);                            \
+    ATTR static void bnb_bwd_sums_##SFX(double *a1, double *a2, const float *g, const float *x,  \
+                                        int N, size_t st, int L, const float *mean,              \
+                                        const float *ra, const float *rb, int relu) {            \
+        if (relu) bnb_bwd_sums_body(a1, a2, g, x, N, st, L, mean, ra, rb, 1);                    \
+        else bnb_bwd_sums_body(a1, a2, g, x, N, st, L, mean, ra, rb, 0);                         \
     }                                                                                            \
-    ATTR static void bnb_bwd_apply_##SFX(float *dx, const float *g, const float *out,            \
-                                         const float *x, int N, size_t st, int L,                \
-                                         const float *gmean, const float *proj,                  \
-                                         const float *mean, const float *a, int relu) {          \
-        if (relu) bnb_bwd_apply_body(dx, g, out, x, N, st, L, gmean, proj, mean, a, 1);          \
-        else bnb_bwd_apply_body(dx, g, out, x, N, st, L, gmean, proj, mean, a, 0);               \
+    ATTR static void bnb_bwd_apply_##SFX(float *dx, const float *g, const float *x, int N,       \
+                                         size_t st, int L, const float *gmean,                   \
+                                         const float *proj, const float *mean, const float *a,   \
+                                         const float *ra, const float *rb, int relu) {           \
+        if (relu) bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 1);       \
+        else bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 0);            \
     }                                                                                            \
-    ATTR static void bnb_bwd_apply_eval_##SFX(float *dx, const float *g, const float *out,       \
-                                              int N, size_t st, int L, const float *a,           \
-                                              int relu) {                                        \
-        if (relu) bnb_bwd_apply_eval_body(dx, g, out, N, st, L, a, 1);                           \
-        else bnb_bwd_apply_eval_body(dx, g, out, N, st, L, a, 0);                                \
+    ATTR static void bnb_bwd_apply_eval_##SFX(float *dx, const float *g, const float *x, int N,  \
+                                              size_t st, int L, const float *a,                  \
+                                              const float *ra, const float *rb, int relu) {      \
+        if (relu) bnb_bwd_apply_eval_body(dx, g, x, N, st, L, a, ra, rb, 1);                     \
+        else bnb_bwd_apply_eval_body(dx, g, x, N, st, L, a, ra, rb, 0);                          \
     }                                                                                            \
     ATTR static void relu_fwd_##SFX(float *o, const float *x, size_t n) {                        \
         relu_fwd_body(o, x, n);                                                                  \
@@ -517,9 +526,9 @@ enum { BN_BLOCK = BN_BLOCK_MAX };
 
 typedef struct {
     const fast_kernels *K;
-    float *out, *save_mean, *save_invstd, *running_mean, *running_var;
+    float *out, *save_mean, *save_invstd, *save_affine, *running_mean, *running_var;
     float *din, *dgamma, *dbeta;
-    const float *in, *gamma, *beta, *dout, *fout, *mean_in, *invstd_in, *rvar_in;
+    const float *in, *gamma, *beta, *dout, *mean_in, *invstd_in, *rvar_in, *affine_in;
     int N, C, HW, relu;
     float eps, momentum;
 } bn_job;
@@ -594,9 +603,10 @@ static void bn_group_affine(const bn_job *j, int c, int nc, const float *a, cons
     }
 }
 
-// sum(dy) and sum(dy * (x - mean)) of channels [c, c+nc), dy masked by the ReLU if fused.
+// sum(dy) and sum(dy * (x - mean)) of channels [c, c+nc), dy masked by the ReLU if fused
+// (whose input the forward computed as x * ra + rb; per channel of the group).
 static void bn_group_bwd_sums(double *sdy, double *sdyxm, const bn_job *j, int c, int nc,
-                              const float *mean) {
+                              const float *mean, const float *ra, const float *rb) {
     const size_t stride = (size_t)j->C * j->HW;
     for (int k = 0; k < nc; k++) sdy[k] = sdyxm[k] = 0.0;
     for (int s = 0; s < bn_segments(j->HW); s++) {
@@ -604,10 +614,11 @@ static void bn_group_bwd_sums(double *sdy, double *sdyxm, const bn_job *j, int c
         int L;
         bn_segment(j, c, nc, s, &off, &L);
         double a1[BN_BLOCK] = {0}, a2[BN_BLOCK] = {0};
-        float mq[BN_BLOCK];
+        float mq[BN_BLOCK], raq[BN_BLOCK], rbq[BN_BLOCK];
         bn_expand_f(mq, mean, j, L);
-        j->K->bnb_bwd_sums(a1, a2, j->dout + off, j->relu ? j->fout + off : NULL, j->in + off,
-                           j->N, stride, L, mq, j->relu);
+        if (j->relu) { bn_expand_f(raq, ra, j, L); bn_expand_f(rbq, rb, j, L); }
+        j->K->bnb_bwd_sums(a1, a2, j->dout + off, j->in + off, j->N, stride, L, mq, raq, rbq,
+                           j->relu);
         bn_add_totals(sdy, a1, j, L);
         bn_add_totals(sdyxm, a2, j, L);
     }
@@ -615,33 +626,37 @@ static void bn_group_bwd_sums(double *sdy, double *sdyxm, const bn_job *j, int c
 
 // din += (dy - gmean - (x - mean) * proj) * a for channels [c, c+nc).
 static void bn_group_bwd_apply(const bn_job *j, int c, int nc, const float *gmean,
-                               const float *proj, const float *mean, const float *a) {
+                               const float *proj, const float *mean, const float *a,
+                               const float *ra, const float *rb) {
     const size_t stride = (size_t)j->C * j->HW;
     for (int s = 0; s < bn_segments(j->HW); s++) {
         size_t off;
         int L;
         bn_segment(j, c, nc, s, &off, &L);
-        float gq[BN_BLOCK], pq[BN_BLOCK], mq[BN_BLOCK], aq[BN_BLOCK];
+        float gq[BN_BLOCK], pq[BN_BLOCK], mq[BN_BLOCK], aq[BN_BLOCK], raq[BN_BLOCK], rbq[BN_BLOCK];
         bn_expand_f(gq, gmean, j, L);
         bn_expand_f(pq, proj, j, L);
         bn_expand_f(mq, mean, j, L);
         bn_expand_f(aq, a, j, L);
-        j->K->bnb_bwd_apply(j->din + off, j->dout + off, j->relu ? j->fout + off : NULL,
-                            j->in + off, j->N, stride, L, gq, pq, mq, aq, j->relu);
+        if (j->relu) { bn_expand_f(raq, ra, j, L); bn_expand_f(rbq, rb, j, L); }
+        j->K->bnb_bwd_apply(j->din + off, j->dout + off, j->in + off, j->N, stride, L, gq, pq, mq,
+                            aq, raq, rbq, j->relu);
     }
 }
 
 // din += dy * a (eval) for channels [c, c+nc).
-static void bn_group_bwd_apply_eval(const bn_job *j, int c, int nc, const float *a) {
+static void bn_group_bwd_apply_eval(const bn_job *j, int c, int nc, const float *a,
+                                    const float *ra, const float *rb) {
     const size_t stride = (size_t)j->C * j->HW;
     for (int s = 0; s < bn_segments(j->HW); s++) {
         size_t off;
         int L;
         bn_segment(j, c, nc, s, &off, &L);
-        float aq[BN_BLOCK];
+        float aq[BN_BLOCK], raq[BN_BLOCK], rbq[BN_BLOCK];
         bn_expand_f(aq, a, j, L);
-        j->K->bnb_bwd_apply_eval(j->din + off, j->dout + off, j->relu ? j->fout + off : NULL,
-                                 j->N, stride, L, aq, j->relu);
+        if (j->relu) { bn_expand_f(raq, ra, j, L); bn_expand_f(rbq, rb, j, L); }
+        j->K->bnb_bwd_apply_eval(j->din + off, j->dout + off, j->in + off, j->N, stride, L, aq,
+                                 raq, rbq, j->relu);
     }
 }
 
@@ -675,6 +690,7 @@ static void bn_fwd_train_task(void *ctx, int t, int nt) {
             const double scale = invstd * (j->gamma ? j->gamma[c] : 1.0f);
             a[k] = (float)scale;
             b[k] = (float)((j->beta ? j->beta[c] : 0.0f) - mean[k] * scale);
+            if (j->save_affine) { j->save_affine[c] = a[k]; j->save_affine[j->C + c] = b[k]; }
         }
         bn_group_affine(j, c0, nc, a, b);
     }
@@ -689,12 +705,12 @@ static int bn_threads(int N, int C, int HW) {
 }
 
 void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_invstd,
-                                    float *running_mean, float *running_var,
+                                    float *save_affine, float *running_mean, float *running_var,
                                     const float *in, const float *gamma, const float *beta,
                                     int N, int C, int HW, float eps, float momentum, int relu) {
     if (bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .out = out, .save_mean = save_mean, .save_invstd = save_invstd,
-                .running_mean = running_mean, .running_var = running_var, .in = in,
+                .save_affine = save_affine, .running_mean = running_mean, .running_var = running_var, .in = in,
                 .gamma = gamma, .beta = beta, .N = N, .C = C, .HW = HW, .relu = relu,
                 .eps = eps, .momentum = momentum};
     cpu_parallel(bn_fwd_train_task, &j, bn_threads(N, C, HW));
@@ -711,7 +727,9 @@ static void bn_bwd_train_task(void *ctx, int t, int nt) {
     for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
         const int nc = (int)hi - c0 < G ? (int)hi - c0 : G;
         const float *mean = j->mean_in + c0;
-        bn_group_bwd_sums(sdy, sdyxm, j, c0, nc, mean);
+        const float *ra = j->relu ? j->affine_in + c0 : NULL;
+        const float *rb = j->relu ? j->affine_in + j->C + c0 : NULL;
+        bn_group_bwd_sums(sdy, sdyxm, j, c0, nc, mean, ra, rb);
         for (int k = 0; k < nc; k++) {
             const int c = c0 + k;
             const float invstd = j->invstd_in[c];
@@ -722,18 +740,18 @@ static void bn_bwd_train_task(void *ctx, int t, int nt) {
             proj[k] = (float)(sdyxm[k] * invstd * invstd / (double)M);
             a[k] = invstd * (j->gamma ? j->gamma[c] : 1.0f);
         }
-        if (j->din) bn_group_bwd_apply(j, c0, nc, gmean, proj, mean, a);
+        if (j->din) bn_group_bwd_apply(j, c0, nc, gmean, proj, mean, a, ra, rb);
     }
 }
 
 void batchnorm2d_fast_backward_train(float *din, float *dgamma, float *dbeta, const float *dout,
-                                     const float *out, const float *in, const float *gamma,
+                                     const float *in, const float *gamma,
                                      const float *save_mean, const float *save_invstd,
-                                     int N, int C, int HW, int relu) {
+                                     const float *save_affine, int N, int C, int HW, int relu) {
     if ((!din && !dgamma && !dbeta) || bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
-                .fout = out, .in = in, .gamma = gamma, .mean_in = save_mean,
-                .invstd_in = save_invstd, .N = N, .C = C, .HW = HW, .relu = relu};
+                .in = in, .gamma = gamma, .mean_in = save_mean, .invstd_in = save_invstd,
+                .affine_in = save_affine, .N = N, .C = C, .HW = HW, .relu = relu};
     cpu_parallel(bn_bwd_train_task, &j, bn_threads(N, C, HW));
 }
 
@@ -773,10 +791,17 @@ static void bn_bwd_eval_task(void *ctx, int t, int nt) {
     size_t lo, hi;
     part_range((size_t)j->C, t, nt, &lo, &hi);
     double sdy[BN_BLOCK], sdyxm[BN_BLOCK];
-    float a[BN_BLOCK];
+    float a[BN_BLOCK], ra[BN_BLOCK], rb[BN_BLOCK];
     for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
         const int nc = (int)hi - c0 < G ? (int)hi - c0 : G;
-        if (j->dgamma || j->dbeta) bn_group_bwd_sums(sdy, sdyxm, j, c0, nc, j->mean_in + c0);
+        for (int k = 0; k < nc && j->relu; k++) {   // the forward's affine, as bn_fwd_eval_task
+            const int c = c0 + k;
+            const double scale =
+                (j->gamma ? j->gamma[c] : 1.0f) / sqrt((double)j->rvar_in[c] + j->eps);
+            ra[k] = (float)scale;
+            rb[k] = (float)((j->beta ? j->beta[c] : 0.0f) - j->mean_in[c] * scale);
+        }
+        if (j->dgamma || j->dbeta) bn_group_bwd_sums(sdy, sdyxm, j, c0, nc, j->mean_in + c0, ra, rb);
         for (int k = 0; k < nc; k++) {
             const int c = c0 + k;
             const double invstd = 1.0 / sqrt((double)j->rvar_in[c] + j->eps);
@@ -784,17 +809,17 @@ static void bn_bwd_eval_task(void *ctx, int t, int nt) {
             if (j->dgamma) j->dgamma[c] += (float)(sdyxm[k] * invstd);
             a[k] = (float)(invstd * (j->gamma ? j->gamma[c] : 1.0f));
         }
-        if (j->din) bn_group_bwd_apply_eval(j, c0, nc, a);
+        if (j->din) bn_group_bwd_apply_eval(j, c0, nc, a, ra, rb);
     }
 }
 
 void batchnorm2d_fast_backward_eval(float *din, float *dgamma, float *dbeta, const float *dout,
-                                    const float *out, const float *in, const float *gamma,
+                                    const float *in, const float *gamma, const float *beta,
                                     const float *running_mean, const float *running_var,
                                     int N, int C, int HW, float eps, int relu) {
     if ((!din && !dgamma && !dbeta) || bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
-                .fout = out, .in = in, .gamma = gamma, .mean_in = running_mean,
+                .in = in, .gamma = gamma, .beta = beta, .mean_in = running_mean,
                 .rvar_in = running_var, .N = N, .C = C, .HW = HW, .relu = relu, .eps = eps};
     cpu_parallel(bn_bwd_eval_task, &j, bn_threads(N, C, HW));
 }

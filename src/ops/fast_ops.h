@@ -21,24 +21,28 @@
 // ---- batchnorm2d, optionally fused with the ReLU that follows it ----
 // relu = 0: exactly batchnorm2d_forward_train of ops.h (out = BN output).
 // relu = 1: out = relu(BN output); the BN output itself is not written anywhere. Backward then
-// takes the gradient w.r.t. the ReLU output and that same output (for the ReLU mask, out > 0 or
-// NaN passes, as relu_backward) and recomputes x-hat from the input with the saved statistics.
-// `out` is only read by backward when relu = 1 (may be NULL otherwise).
+// takes the gradient w.r.t. the ReLU output and recomputes both x-hat and the ReLU's mask (zero
+// where the output is <= 0; a NaN output passes, as relu_backward) from the input: the mask from
+// the per-channel affine out = in * a + b that the forward applied, bit for bit. So backward
+// needs neither output.
+// save_affine (2*C floats: a, then b; may be NULL) gets that affine; backward with relu = 1
+// needs it (unused with relu = 0, may be NULL).
 void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_invstd,
-                                    float *running_mean, float *running_var,
+                                    float *save_affine, float *running_mean, float *running_var,
                                     const float *in, const float *gamma, const float *beta,
                                     int N, int C, int HW, float eps, float momentum, int relu);
 void batchnorm2d_fast_backward_train(float *din, float *dgamma, float *dbeta, const float *dout,
-                                     const float *out, const float *in, const float *gamma,
+                                     const float *in, const float *gamma,
                                      const float *save_mean, const float *save_invstd,
-                                     int N, int C, int HW, int relu);
-// Eval mode (running statistics): an affine map per channel, then the optional ReLU.
+                                     const float *save_affine, int N, int C, int HW, int relu);
+// Eval mode (running statistics): an affine map per channel, then the optional ReLU, whose
+// mask backward recomputes from the input (hence beta).
 void batchnorm2d_fast_forward_eval(float *out, const float *in, const float *gamma,
                                    const float *beta, const float *running_mean,
                                    const float *running_var, int N, int C, int HW, float eps,
                                    int relu);
 void batchnorm2d_fast_backward_eval(float *din, float *dgamma, float *dbeta, const float *dout,
-                                    const float *out, const float *in, const float *gamma,
+                                    const float *in, const float *gamma, const float *beta,
                                     const float *running_mean, const float *running_var,
                                     int N, int C, int HW, float eps, int relu);
 
