@@ -1,6 +1,7 @@
 // Convolution through gemm_ex(): see conv_fast.h.
 #include "ops/conv_fast.h"
 #include "ops/gemm.h"
+#include "ops/winograd.h"
 #include <stdint.h>
 
 static int out_size(int H, int k, int stride, int pad) {
@@ -38,7 +39,13 @@ size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int 
         if (dw1 > s) s = dw1;
         if (din1 > s) s = din1;
     }
-    return s > din ? s : din;
+    if (s < din) s = din;
+    int m = k == 3 && stride == 1 ? winograd_tile(N, C, H, W, K, pad) : 0;
+    if (m) {  // conv2d_fast_forward's Winograd path
+        size_t wino = winograd_workspace_size(N, C, H, W, K, pad, m);
+        if (wino > s) s = wino;
+    }
+    return s;
 }
 
 // The im2col view of an [N, C, H, W] tensor for a k x k window.
@@ -75,6 +82,11 @@ static void forward(float *out, const float *in, const gemm_operand *a, const fl
 void conv2d_fast_forward(float *out, const float *in, const float *w, const float *b, int N,
                          int C, int H, int W, int K, int k, int stride, int pad, int relu,
                          float *ws) {
+    int m = k == 3 && stride == 1 ? winograd_tile(N, C, H, W, K, pad) : 0;
+    if (m) {
+        winograd_forward(out, in, w, b, N, C, H, W, K, pad, relu, m, ws);
+        return;
+    }
     gemm_operand a = {.kind = GEMM_DENSE, .p = w, .rs = (ptrdiff_t)C * k * k, .cs = 1};
     forward(out, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
 }

@@ -52,12 +52,10 @@ static void transpose16_c(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, 
         for (int c = 0; c < 16; c++) d[r * ld + c] = s[c * ls + r];
 }
 
-static gemm_kernel_fn kernel_scalar;
-
 // Block sizes measured on a Zen 5 core (48 KiB L1d, 1 MiB L2); see bench/kernels.c.
 static const gemm_config configs[3] = {
-    [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar, NULL, copy_c, transpose16_c,
-                        im2col_rows_c, im2col_line_c, dense_rows_c},
+    [CPU_ISA_SCALAR] = {GEMM_SCALAR_MR, GEMM_SCALAR_NR, 256, 512, 512, gemm_kernel_scalar, NULL,
+                        copy_c, transpose16_c, im2col_rows_c, im2col_line_c, dense_rows_c},
     [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2, NULL,
                       copy_c, transpose16_c, im2col_rows_c, im2col_line_c, dense_rows_c},
     [CPU_ISA_AVX512] = {GEMM_AVX512_MR, GEMM_AVX512_NR, 384, 512, 480, gemm_kernel_avx512,
@@ -68,10 +66,10 @@ static const gemm_config configs[3] = {
 // ---------------------------------------------------------------------------------------------
 // Plain-C micro-kernel (4 x 16). ISO C mode keeps a*b+c as two roundings (no contraction).
 
-enum { SMR = 4, SNR = 16 };
+enum { SMR = GEMM_SCALAR_MR, SNR = GEMM_SCALAR_NR };
 
-static void kernel_scalar(int kc, const float *a, const float *b, float *c, ptrdiff_t ldc,
-                          int mr, int nr, const gemm_epilogue *e) {
+void gemm_kernel_scalar(int kc, const float *a, const float *b, float *c, ptrdiff_t ldc,
+                        int mr, int nr, const gemm_epilogue *e) {
     float acc[SMR][SNR];
     memset(acc, 0, sizeof acc);
     for (int k = 0; k < kc; k++) {
