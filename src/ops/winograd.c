@@ -14,16 +14,13 @@
 //
 // Work layout (workspace), a = m + 2, positions pos = (xi, nu) of the a x a transforms:
 //   U [pos][K/MR panels][C][MR]   transformed filters as the micro-kernel's packed A panels
-//                                 (K padded to MR with zero filters)
+//                                 (K padded to MR with zero filters; all of them, or a block)
 //   V [pos][TB/NR slivers][C][NR] transformed input of a chunk of TB tiles as packed B slivers
 //                                 (tiles past the chunk's end are zero)
-//   M [pos][K][TB]                the GEMM results of a chunk
-// Tiles are numbered (image, tile row, tile column) row-major and processed in chunks of TB
-// consecutive tiles, small enough that a chunk's V and M stay in cache between the input
-// transform, the GEMMs and the output transform. With many chunks each thread takes whole
-// chunks (no synchronisation); with few, each chunk's three phases are split over the threads
-// (by channel, by (position, filter panel), by filter). Every value is computed by the same
-// sequence of operations either way, so results do not depend on the thread count.
+//   M [pos][K][TB]                the GEMM results of a chunk (all filters, or a block's)
+// with one cache line of padding between positions. Tiles are numbered (image, tile row, tile
+// column) row-major. The order of the work (by chunks of tiles or by blocks of filters) is
+// described at plan_make(); it changes the speed only, never a result.
 #include "ops/winograd.h"
 #include "ops/cpu.h"
 #include "ops/gemm.h"
