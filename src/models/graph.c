@@ -38,6 +38,20 @@ static const model_node *folded_bn(const model *m, int i) {
 // Makes m->folded: per conv (of the main path), its weights times the BN's per-channel scale
 // gamma / sqrt(running_var + eps), packed for the GEMM, then its bias
 // beta + (conv bias - running_mean) * scale; without a BN, the conv's own weights and bias.
+// Convolutions that conv2d_fast_forward may run as Winograd (3x3 stride 1) or as a dense layer
+// (maps smaller than the kernel) keep their folded weights unpacked: those paths transform the
+// plain weights, and the packed forward is always direct im2col.
+static int fold_unpacked(const model *m, const model_node *n) {
+    const model_node *a = &m->nodes[n->in[0]];
+    return (n->k == 3 && n->stride == 1) || conv2d_fast_dense(a->H, a->W, n->k);
+}
+
+// Floats of conv node n's folded weights (packed or not).
+static size_t fold_weights_size(const model *m, const model_node *n, int C) {
+    return fold_unpacked(m, n) ? (size_t)n->C * C * n->k * n->k
+                               : conv2d_fast_pack_weights_size(C, n->C, n->k);
+}
+
 static int fold_ready(model *m) {
     if (m->folded && m->folded_isa == (int)cpu_isa()) return 0;
     model_params_changed(m);
@@ -47,7 +61,7 @@ static int fold_ready(model *m) {
         if (n->op != OP_CONV || !runs(n, 0)) continue;
         const model_tensor *w = &m->tensors[n->weight];
         n->folded = total;
-        total += round16(conv2d_fast_pack_weights_size(w->shape[1], n->C, n->k)) + round16(n->C);
+        total += round16(fold_weights_size(m, n, w->shape[1])) + round16(n->C);
         if (w->numel > tmp) tmp = w->numel;
     }
     float *f = malloc((total ? total : 1) * sizeof(float)), *wf = malloc(tmp * sizeof(float));
@@ -62,7 +76,7 @@ static int fold_ready(model *m) {
         const int C = w->shape[1], K = n->C;
         const size_t row = w->numel / (size_t)K;
         const float *src = P(n->weight), *cb = n->bias >= 0 ? P(n->bias) : NULL;
-        float *bias = f + n->folded + round16(conv2d_fast_pack_weights_size(C, K, n->k));
+        float *bias = f + n->folded + round16(fold_weights_size(m, n, C));
         const model_node *bn = folded_bn(m, i);
         for (int k = 0; k < K; k++) {
             double scale = 1.0, shift = cb ? cb[k] : 0.0;
@@ -70,11 +84,12 @@ static int fold_ready(model *m) {
                 scale = P(bn->weight)[k] / sqrt((double)P(bn->running_var)[k] + bn->eps);
                 shift = P(bn->bias)[k] + (shift - P(bn->running_mean)[k]) * scale;
             }
+            float *dst = fold_unpacked(m, n) ? f + n->folded : wf;
             for (size_t e = 0; e < row; e++)
-                wf[k * row + e] = (float)(src[k * row + e] * scale);
+                dst[k * row + e] = (float)(src[k * row + e] * scale);
             bias[k] = (float)shift;
         }
-        conv2d_fast_pack_weights(f + n->folded, wf, C, K, n->k);
+        if (!fold_unpacked(m, n)) conv2d_fast_pack_weights(f + n->folded, wf, C, K, n->k);
     }
     free(wf);
     m->folded = f;
@@ -233,11 +248,15 @@ int model_forward(model *m, const float *x, int flags) {
         case OP_CONV:
             if (fold) {
                 const float *pw = m->folded + n->folded;
-                const float *b = pw + round16(conv2d_fast_pack_weights_size(C, n->C, n->k));
+                const float *b = pw + round16(fold_weights_size(m, n, C));
                 const int has_bias = n->bias >= 0 || folded_bn(m, i);   // or the BN's shift
-                if (conv2d_fast_forward_packed(OUT(n->fold_to), in, pw, has_bias ? b : NULL, N, C, H,
-                                               W, n->C, n->k, n->stride, n->pad,
-                                               m->nodes[n->fold_to].op == OP_RELU, m->ws))
+                const int relu = m->nodes[n->fold_to].op == OP_RELU;
+                if (fold_unpacked(m, n))
+                    conv2d_fast_forward(OUT(n->fold_to), in, pw, has_bias ? b : NULL, N, C, H, W,
+                                        n->C, n->k, n->stride, n->pad, relu, m->ws);
+                else if (conv2d_fast_forward_packed(OUT(n->fold_to), in, pw, has_bias ? b : NULL,
+                                                    N, C, H, W, n->C, n->k, n->stride, n->pad,
+                                                    relu, m->ws))
                     return -1;
             } else {
                 conv_forward(m, n, out, in, C, H, W);

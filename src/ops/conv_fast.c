@@ -2,6 +2,7 @@
 #include "ops/conv_fast.h"
 #include "ops/cpu.h"
 #include "ops/gemm.h"
+#include "ops/winograd.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -108,7 +109,13 @@ size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int 
         size_t d = round16((size_t)ko * ci) + round16((size_t)ko) + g;
         if (d > s) s = d;
     }
-    return s > din ? s : din;
+    if (s < din) s = din;
+    int m = k == 3 && stride == 1 ? winograd_tile(N, C, H, W, K, pad) : 0;
+    if (m) {  // conv2d_fast_forward's Winograd path
+        size_t wino = winograd_workspace_size(N, C, H, W, K, pad, m);
+        if (wino > s) s = wino;
+    }
+    return s;
 }
 
 // The im2col view of an [N, C, H, W] tensor for a k x k window.
@@ -161,8 +168,13 @@ void conv2d_fast_forward(float *out, const float *in, const float *w, const floa
                          float *ws) {
     int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
     if (N <= 0 || K <= 0 || OH <= 0 || OW <= 0) return;
-    if (conv2d_fast_dense(H, W, k)) {
+    if (conv2d_fast_dense(H, W, k)) {   // tiny maps first: no transforms at all
         dense_forward(out, in, w, b, N, C, H, W, K, k, stride, pad, relu, ws);
+        return;
+    }
+    int m = k == 3 && stride == 1 ? winograd_tile(N, C, H, W, K, pad) : 0;
+    if (m) {
+        winograd_forward(out, in, w, b, N, C, H, W, K, pad, relu, m, ws);
         return;
     }
     gemm_operand a = {.kind = GEMM_DENSE, .p = w, .rs = (ptrdiff_t)C * k * k, .cs = 1};

@@ -2,7 +2,10 @@
 // ops.h (PyTorch's, to float32 rounding), plus a caller-given workspace.
 //
 // Forward:  out[n] = W[K x C*k*k] * im2col(in[n]) + b, with the batch folded into the GEMM's
-//           columns and the im2col matrix packed straight from the image (no im2col buffer).
+//           columns and the im2col matrix packed straight from the image (no im2col buffer);
+//           3x3 stride-1 convolutions go to Winograd F(2x2) or F(4x4) (winograd.h) where
+//           winograd_tile() says it pays (enough channels and tiles), to a rounding error a few
+//           times the direct one's.
 // Backward: dW += dout * im2col(in)^T (batch folded into the GEMM's depth);
 //           din += (for stride 1) a forward convolution of dout with the flipped, transposed
 //           weights (again no buffer), else W^T * dout per image followed by col2im.
@@ -26,7 +29,8 @@ void conv2d_fast_forward(float *out, const float *in, const float *w, const floa
                          float *ws);
 
 // Inference with weights packed once (gemm_pack_a) instead of on every call: the same results
-// bit for bit. The packing belongs to the ISA level in use when packing.
+// bit for bit, except where conv2d_fast_forward takes the Winograd path: this one stays direct.
+// The packing belongs to the ISA level in use when packing.
 size_t conv2d_fast_pack_weights_size(int C, int K, int k);  // floats
 void conv2d_fast_pack_weights(float *packed, const float *w, int C, int K, int k);
 // As conv2d_fast_forward; -1 (err_set) if `packed` was made for other sizes or ISA level.

@@ -52,12 +52,10 @@ static void transpose16_c(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, 
         for (int c = 0; c < 16; c++) d[r * ld + c] = s[c * ls + r];
 }
 
-static gemm_kernel_fn kernel_scalar;
-
 // Block sizes measured on a Zen 5 core (48 KiB L1d, 1 MiB L2); see bench/kernels.c.
 static const gemm_config configs[3] = {
-    [CPU_ISA_SCALAR] = {4, 16, 256, 512, 512, kernel_scalar, NULL, copy_c, transpose16_c,
-                        im2col_rows_c, im2col_line_c, dense_rows_c},
+    [CPU_ISA_SCALAR] = {GEMM_SCALAR_MR, GEMM_SCALAR_NR, 256, 512, 512, gemm_kernel_scalar, NULL,
+                        copy_c, transpose16_c, im2col_rows_c, im2col_line_c, dense_rows_c},
     [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2, NULL,
                       copy_c, transpose16_c, im2col_rows_c, im2col_line_c, dense_rows_c},
     [CPU_ISA_AVX512] = {GEMM_AVX512_MR, GEMM_AVX512_NR, 384, 512, 480, gemm_kernel_avx512,
@@ -68,10 +66,10 @@ static const gemm_config configs[3] = {
 // ---------------------------------------------------------------------------------------------
 // Plain-C micro-kernel (4 x 16). ISO C mode keeps a*b+c as two roundings (no contraction).
 
-enum { SMR = 4, SNR = 16 };
+enum { SMR = GEMM_SCALAR_MR, SNR = GEMM_SCALAR_NR };
 
-static void kernel_scalar(int kc, const float *a, const float *b, float *c, ptrdiff_t ldc,
-                          int mr, int nr, const gemm_epilogue *e) {
+void gemm_kernel_scalar(int kc, const float *a, const float *b, float *c, ptrdiff_t ldc,
+                        int mr, int nr, const gemm_epilogue *e) {
     float acc[SMR][SNR];
     memset(acc, 0, sizeof acc);
     for (int k = 0; k < kc; k++) {
@@ -836,11 +834,80 @@ static void gemm_no_k(const gemm_output *c, const float *bias, int M, int N, int
         }
 }
 
+// ---- few rows of A against a B with contiguous columns (a linear layer at batch <= 8) ----
+// C(i,j) is then a dot product of two contiguous vectors, and packing B (a transposing copy
+// of all of it, e.g. 400 MB for VGG's first linear layer) would cost more than the product:
+// read each column of B once, straight from where it is. 16 partial sums in a fixed order
+// (the same at every ISA level: no contraction, and vectorising keeps the order), so results
+// do not depend on the thread count.
+enum { SMALL_M = 8 };
+
+INLINE float dot16_body(const float *x, const float *y, int n) {
+    float acc[16] = {0};
+    int k = 0;
+    for (; k + 16 <= n; k += 16)
+        for (int l = 0; l < 16; l++) acc[l] += x[k + l] * y[k + l];
+    for (int l = 0; k < n; k++, l++) acc[l] += x[k] * y[k];
+    for (int w = 8; w >= 1; w /= 2)  // pairwise: lanes l and l + w
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+static float dot16_c(const float *x, const float *y, int n) { return dot16_body(x, y, n); }
+static AVX512 float dot16_avx512(const float *x, const float *y, int n) {
+    return dot16_body(x, y, n);
+}
+
+typedef struct {
+    const gemm_output *c;
+    const gemm_operand *a, *b;
+    const float *bias;
+    int M, N, K, flags;
+} small_m_job;
+
+static void small_m_task(void *ctx, int t, int n) {
+    const small_m_job *g = ctx;
+    float (*dot)(const float *, const float *, int) =
+        cpu_isa() == CPU_ISA_AVX512 ? dot16_avx512 : dot16_c;
+    int j0 = (int)((long long)g->N * t / n), j1 = (int)((long long)g->N * (t + 1) / n);
+    for (int j = j0; j < j1; j++) {
+        const float *bj = g->b->p + (ptrdiff_t)j * g->b->cs;
+        for (int i = 0; i < g->M; i++) {
+            float x = dot(g->a->p + (ptrdiff_t)i * g->a->rs, bj, g->K);
+            float *ci = g->c->p + (ptrdiff_t)i * g->c->ldc + j;
+            if (g->flags & GEMM_ACCUMULATE) x = *ci + x;
+            if (g->flags & GEMM_BIAS_ROW) x += g->bias[i];
+            if (g->flags & GEMM_BIAS_COL) x += g->bias[j];
+            if ((g->flags & GEMM_RELU) && x < 0.0f) x = 0.0f;  // NaN stays
+            *ci = x;
+        }
+    }
+}
+
+static int small_m_fits(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
+                        int M) {
+    return M <= SMALL_M && a->kind == GEMM_DENSE && a->cs == 1 && !a->fold &&
+           b->kind == GEMM_DENSE && b->rs == 1 && !b->fold && !c->fold;
+}
+
+static void small_m(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
+                    const float *bias, int M, int N, int K, int flags) {
+    small_m_job g = {c, a, b, bias, M, N, K, flags};
+    double macs = (double)M * N * K;
+    int T = macs < 4e6 ? 1 : cpu_threads();
+    if (T > N) T = N;
+    cpu_parallel(small_m_task, &g, T);
+}
+
 void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
              const float *bias, int M, int N, int K, int flags, float *ws) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {
         gemm_no_k(c, bias, M, N, flags);
+        return;
+    }
+    if (small_m_fits(c, a, b, M)) {
+        small_m(c, a, b, bias, M, N, K, flags);
         return;
     }
     gemm_job g = {.cfg = &configs[cpu_isa()], .c = c, .a = a, .b = b, .bias = bias,

@@ -89,6 +89,7 @@ typedef struct {
 typedef void gemm_kernel_fn(int kc, const float *a, const float *b, float *c, ptrdiff_t ldc,
                             int mr, int nr, const gemm_epilogue *e);
 
+gemm_kernel_fn gemm_kernel_scalar;  // MR 4, NR 16 (plain C)
 gemm_kernel_fn gemm_kernel_avx512;  // MR 8, NR 48
 // Packing helpers with AVX-512 (plain-C equivalents in gemm.c):
 // a full 8-row A panel from rows rs floats apart: d[t*8 + i] = s[i*rs + t], t < n;
@@ -100,3 +101,5 @@ gemm_kernel_fn gemm_kernel_avx2;    // MR 6, NR 16
 #define GEMM_AVX512_NR 48
 #define GEMM_AVX2_MR 6
 #define GEMM_AVX2_NR 16
+#define GEMM_SCALAR_MR 4
+#define GEMM_SCALAR_NR 16

@@ -1,0 +1,578 @@
+// Winograd F(m x m, 3 x 3) convolution: see winograd.h.
+//
+// Transforms (Lavin & Gray's points 0, +-1, +-2 for F(4,3); 0, +-1 for F(2,3)), 1-D forms
+// applied along columns then rows:
+//   F(2,3): B^T d = (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
+//           G g   = (g0, (g0 + g1 + g2)/2, (g0 - g1 + g2)/2, g2)
+//           A^T m = (m0 + m1 + m2, m1 - m2 - m3)
+//   F(4,3): B^T d = (4d0 - 5d2 + d4, (d3 + d4) - 4(d1 + d2), (d4 - d3) + 4(d1 - d2),
+//                    (d4 - d2) + 2(d3 - d1), (d4 - d2) - 2(d3 - d1), 4d1 - 5d3 + d5)
+//           G g   = (g0/4, -(g0 + g1 + g2)/6, -(g0 - g1 + g2)/6, g0/24 + g1/12 + g2/6,
+//                    g0/24 - g1/12 + g2/6, g2)
+//           A^T m = (m0 + (m1 + m2) + (m3 + m4), (m1 - m2) + 2(m3 - m4),
+//                    (m1 + m2) + 4(m3 + m4), (m1 - m2) + 8(m3 - m4) + m5)
+//
+// Work layout (workspace), a = m + 2, positions pos = (xi, nu) of the a x a transforms:
+//   U [pos][K/MR panels][C][MR]   transformed filters as the micro-kernel's packed A panels
+//                                 (K padded to MR with zero filters; all of them, or a block)
+//   V [pos][TB/NR slivers][C][NR] transformed input of a chunk of TB tiles as packed B slivers
+//                                 (tiles past the chunk's end are zero)
+//   M [pos][K][TB]                the GEMM results of a chunk (all filters, or a block's)
+// with one cache line of padding between positions. Tiles are numbered (image, tile row, tile
+// column) row-major. The order of the work (by chunks of tiles or by blocks of filters) is
+// described at plan_make(); it changes the speed only, never a result.
+#include "ops/winograd.h"
+#include "ops/cpu.h"
+#include "ops/gemm.h"
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#define TARGET_AVX2 __attribute__((target("avx2")))
+#define TARGET_AVX512 __attribute__((target("avx512f")))
+
+enum {
+    LANES = 48,  // tiles the transforms handle at once: NR at most
+    MR_MAX = 8,
+};
+// Plan sizes in floats (see plan_make).
+#define CHUNK_FLOATS ((size_t)1 << 18)      // V + M of a chunk when U is small: 1 MiB
+#define BIG_CHUNK_FLOATS ((size_t)4 << 20)  // when U is re-read from memory per chunk
+#define U_BIG_FLOATS ((size_t)2 << 20)      // U that does not stay in cache
+#define V_MAX_FLOATS ((size_t)4 << 20)      // V of all tiles, for the by-filters order
+#define U_BLOCK_FLOATS ((size_t)1 << 17)    // U of a block of filters (by filters): 512 KiB
+
+typedef struct wplan wplan;
+typedef void input_fn(const wplan *p, float *V, const float *in, int t0, int nt, int c0, int c1);
+typedef void output_fn(const wplan *p, float *out, const float *M, size_t mpos,
+                       const float *bias, int t0, int nt, int k0, int k1);
+typedef void weight_fn(const wplan *p, float *U, size_t upos, const float *w, int g0, int g1);
+
+struct wplan {
+    int m, a, aa;                          // tile, patch size m + 2, positions a*a
+    int N, C, H, W, K, pad, relu, OH, OW;  // the convolution
+    int th, tw, P;                         // tile rows and columns per image, tiles in all
+    int MR, NR;                            // micro-kernel tile
+    gemm_kernel_fn *kernel;
+    input_fn *input;
+    output_fn *output;
+    weight_fn *weight;
+    int panels;                            // K / MR rounded up
+    int TB, nchunks;                       // tiles per chunk (a multiple of NR), chunks
+    int by_filters;                        // one chunk; threads take blocks of filters
+    int by_chunks;                         // threads take whole chunks
+    int block;                             // by_filters: panels per block of filters
+    int nbuf;                              // buffers for U (by_filters) and M, per thread
+    size_t upos, vpos, mpos;               // floats from one position to the next in U, V, M
+    size_t u_floats, v_floats, m_floats;   // U (whole or a block), V and M (a chunk)
+};
+
+static int ceil_div(int a, int b) { return (a + b - 1) / b; }
+static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+
+// ---------------------------------------------------------------------------------------------
+// 1-D transforms (constant m after inlining)
+
+INLINE void bt_1d(float *v, const float *d, const int m) {
+    if (m == 2) {
+        v[0] = d[0] - d[2];
+        v[1] = d[1] + d[2];
+        v[2] = d[2] - d[1];
+        v[3] = d[1] - d[3];
+    } else {
+        float d13 = d[3] - d[1], d42 = d[4] - d[2];
+        v[0] = (4.0f * d[0] - 5.0f * d[2]) + d[4];
+        v[1] = (d[3] + d[4]) - 4.0f * (d[1] + d[2]);
+        v[2] = (d[4] - d[3]) + 4.0f * (d[1] - d[2]);
+        v[3] = d42 + 2.0f * d13;
+        v[4] = d42 - 2.0f * d13;
+        v[5] = (4.0f * d[1] - 5.0f * d[3]) + d[5];
+    }
+}
+
+INLINE void g_1d(float *u, const float *g, const int m) {
+    if (m == 2) {
+        u[0] = g[0];
+        u[1] = 0.5f * ((g[0] + g[2]) + g[1]);
+        u[2] = 0.5f * ((g[0] + g[2]) - g[1]);
+        u[3] = g[2];
+    } else {
+        float s = g[0] + g[2], q = g[0] * (1.0f / 24) + g[2] * (1.0f / 6);
+        u[0] = g[0] * 0.25f;
+        u[1] = (s + g[1]) * (-1.0f / 6);
+        u[2] = (s - g[1]) * (-1.0f / 6);
+        u[3] = q + g[1] * (1.0f / 12);
+        u[4] = q - g[1] * (1.0f / 12);
+        u[5] = g[2];
+    }
+}
+
+INLINE void at_1d(float *y, const float *x, const int m) {
+    if (m == 2) {
+        y[0] = (x[0] + x[1]) + x[2];
+        y[1] = (x[1] - x[2]) - x[3];
+    } else {
+        float s12 = x[1] + x[2], d12 = x[1] - x[2], s34 = x[3] + x[4], d34 = x[3] - x[4];
+        y[0] = (x[0] + s12) + s34;
+        y[1] = d12 + 2.0f * d34;
+        y[2] = s12 + 4.0f * s34;
+        y[3] = (d12 + 8.0f * d34) + x[5];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs of tiles: consecutive tiles of one tile row, at most LANES.
+
+typedef struct {
+    int n, ty, tx, len;
+} tile_run;
+
+// The run from tile t (chunk-relative q) on, at most max tiles and within one sliver.
+static tile_run run_at(const wplan *p, int t, int q, int max) {
+    tile_run r = {t / (p->th * p->tw), t / p->tw % p->th, t % p->tw, 0};
+    r.len = p->tw - r.tx;
+    if (r.len > max) r.len = max;
+    if (r.len > p->NR - q % p->NR) r.len = p->NR - q % p->NR;
+    return r;
+}
+
+// ---- copies of n floats (the input transform's stores into V) ----
+typedef void copy_fn(float *d, const float *s, int n);
+
+INLINE void copy_c(float *d, const float *s, int n) { memcpy(d, s, (size_t)n * sizeof(float)); }
+
+INLINE TARGET_AVX2 void copy_avx2(float *d, const float *s, int n) {
+    int t = 0;
+    for (; t + 8 <= n; t += 8) _mm256_storeu_ps(d + t, _mm256_loadu_ps(s + t));
+    if (t < n) {
+        __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - t), lane);
+        _mm256_maskstore_ps(d + t, mask, _mm256_maskload_ps(s + t, mask));
+    }
+}
+
+INLINE TARGET_AVX512 void copy_avx512(float *d, const float *s, int n) {
+    int t = 0;
+    for (; t + 16 <= n; t += 16) _mm512_storeu_ps(d + t, _mm512_loadu_ps(s + t));
+    if (t < n) {
+        __mmask16 mask = (__mmask16)((1u << (n - t)) - 1);
+        _mm512_mask_storeu_ps(d + t, mask, _mm512_maskz_loadu_ps(mask, s + t));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input transform: V for tiles t0..t0+nt-1 (chunk-relative index q = t - t0) and channels
+// c0..c1-1; also zeroes the lanes of the last sliver past nt.
+
+INLINE void input_body(const wplan *p, float *V, const float *in, int t0, int nt, int c0, int c1,
+                       const int m, const int NR, copy_fn *copy) {
+    enum { A = 6, XW = LANES * 4 + 4 };
+    const int a = m + 2, C = p->C;
+    const size_t vpos = p->vpos;
+    static const float zeros[XW];  // padding rows
+    float tv[A][XW], vals[A * A][LANES];
+    const float *rows[A];
+    for (int q = 0; q < nt;) {
+        tile_run r = run_at(p, t0 + q, q, nt - q);
+        int width = r.len * m + 2, x0 = r.tx * m - p->pad, y0 = r.ty * m - p->pad;
+        // columns x0 + x, lo <= x < hi, are inside the image; the others are padding
+        int lo = x0 < 0 ? -x0 : 0, hi = p->W - x0 < width ? p->W - x0 : width;
+        if (hi < lo) hi = lo;
+        for (int c = c0; c < c1; c++) {
+            const float *plane = in + ((size_t)r.n * C + c) * p->H * p->W;
+            for (int i = 0; i < a; i++) {  // rows[i][x - lo] = input at (y0 + i, x0 + x)
+                int y = y0 + i;
+                rows[i] = y >= 0 && y < p->H ? plane + (size_t)y * p->W + x0 + lo : zeros;
+            }
+            for (int x = 0; x < lo; x++)
+                for (int i = 0; i < a; i++) tv[i][x] = 0.0f;
+            for (int x = lo; x < hi; x++) {  // down the columns
+                float d[A], v[A];
+                for (int i = 0; i < a; i++) d[i] = rows[i][x - lo];
+                bt_1d(v, d, m);
+                for (int i = 0; i < a; i++) tv[i][x] = v[i];
+            }
+            for (int x = hi; x < m * (r.len + 1); x++)
+                for (int i = 0; i < a; i++) tv[i][x] = 0.0f;
+            for (int xi = 0; xi < a; xi++) {  // along the rows, one tile per lane
+                float cols[4][LANES + 1];     // de-interleaved: cols[i][j] = tv[xi][m*j + i]
+                for (int j = 0; j <= r.len; j++)
+                    for (int i = 0; i < m; i++) cols[i][j] = tv[xi][m * j + i];
+                for (int j = 0; j < r.len; j++) {
+                    float d[A], v[A];
+                    for (int i = 0; i < m; i++) d[i] = cols[i][j];
+                    d[m] = cols[0][j + 1], d[m + 1] = cols[1][j + 1];
+                    bt_1d(v, d, m);
+                    for (int nu = 0; nu < a; nu++) vals[xi * a + nu][j] = v[nu];
+                }
+            }
+            float *dst = V + ((size_t)(q / NR) * C + c) * NR + q % NR;  // the run's sliver
+            for (int pos = 0; pos < a * a; pos++) copy(dst + pos * vpos, vals[pos], r.len);
+        }
+        q += r.len;
+    }
+    int lane = nt % NR;
+    if (lane)
+        for (int pos = 0; pos < a * a; pos++)
+            for (int c = c0; c < c1; c++)
+                memset(V + pos * vpos + ((size_t)(nt / NR) * C + c) * NR + lane, 0,
+                       (size_t)(NR - lane) * sizeof(float));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output transform of filters k0..k1-1 for tiles t0..t0+nt-1, + bias, ReLU. M holds rows of
+// TB tiles from filter k0 on, positions mpos floats apart.
+
+INLINE void output_body(const wplan *p, float *out, const float *M, size_t mpos, const float *bias,
+                        int t0, int nt, int k0, int k1, const int m) {
+    enum { A = 6 };
+    const int a = m + 2, TB = p->TB, OH = p->OH, OW = p->OW;
+    float s[4][A][LANES], y[4][LANES * 4];
+    for (int q = 0; q < nt;) {
+        tile_run r = run_at(p, t0 + q, q, nt - q);
+        int oy0 = r.ty * m, ox0 = r.tx * m;
+        int rows = OH - oy0 < m ? OH - oy0 : m, cols = OW - ox0 < m * r.len ? OW - ox0 : m * r.len;
+        for (int k = k0; k < k1; k++) {
+            const float *mk = M + (size_t)(k - k0) * TB + q;
+            for (int nu = 0; nu < a; nu++)  // down the columns
+                for (int j = 0; j < r.len; j++) {
+                    float x[A], v[4];
+                    for (int xi = 0; xi < a; xi++) x[xi] = mk[(xi * a + nu) * mpos + j];
+                    at_1d(v, x, m);
+                    for (int i = 0; i < m; i++) s[i][nu][j] = v[i];
+                }
+            for (int i = 0; i < rows; i++)  // along the rows
+                for (int j = 0; j < r.len; j++) {
+                    float x[A], v[4];
+                    for (int nu = 0; nu < a; nu++) x[nu] = s[i][nu][j];
+                    at_1d(v, x, m);
+                    for (int e = 0; e < m; e++) y[i][m * j + e] = v[e];
+                }
+            float b = bias ? bias[k] : 0.0f;
+            for (int i = 0; i < rows; i++) {
+                float *o = out + (((size_t)r.n * p->K + k) * OH + oy0 + i) * OW + ox0;
+                for (int x = 0; x < cols; x++) {
+                    float v = y[i][x] + b;
+                    if (p->relu && v < 0.0f) v = 0.0f;  // NaN < 0 is false: NaN stays
+                    o[x] = v;
+                }
+            }
+        }
+        q += r.len;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filter transform
+
+// g[i][l] = tap i of filter l's channel: w0[l*ks + i] for l < n, 0 for n <= l < MR.
+typedef void gather_fn(float g[9][MR_MAX], const float *w0, ptrdiff_t ks, int n, int MR);
+
+INLINE void gather_c(float g[9][MR_MAX], const float *w0, ptrdiff_t ks, int n, int MR) {
+    for (int l = 0; l < MR; l++)
+        for (int i = 0; i < 9; i++) g[i][l] = l < n ? w0[l * ks + i] : 0.0f;
+}
+
+// A hardware gather per tap: the filters are C*9 floats apart.
+INLINE TARGET_AVX2 void gather_avx2(float g[9][MR_MAX], const float *w0, ptrdiff_t ks, int n,
+                                    int MR) {
+    (void)MR;
+    __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i idx = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)ks));
+    __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+    for (int i = 0; i < 9; i++)
+        _mm256_storeu_ps(g[i], _mm256_mask_i32gather_ps(_mm256_setzero_ps(), w0 + i, idx, mask, 4));
+}
+
+// Panels g0..g1-1 (filters g*MR .. g*MR + MR - 1; past K: zeros) to U, panel g at
+// U + (g - g0)*C*MR, positions upos floats apart. One filter per lane.
+INLINE void weight_body(const wplan *p, float *U, size_t upos, const float *w, int g0, int g1,
+                        const int m, const int MR, gather_fn *gather) {
+    enum { A = 6 };
+    const int a = m + 2, C = p->C, K = p->K;
+    float g[9][MR_MAX], u[A * A][MR_MAX];
+    for (int pg = g0; pg < g1; pg++)
+        for (int c = 0; c < C; c++) {
+            int n = K - pg * MR < MR ? K - pg * MR : MR;
+            gather(g, w + ((size_t)pg * MR * C + c) * 9, (ptrdiff_t)C * 9, n, MR);
+            for (int l = 0; l < MR; l++) {  // vectorised over the lanes
+                float col[3][A], x[3], v[A];
+                for (int j = 0; j < 3; j++) {  // down the columns: G g
+                    for (int i = 0; i < 3; i++) x[i] = g[i * 3 + j][l];
+                    g_1d(col[j], x, m);
+                }
+                for (int i = 0; i < a; i++) {  // along the rows: (G g) G^T
+                    for (int j = 0; j < 3; j++) x[j] = col[j][i];
+                    g_1d(v, x, m);
+                    for (int j = 0; j < a; j++) u[i * a + j][l] = v[j];
+                }
+            }
+            float *dst = U + ((size_t)(pg - g0) * C + c) * MR;
+            for (int pos = 0; pos < a * a; pos++)
+                memcpy(dst + pos * upos, u[pos], (size_t)MR * sizeof(float));
+        }
+}
+
+// ---- the transforms at each ISA level (the compiler vectorises the lane loops) ----
+// The micro-kernel's MR and NR are constants here, so lane loops have fixed lengths.
+#define TRANSFORMS(SUFFIX, TARGET, MR, NR, GATHER)                                                      \
+    static TARGET void input_##SUFFIX(const wplan *p, float *V, const float *in, int t0,        \
+                                      int nt, int c0, int c1) {                                 \
+        if (p->m == 2) input_body(p, V, in, t0, nt, c0, c1, 2, NR, copy_##SUFFIX);              \
+        else input_body(p, V, in, t0, nt, c0, c1, 4, NR, copy_##SUFFIX);                        \
+    }                                                                                           \
+    static TARGET void output_##SUFFIX(const wplan *p, float *out, const float *M, size_t mpos, \
+                                       const float *bias, int t0, int nt, int k0, int k1) {     \
+        if (p->m == 2) output_body(p, out, M, mpos, bias, t0, nt, k0, k1, 2);                   \
+        else output_body(p, out, M, mpos, bias, t0, nt, k0, k1, 4);                             \
+    }                                                                                           \
+    static TARGET void weight_##SUFFIX(const wplan *p, float *U, size_t upos, const float *w,   \
+                                       int g0, int g1) {                                        \
+        if (p->m == 2) weight_body(p, U, upos, w, g0, g1, 2, MR, GATHER);                       \
+        else weight_body(p, U, upos, w, g0, g1, 4, MR, GATHER);                                 \
+    }
+
+TRANSFORMS(c, , GEMM_SCALAR_MR, GEMM_SCALAR_NR, gather_c)
+TRANSFORMS(avx2, TARGET_AVX2, GEMM_AVX2_MR, GEMM_AVX2_NR, gather_avx2)
+TRANSFORMS(avx512, TARGET_AVX512, GEMM_AVX512_MR, GEMM_AVX512_NR, gather_avx2)
+
+// ---------------------------------------------------------------------------------------------
+// The plan: sizes, order and functions for one ISA level and thread count. Each value is
+// computed the same way in every order (the GEMM sums each one over the channels in one
+// micro-kernel call), so the choice changes the speed only.
+//   by chunks of tiles: U once, whole; then per chunk (small enough that its V and M stay in
+//     cache between the input transform, the GEMMs and the output transform) the three phases,
+//     a thread per chunk when there are many, else each phase split over the threads;
+//   by filters, when U would not stay in cache and the tiles are few (deep layers at small
+//     batches): V once, for all tiles; then per block of filters, a thread each, that block's
+//     U, GEMMs and output transform, so U is never written out to memory.
+
+// Position strides are a multiple of 16 floats plus 16: the a*a values of one element then lie
+// in different cache sets (strides of a multiple of 4 KiB would put them all in one).
+static size_t pos_stride(size_t n) { return (n + 15) / 16 * 16 + 16; }
+
+static wplan plan_make(int N, int C, int H, int W, int K, int pad, int relu, int m,
+                       cpu_isa_level isa, int threads) {
+    wplan p = {.m = m, .a = m + 2, .aa = (m + 2) * (m + 2), .N = N, .C = C, .H = H, .W = W,
+               .K = K, .pad = pad, .relu = relu, .OH = H + 2 * pad - 2, .OW = W + 2 * pad - 2};
+    p.th = ceil_div(p.OH, m), p.tw = ceil_div(p.OW, m), p.P = N * p.th * p.tw;
+    if (isa == CPU_ISA_AVX512) {
+        p.MR = GEMM_AVX512_MR, p.NR = GEMM_AVX512_NR, p.kernel = gemm_kernel_avx512;
+        p.input = input_avx512, p.output = output_avx512, p.weight = weight_avx512;
+    } else if (isa == CPU_ISA_AVX2) {
+        p.MR = GEMM_AVX2_MR, p.NR = GEMM_AVX2_NR, p.kernel = gemm_kernel_avx2;
+        p.input = input_avx2, p.output = output_avx2, p.weight = weight_avx2;
+    } else {
+        p.MR = GEMM_SCALAR_MR, p.NR = GEMM_SCALAR_NR, p.kernel = gemm_kernel_scalar;
+        p.input = input_c, p.output = output_c, p.weight = weight_c;
+    }
+    if (threads < 1) threads = 1;
+    p.panels = ceil_div(K, p.MR);
+    size_t u_all = (size_t)p.aa * p.panels * p.MR * C;
+    int all = ceil_div(p.P, p.NR) * p.NR;  // every tile in one chunk
+    p.by_filters = u_all > U_BIG_FLOATS && (size_t)p.aa * all * C <= V_MAX_FLOATS;
+    if (p.by_filters) {
+        p.TB = all, p.nchunks = 1;
+        // a block's U stays in L2 while V streams past (the micro-kernel keeps up with L3)
+        p.block = (int)(U_BLOCK_FLOATS / ((size_t)p.aa * p.MR * C));
+        if (p.block < 1) p.block = 1;
+        if (p.block > p.panels) p.block = p.panels;
+        p.nbuf = threads;
+        p.upos = pos_stride((size_t)p.block * p.MR * C);
+        p.mpos = pos_stride((size_t)p.block * p.MR * p.TB);
+    } else {
+        size_t budget = u_all > U_BIG_FLOATS ? BIG_CHUNK_FLOATS : CHUNK_FLOATS;
+        size_t tb = budget / ((size_t)p.aa * (C + K)) / p.NR * p.NR;
+        p.TB = tb < (size_t)p.NR ? p.NR : tb > (size_t)all ? all : (int)tb;
+        p.nchunks = ceil_div(p.P, p.TB);
+        p.by_chunks = threads == 1 || p.nchunks >= 4 * threads;
+        p.nbuf = p.by_chunks ? threads : 1;
+        p.upos = pos_stride((size_t)p.panels * p.MR * C);
+        p.mpos = pos_stride((size_t)K * p.TB);
+    }
+    p.vpos = pos_stride((size_t)p.TB * C);
+    p.u_floats = p.aa * p.upos, p.v_floats = p.aa * p.vpos, p.m_floats = p.aa * p.mpos;
+    return p;
+}
+
+// Floats of workspace: alignment, then U or V (shared), then per buffer V or U, and M.
+static size_t plan_ws(const wplan *p) {
+    size_t shared = p->by_filters ? p->v_floats : p->u_floats;
+    size_t own = p->by_filters ? p->u_floats : p->v_floats;
+    return 16 + round16(shared) + p->nbuf * (round16(own) + round16(p->m_floats));
+}
+
+// Measured with per-call filter transforms (conv2d_fast_forward transforms the filters on every
+// call): F(4x4) wins once there are a few dozen 4x4 tiles to share its larger U; F(2x2) below
+// that down to ~32 2x2 tiles; fewer (7x7 maps at batch 1) or few channels: the direct GEMM.
+int winograd_tile(int N, int C, int H, int W, int K, int pad) {
+    int OH = H + 2 * pad - 2, OW = W + 2 * pad - 2;
+    if (pad > 2 || OH < 1 || OW < 1 || C < 16 || K < 16) return 0;
+    long long tiles4 = (long long)N * ceil_div(OH, 4) * ceil_div(OW, 4);
+    long long tiles2 = (long long)N * ceil_div(OH, 2) * ceil_div(OW, 2);
+    if (tiles4 >= 48) return 4;
+    return tiles2 >= 32 ? 2 : 0;
+}
+
+size_t winograd_workspace_size(int N, int C, int H, int W, int K, int pad, int m) {
+    size_t most = 0;
+    for (int isa = CPU_ISA_SCALAR; isa <= CPU_ISA_AVX512; isa++) {
+        wplan p = plan_make(N, C, H, W, K, pad, 0, m, (cpu_isa_level)isa, cpu_threads());
+        size_t s = plan_ws(&p);
+        if (s > most) most = s;
+    }
+    return most;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Execution
+
+typedef struct {
+    const wplan *p;
+    float *out;
+    const float *in, *w, *b;
+    float *shared;  // U (by chunks) or V (by filters)
+    float *bufs;    // nbuf x (V or U, M)
+    int chunk;      // the chunk whose phases are being split
+} wctx;
+
+static void split(int total, int t, int n, int *lo, int *hi) {
+    *lo = (int)((long long)total * t / n);
+    *hi = (int)((long long)total * (t + 1) / n);
+}
+
+// Buffer i: its own V (by chunks) or U (by filters), then its M.
+static float *buf_own(const wctx *x, int i) {
+    const wplan *p = x->p;
+    size_t own = p->by_filters ? p->u_floats : p->v_floats;
+    return x->bufs + (size_t)i * (round16(own) + round16(p->m_floats));
+}
+static float *buf_m(const wctx *x, int i) {
+    const wplan *p = x->p;
+    return buf_own(x, i) + round16(p->by_filters ? p->u_floats : p->v_floats);
+}
+
+// GEMMs for nt tiles (from the start of V) of units u0..u1-1, unit = (position, panel) with
+// np panels from panel g0 on: U holds those panels (positions upos apart), M their filters'
+// rows (TB apart, positions mpos apart).
+static void gemm_units(const wplan *p, float *M, size_t mpos, const float *U, size_t upos,
+                       const float *V, int nt, int g0, int np, int u0, int u1) {
+    const int C = p->C, MR = p->MR, NR = p->NR, TB = p->TB;
+    const size_t vpos = p->vpos;
+    const gemm_epilogue e = {0};
+    for (int u = u0; u < u1; u++) {
+        int pos = u / np, g = u % np, k0 = (g0 + g) * MR;
+        int mr = p->K - k0 < MR ? p->K - k0 : MR;
+        const float *a = U + pos * upos + (size_t)g * C * MR;
+        float *c = M + pos * mpos + (size_t)g * MR * TB;
+        for (int j = 0; j < nt; j += NR) {  // the A panel stays in L1 while V's slivers pass
+            int nr = nt - j < NR ? nt - j : NR;
+            p->kernel(C, a, V + pos * vpos + (size_t)j * C, c + j, TB, mr, nr, &e);
+        }
+    }
+}
+
+static void chunk_tiles(const wplan *p, int chunk, int *t0, int *nt) {
+    *t0 = chunk * p->TB;
+    *nt = p->P - *t0 < p->TB ? p->P - *t0 : p->TB;
+}
+
+
+// ---- by chunks of tiles ----
+
+static void weight_task(void *ctx, int t, int n) {
+    const wctx *x = ctx;
+    int g0, g1;
+    split(x->p->panels, t, n, &g0, &g1);
+    float *U = x->shared + (size_t)g0 * x->p->C * x->p->MR;
+    x->p->weight(x->p, U, x->p->upos, x->w, g0, g1);
+}
+
+static void chunks_task(void *ctx, int t, int n) {
+    const wctx *x = ctx;
+    const wplan *p = x->p;
+    int c0, c1;
+    split(p->nchunks, t, n, &c0, &c1);
+    float *V = buf_own(x, t), *M = buf_m(x, t);
+    for (int c = c0; c < c1; c++) {
+        int t0, nt;
+        chunk_tiles(p, c, &t0, &nt);
+        p->input(p, V, x->in, t0, nt, 0, p->C);
+        gemm_units(p, M, p->mpos, x->shared, p->upos, V, nt, 0, p->panels, 0,
+                   p->aa * p->panels);
+        p->output(p, x->out, M, p->mpos, x->b, t0, nt, 0, p->K);
+    }
+}
+
+static void input_task(void *ctx, int t, int n) {
+    const wctx *x = ctx;
+    const wplan *p = x->p;
+    int t0, nt, c0, c1;
+    chunk_tiles(p, x->chunk, &t0, &nt);
+    split(p->C, t, n, &c0, &c1);
+    p->input(p, p->by_filters ? x->shared : buf_own(x, 0), x->in, t0, nt, c0, c1);
+}
+
+static void gemm_task(void *ctx, int t, int n) {
+    const wctx *x = ctx;
+    const wplan *p = x->p;
+    int t0, nt, u0, u1;
+    chunk_tiles(p, x->chunk, &t0, &nt);
+    split(p->aa * p->panels, t, n, &u0, &u1);
+    gemm_units(p, buf_m(x, 0), p->mpos, x->shared, p->upos, buf_own(x, 0), nt, 0, p->panels,
+               u0, u1);
+}
+
+static void output_task(void *ctx, int t, int n) {
+    const wctx *x = ctx;
+    const wplan *p = x->p;
+    int t0, nt, k0, k1;
+    chunk_tiles(p, x->chunk, &t0, &nt);
+    split(p->K, t, n, &k0, &k1);
+    p->output(p, x->out, buf_m(x, 0) + (size_t)k0 * p->TB, p->mpos, x->b, t0, nt, k0, k1);
+}
+
+// ---- by blocks of filters ----
+
+static void filters_task(void *ctx, int t, int n) {
+    const wctx *x = ctx;
+    const wplan *p = x->p;
+    int blocks = ceil_div(p->panels, p->block), b0, b1;
+    split(blocks, t, n, &b0, &b1);
+    float *U = buf_own(x, t), *M = buf_m(x, t);
+    size_t upos = p->upos, mpos = p->mpos;
+    for (int b = b0; b < b1; b++) {
+        int g0 = b * p->block, np = p->panels - g0 < p->block ? p->panels - g0 : p->block;
+        int k0 = g0 * p->MR, k1 = (g0 + np) * p->MR < p->K ? (g0 + np) * p->MR : p->K;
+        p->weight(p, U, upos, x->w, g0, g0 + np);
+        gemm_units(p, M, mpos, U, upos, x->shared, p->P, g0, np, 0, p->aa * np);
+        p->output(p, x->out, M, mpos, x->b, 0, p->P, k0, k1);
+    }
+}
+
+void winograd_forward(float *out, const float *in, const float *w, const float *b, int N, int C,
+                      int H, int W, int K, int pad, int relu, int m, float *ws) {
+    int threads = cpu_threads();
+    wplan p = plan_make(N, C, H, W, K, pad, relu, m, cpu_isa(), threads);
+    if (N <= 0 || K <= 0 || p.OH <= 0 || p.OW <= 0) return;
+    // 64-byte alignment for the packed panels (ws may have any float alignment)
+    float *base = ws + (16 - ((uintptr_t)ws / sizeof(float)) % 16) % 16;
+    wctx x = {.p = &p, .out = out, .in = in, .w = w, .b = b, .shared = base,
+              .bufs = base + round16(p.by_filters ? p.v_floats : p.u_floats)};
+    if (p.by_filters) {
+        cpu_parallel(input_task, &x, threads);  // chunk 0: all tiles
+        cpu_parallel(filters_task, &x, threads);
+        return;
+    }
+    cpu_parallel(weight_task, &x, threads);
+    if (p.by_chunks) {
+        cpu_parallel(chunks_task, &x, threads);
+        return;
+    }
+    for (x.chunk = 0; x.chunk < p.nchunks; x.chunk++) {
+        cpu_parallel(input_task, &x, threads);
+        cpu_parallel(gemm_task, &x, threads);
+        cpu_parallel(output_task, &x, threads);
+    }
+}

@@ -1,0 +1,210 @@
+// winograd_forward (F(2x2,3x3) and F(4x4,3x3)) at every ISA level against a double-precision
+// direct convolution: odd sizes (tiles that do not divide the output), padding 0, 1 and 2,
+// channel counts that fill no GEMM tile, batch 1 and 7, bias or none, fused ReLU, enough tiles
+// for several chunks and filters enough for the one-chunk plan; bit-identical results for 1, 2
+// and 3 threads; the workspace never overrun; conv2d_fast_forward taking this path where
+// winograd_tile() says so.
+//
+// Error measure as in test_conv_fast.c: |got - exact| / (sum of |terms| + |bias|). Winograd's
+// transforms add and scale terms before the products, so the bounds are looser than the direct
+// convolution's 1e-5: F(2x2) sums at most 4 terms of the input patch (and halves the filter's),
+// F(4x4) up to 6 with weights to 5 and 8 (about 10x the direct error on uniform data). The
+// "realistic" data (ReLU'd activations, He-scaled filters) reports the same measure.
+#include "ops/conv_fast.h"
+#include "ops/cpu.h"
+#include "ops/winograd.h"
+#include "util/rng.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tap.h"
+
+#define TOL_F2 2e-6
+#define TOL_F4 2e-5
+
+typedef struct {
+    int N, C, H, W, K, pad;
+} wshape;
+
+static const wshape fixed[] = {
+    {1, 3, 9, 11, 5, 1},   {7, 17, 13, 7, 19, 1},  {1, 20, 5, 5, 33, 0},  {2, 16, 8, 8, 16, 1},
+    {1, 1, 3, 3, 1, 0},    {3, 5, 4, 9, 50, 2},    {1, 33, 15, 17, 9, 0}, {2, 3, 2, 2, 4, 1},
+    {1, 2, 1, 1, 3, 1},    {1, 64, 14, 14, 64, 1}, {7, 4, 6, 6, 7, 0},
+    // several chunks of tiles (by_chunks for 1 thread, by phases for more)
+    {7, 24, 30, 30, 40, 1}, {1, 16, 64, 64, 16, 1},
+    // U too big to re-read per chunk: one chunk of all tiles
+    {1, 384, 6, 5, 390, 1},
+};
+#define N_FIXED (int)(sizeof fixed / sizeof fixed[0])
+#define N_RANDOM 12
+
+static wshape shape_at(int i, rng *r) {
+    if (i < N_FIXED) return fixed[i];
+    wshape s;
+    s.N = 1 + (int)rng_below(r, 7);
+    s.C = 1 + (int)rng_below(r, 40);
+    s.K = 1 + (int)rng_below(r, 40);
+    s.pad = (int)rng_below(r, 3);
+    s.H = 1 + (int)rng_below(r, 20);
+    s.W = 1 + (int)rng_below(r, 20);
+    if (s.H + 2 * s.pad < 3) s.H = 3;
+    if (s.W + 2 * s.pad < 3) s.W = 3;
+    return s;
+}
+
+static int osize(int H, int pad) { return H + 2 * pad - 2; }
+
+// Uniform [-1, 1) data, or "realistic": inputs ReLU(N(0,1)), filters N(0, 2/(9C)) (He).
+static float *make_buf(size_t n, rng *r, int kind, double scale) {
+    float *x = malloc((n + 1) * sizeof(float));
+    for (size_t i = 0; i < n + 1; i++) {
+        double v = kind == 0 ? 2.0 * rng_uniform(r) - 1.0 : rng_normal(r) * scale;
+        if (kind == 1) v = v > 0 ? v : 0;
+        x[i] = (float)v;
+    }
+    return x;
+}
+
+// Worst |got - exact| / (sum |terms| + |bias|) over the output; NaN gives infinity.
+static double worst_error(const float *got, const wshape *s, const float *in, const float *w,
+                          const float *b, int relu) {
+    int OH = osize(s->H, s->pad), OW = osize(s->W, s->pad);
+    double worst = 0;
+    for (int n = 0; n < s->N; n++)
+        for (int o = 0; o < s->K; o++)
+            for (int oy = 0; oy < OH; oy++)
+                for (int ox = 0; ox < OW; ox++) {
+                    double acc = b ? b[o] : 0.0, mag = b ? fabs(b[o]) : 0.0;
+                    for (int c = 0; c < s->C; c++)
+                        for (int dy = 0; dy < 3; dy++)
+                            for (int dx = 0; dx < 3; dx++) {
+                                int y = oy - s->pad + dy, x = ox - s->pad + dx;
+                                if (y < 0 || y >= s->H || x < 0 || x >= s->W) continue;
+                                double t = (double)in[(((size_t)n * s->C + c) * s->H + y) * s->W + x] *
+                                           w[(((size_t)o * s->C + c) * 3 + dy) * 3 + dx];
+                                acc += t, mag += fabs(t);
+                            }
+                    if (relu && acc < 0) acc = 0;
+                    double g = got[(((size_t)n * s->K + o) * OH + oy) * OW + ox];
+                    double e = fabs(g - acc) / (mag + 1e-30);
+                    if (!(e <= worst)) worst = e;
+                }
+    return worst;
+}
+
+// winograd_forward under the current settings into a fresh buffer; *ws_ok = 0 if the canaries
+// after the output or the workspace changed.
+static float *run(const wshape *s, const float *in, const float *w, const float *b, int relu,
+                  int m, int *ws_ok) {
+    size_t no = (size_t)s->N * s->K * osize(s->H, s->pad) * osize(s->W, s->pad);
+    float *out = malloc((no + 1) * sizeof(float));
+    out[no] = 777.0f;
+    size_t wn = winograd_workspace_size(s->N, s->C, s->H, s->W, s->K, s->pad, m);
+    float *raw = malloc((wn + 1 + 64) * sizeof(float));
+    float *ws = raw + 1;  // deliberately not 64-byte aligned
+    for (int i = 0; i < 64; i++) ws[wn + i] = -999.0f;
+    winograd_forward(out, in, w, b, s->N, s->C, s->H, s->W, s->K, s->pad, relu, m, ws);
+    for (int i = 0; i < 64; i++)
+        if (ws[wn + i] != -999.0f) *ws_ok = 0;
+    if (out[no] != 777.0f) *ws_ok = 0;
+    free(raw);
+    return out;
+}
+
+static void test_level(cpu_isa_level level) {
+    const char *name = cpu_isa_name(level);
+    if (level > cpu_isa_detected()) {
+        result(1, "winograd %s (skipped: cpu lacks %s)", name, name);
+        return;
+    }
+    if (cpu_isa_set(level) != 0) {
+        result(0, "winograd %s: cannot set the level", name);
+        return;
+    }
+    rng r;
+    rng_seed(&r, 1234 + level);
+    double worst[2][2] = {{0}};  // [F2, F4][uniform, realistic]
+    char at[2][2][100] = {{""}};
+    int same = 1, ws_ok = 1, dispatch_ok = 1, dispatched = 0;
+    char at_same[140] = "", at_dispatch[140] = "";
+    for (int i = 0; i < N_FIXED + N_RANDOM; i++) {
+        wshape s = shape_at(i, &r);
+        int kind = i % 4 == 3;  // every fourth shape realistic
+        size_t ni = (size_t)s.N * s.C * s.H * s.W, nw = (size_t)s.K * s.C * 9;
+        size_t no = (size_t)s.N * s.K * osize(s.H, s.pad) * osize(s.W, s.pad);
+        float *in = make_buf(ni, &r, kind, 1.0), *w = make_buf(nw, &r, kind ? 2 : 0, sqrt(2.0 / (9 * s.C)));
+        float *b = make_buf(s.K, &r, 0, 1.0);
+        int relu = i % 3 == 1;
+        const float *bias = i % 2 ? b : NULL;
+        char where[100];
+        snprintf(where, sizeof where, "N%d C%d %dx%d K%d p%d%s%s", s.N, s.C, s.H, s.W, s.K, s.pad,
+                 bias ? " bias" : "", relu ? " relu" : "");
+        for (int mi = 0; mi < 2; mi++) {
+            int m = mi ? 4 : 2;
+            cpu_threads_set(1);
+            float *one = run(&s, in, w, bias, relu, m, &ws_ok);
+            double e = worst_error(one, &s, in, w, bias, relu);
+            if (!(e <= worst[mi][kind])) {
+                worst[mi][kind] = e;
+                snprintf(at[mi][kind], sizeof at[mi][kind], "%s", where);
+            }
+            for (int t = 2; t <= 3; t++) {
+                cpu_threads_set(t);
+                float *more = run(&s, in, w, bias, relu, m, &ws_ok);
+                if (same && memcmp(one, more, no * sizeof(float)) != 0) {
+                    same = 0;
+                    snprintf(at_same, sizeof at_same, "F%d %s, %d threads", m, where, t);
+                }
+                free(more);
+            }
+            free(one);
+        }
+        // conv2d_fast_forward takes this path when winograd_tile() chooses a tile
+        int m = winograd_tile(s.N, s.C, s.H, s.W, s.K, s.pad);
+        if (m) {
+            dispatched++;
+            cpu_threads_set(2);
+            int ok = 1;
+            float *want = run(&s, in, w, bias, relu, m, &ok);
+            float *got = malloc(no * sizeof(float));
+            float *ws = malloc(conv2d_fast_workspace_size(s.N, s.C, s.H, s.W, s.K, 3, 1, s.pad) *
+                               sizeof(float));
+            conv2d_fast_forward(got, in, w, bias, s.N, s.C, s.H, s.W, s.K, 3, 1, s.pad, relu, ws);
+            if (dispatch_ok && memcmp(want, got, no * sizeof(float)) != 0) {
+                dispatch_ok = 0;
+                snprintf(at_dispatch, sizeof at_dispatch, "%s (F%d)", where, m);
+            }
+            free(want), free(got), free(ws);
+        }
+        free(in), free(w), free(b);
+    }
+    int n = N_FIXED + N_RANDOM;
+    for (int mi = 0; mi < 2; mi++) {
+        double tol = mi ? TOL_F4 : TOL_F2;
+        result(worst[mi][0] <= tol && worst[mi][1] <= tol,
+               "winograd %s F(%dx%d,3x3) vs double loop, %d shapes (worst %.2g at %s; realistic "
+               "data %.2g at %s; bound %.0e)",
+               name, mi ? 4 : 2, mi ? 4 : 2, n, worst[mi][0], at[mi][0], worst[mi][1],
+               at[mi][1], tol);
+    }
+    result(same, "winograd %s bit-identical for 1, 2, 3 threads%s%s", name,
+           same ? "" : ": differs at ", at_same);
+    result(ws_ok, "winograd %s stays inside winograd_workspace_size() and the output", name);
+    result(dispatch_ok && dispatched > 0,
+           "winograd %s: conv2d_fast_forward uses it where winograd_tile() says (%d shapes)%s%s",
+           name, dispatched, dispatch_ok ? "" : ", not at ", at_dispatch);
+}
+
+int main(void) {
+    cpu_isa_level det = cpu_isa_detected();
+    int threads = cpu_threads();
+    test_level(CPU_ISA_SCALAR);
+    test_level(CPU_ISA_AVX2);
+    test_level(CPU_ISA_AVX512);
+    cpu_isa_set(det);
+    cpu_threads_set(threads);
+    cpu_threads_set(1);  // joins the workers
+    return failed ? 1 : 0;
+}
