@@ -3,7 +3,7 @@
 Inputs are written here (IDX gz/plain, CIFAR-10 binary, image folders via PIL) and the results
 are checked against what was written, against numpy reading the real Fashion-MNIST files, and
 against torch / torchvision for the resizes, the batch pipeline and RandomResizedCrop."""
-import gzip, json, math, os, struct, subprocess, time
+import contextlib, gzip, json, math, os, struct, subprocess, time
 from unittest import mock
 import numpy as np
 import torch
@@ -470,6 +470,26 @@ def test_augmentation_determinism():
     assert np.array_equal(xa, xe)
 
 
+@contextlib.contextmanager
+def fed_draws(draws, picks):
+    """torch.empty(1).uniform_() returns the next of `draws`, torch.randint the next of `picks`
+    (checked to lie in its range): torchvision's get_params then replays incept's draws."""
+    class Fake:
+        def uniform_(self, lo, hi):
+            return torch.tensor([draws.pop(0)], dtype=torch.float32)
+
+    real_randint = torch.randint
+
+    def randint(lo, hi, size):
+        v = picks.pop(0)
+        assert lo <= v < hi, (lo, v, hi)
+        return real_randint(v, v + 1, size)
+
+    with mock.patch.object(torch, "empty", lambda *a, **k: Fake()), \
+         mock.patch.object(torch, "randint", randint):
+        yield
+
+
 def test_rrc_vs_torchvision():
     """rrc_box follows RandomResizedCrop.get_params: torchvision fed the same draws (its
     uniform_ and randint patched to return them) must choose the same box."""
@@ -484,20 +504,7 @@ def test_rrc_vs_torchvision():
             draws = [v for pair in box["draws"] for v in pair]
             top, left = box["box"][:2]
 
-            class Fake:
-                def uniform_(self, lo, hi):
-                    return torch.tensor([draws.pop(0)], dtype=torch.float32)
-
-            picks = [top, left]
-            real_randint = torch.randint
-
-            def randint(lo, hi, size):
-                v = picks.pop(0)
-                assert lo <= v < hi, (lo, v, hi)
-                return real_randint(v, v + 1, size)
-
-            with mock.patch.object(torch, "empty", lambda *a, **k: Fake()), \
-                 mock.patch.object(torch, "randint", randint):
+            with fed_draws(draws, [top, left]):
                 ref = T.RandomResizedCrop.get_params(torch.zeros(1, H, W), [s0, s1], [r0f, r1f])
             assert list(ref) == box["box"], f"{H}x{W} scale ({s0},{s1}) ratio ({r0},{r1}): torch {ref} vs {box}"
             t, l, h, w = box["box"]
@@ -509,8 +516,6 @@ def test_rrc_vs_torchvision():
     res = dc_json("rrc", 4, 400, 1, 0.08, 1.0, 3 / 4, 4 / 3, 1)
     assert res["boxes"][0]["box"] == [0, 197, 4, 5], res
 
-
-# ------------------------------------------------------------------ single images (predict)
 
 def test_erasing_vs_torchvision():
     """erase_box follows RandomErasing.get_params: torchvision fed the same draws chooses the
@@ -526,20 +531,7 @@ def test_erasing_vs_torchvision():
             draws = [v for pair in box["draws"] for v in pair]
             top, left, h, w = box["box"]
 
-            class Fake:
-                def uniform_(self, lo, hi):
-                    return torch.tensor([draws.pop(0)], dtype=torch.float32)
-
-            picks = [top, left]
-            real_randint = torch.randint
-
-            def randint(lo, hi, size):
-                v = picks.pop(0)
-                assert lo <= v < hi, (lo, v, hi)
-                return real_randint(v, v + 1, size)
-
-            with mock.patch.object(torch, "empty", lambda *a, **k: Fake()), \
-                 mock.patch.object(torch, "randint", randint):
+            with fed_draws(draws, [top, left]):
                 ref = T.RandomErasing.get_params(torch.zeros(1, H, W), [s0, s1], [r0f, r1f], [0.0])
             if h == 0:   # no attempt fit: torchvision returns the whole image unchanged
                 n_none += 1
@@ -548,6 +540,8 @@ def test_erasing_vs_torchvision():
                 assert list(ref[:4]) == box["box"], f"{H}x{W}: torch {ref[:4]} vs {box}"
     assert n_none >= 40, "the no-fit path was not exercised"
 
+
+# ------------------------------------------------------------------ single images (predict)
 
 def test_image_load_vs_torchvision():
     from PIL import Image

@@ -26,8 +26,9 @@ static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 int conv2d_fast_dense(int H, int W, int k) { return (long long)H * W < (long long)k * k; }
 
 typedef struct {
-    float *weff;
-    const float *w;
+    float *weff;            // Weff (dense_weights) or its gradient (dense_weights_grad_task)
+    const float *w;         // W to expand
+    float *dw;              // dW to accumulate into
     int C, H, W, K, k, stride, pad, OH, OW;
 } dense_ctx;
 
@@ -57,16 +58,16 @@ static void dense_weights_task(void *vctx, int t, int nt) {
 
 static void dense_weights(float *weff, const float *w, int C, int H, int W, int K, int k,
                           int stride, int pad) {
-    dense_ctx d = {weff, w, C, H, W, K, k, stride, pad, out_size(H, k, stride, pad),
+    dense_ctx d = {weff, w, NULL, C, H, W, K, k, stride, pad, out_size(H, k, stride, pad),
                    out_size(W, k, stride, pad)};
     cpu_parallel(dense_weights_task, &d, K);
 }
 
 // dw[o][c][dy][dx] += sum over (oy, ox) of g[(o, oy, ox)][(c, y, x)], the taps Weff spread.
 static void dense_weights_grad_task(void *vctx, int t, int nt) {
-    const dense_ctx *d = vctx;   // weff holds the gradient of Weff, w the dw to accumulate into
+    const dense_ctx *d = vctx;
     const int kk = d->k * d->k, ci = d->C * d->H * d->W;
-    float *dw = (float *)d->w;
+    float *dw = d->dw;
     for (int o = (int)((long long)d->K * t / nt); o < (int)((long long)d->K * (t + 1) / nt); o++)
         for (int c = 0; c < d->C; c++)
             for (int dy = 0; dy < d->k; dy++)
@@ -249,7 +250,7 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
         float *g = ws, *gws = ws + round16((size_t)ko * ci) + round16((size_t)ko);
         if (dw) {   // dWeff = dout^T * in, folded back onto the taps it was spread from
             gemm(g, ci, dout, ko, in, ci, NULL, ko, ci, N, GEMM_TRANS_A, gws);
-            dense_ctx d = {g, dw, C, H, W, K, k, stride, pad, OH, OW};
+            dense_ctx d = {g, NULL, dw, C, H, W, K, k, stride, pad, OH, OW};
             cpu_parallel(dense_weights_grad_task, &d, K);
         }
         if (din) {  // din += dout * Weff

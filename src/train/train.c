@@ -160,17 +160,6 @@ static void batch_flip(float *x, int n, int C, int H, int W) {
         }
 }
 
-// acc [n x K] += softmax of each row of logits.
-static void softmax_add(double *acc, const float *logits, int n, int K) {
-    for (int i = 0; i < n; i++) {
-        const float *l = logits + (size_t)i * K;
-        double mx = l[0], sum = 0;
-        for (int k = 1; k < K; k++) mx = l[k] > mx ? l[k] : mx;
-        for (int k = 0; k < K; k++) sum += exp(l[k] - mx);
-        for (int k = 0; k < K; k++) acc[(size_t)i * K + k] += exp(l[k] - mx) / sum;
-    }
-}
-
 int evaluate(model *m, const dataset *d, const preprocess *p, int batch, int flip_tta,
              eval_result *r, train_progress_fn progress, void *ctx) {
     memset(r, 0, sizeof *r);
@@ -190,10 +179,9 @@ int evaluate(model *m, const dataset *d, const preprocess *p, int batch, int fli
     float *x = malloc(Nb * per * sizeof *x), *probs = malloc((size_t)Nb * K * sizeof *probs);
     int64_t *y = malloc((size_t)Nb * sizeof *y);
     int *idx = malloc((size_t)n * sizeof *idx);
-    double *mean = flip_tta ? malloc((size_t)Nb * K * sizeof *mean) : NULL;
     float *score = flip_tta ? malloc((size_t)Nb * K * sizeof *score) : NULL;
     r->confusion = calloc((size_t)K * K, sizeof *r->confusion);
-    int rc = x && probs && y && idx && r->confusion && (!flip_tta || (mean && score))
+    int rc = x && probs && y && idx && r->confusion && (!flip_tta || score)
                  ? 0 : err_set("evaluation: out of memory");
     for (int i = 0; !rc && i < n; i++) idx[i] = i;
     const int steps = (n + Nb - 1) / Nb, topk = K < 5 ? K : 5;
@@ -206,15 +194,14 @@ int evaluate(model *m, const dataset *d, const preprocess *p, int batch, int fli
         if (model_forward(m, x, 0)) { rc = -1; break; }
         const float *logits = model_out(m, m->logits);
         if (flip_tta) {   // rank by the mean probability of the image and its mirror
-            memset(mean, 0, (size_t)cnt * K * sizeof *mean);
-            softmax_add(mean, logits, cnt, K);
+            softmax_forward(probs, logits, cnt, K);
             batch_flip(x, Nb, p->out_C, p->out_H, p->out_W);
             if (model_forward(m, x, 0)) { rc = -1; break; }
-            softmax_add(mean, model_out(m, m->logits), cnt, K);
+            softmax_forward(score, model_out(m, m->logits), cnt, K);
+            for (size_t j = 0; j < (size_t)cnt * K; j++) score[j] = (probs[j] + score[j]) / 2;
             for (int i = 0; i < cnt; i++) {
-                double pt = mean[(size_t)i * K + y[i]] / 2;
+                double pt = score[(size_t)i * K + y[i]];
                 loss -= log(pt > 1e-300 ? pt : 1e-300);
-                for (int k = 0; k < K; k++) score[(size_t)i * K + k] = (float)mean[(size_t)i * K + k];
             }
             logits = score;
         } else {
@@ -237,7 +224,7 @@ int evaluate(model *m, const dataset *d, const preprocess *p, int batch, int fli
             progress(ctx, &pr);
         }
     }
-    free(x); free(probs); free(y); free(idx); free(mean); free(score);
+    free(x); free(probs); free(y); free(idx); free(score);
     if (rc) { eval_result_free(r); return -1; }
     r->n = n;
     r->K = K;
