@@ -22,9 +22,39 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+static const char *const op_names[OP_COUNT] = {
+    "input", "transform_input", "conv", "batchnorm", "relu", "maxpool", "avgpool",
+    "adaptive_avgpool", "lrn", "linear", "dropout", "concat", "flatten"};
+
+// --layers: milliseconds per pass of each node that took time (in inference, a conv's time
+// includes the BN and ReLU folded into it), then totals per kind of op.
+static void print_layers(const model *m, const double *prof, int iters) {
+    const double *fwd = prof, *bwd = prof + m->n_nodes;
+    double total = 0, by_op[OP_COUNT][2] = {{0}};
+    for (int i = 0; i < m->n_nodes; i++) total += fwd[i] + bwd[i];
+    printf("%-44s %-16s %-14s %9s %9s %6s\n", "layer", "op", "output", "fwd ms", "bwd ms", "%");
+    for (int i = 0; i < m->n_nodes; i++) {
+        const model_node *n = &m->nodes[i];
+        by_op[n->op][0] += fwd[i];
+        by_op[n->op][1] += bwd[i];
+        if (fwd[i] + bwd[i] < 1e-3 * total) continue;   // under 0.1 %: folded, fused, trivial
+        char shape[32];
+        snprintf(shape, sizeof shape, "%dx%dx%d", n->C, n->H, n->W);
+        printf("%-44.44s %-16s %-14s %9.3f %9.3f %6.1f\n", n->path, op_names[n->op], shape,
+               1e3 * fwd[i] / iters, 1e3 * bwd[i] / iters, 100 * (fwd[i] + bwd[i]) / total);
+    }
+    printf("totals by op:\n");
+    for (int o = 0; o < OP_COUNT; o++)
+        if (by_op[o][0] + by_op[o][1] > 0)
+            printf("  %-16s %9.3f %9.3f %6.1f\n", op_names[o], 1e3 * by_op[o][0] / iters,
+                   1e3 * by_op[o][1] / iters, 100 * (by_op[o][0] + by_op[o][1]) / total);
+    printf("  %-16s %9.3f ms per pass (timed per layer)\n", "all", 1e3 * total / iters);
+}
+
 int cmd_bench(int argc, char **argv) {
     model_config cfg;
     int rc = cli_model_name(&cfg, argc, argv), batch = 1, train = 0, threads = 0, iters = 10;
+    int layers = 0;
     const char *weights = NULL;   // default: model_init(seed 1), as `incept init --seed 1`
     if (rc) return rc;
     for (int i = 3; i < argc; i++) {
@@ -32,6 +62,7 @@ int cmd_bench(int argc, char **argv) {
         if ((rc = cli_model_option(&cfg, argc, argv, &i, NULL)) == 1) { rc = 0; continue; }
         if (rc) return rc;
         if (!strcmp(a, "--train")) { train = 1; continue; }
+        if (!strcmp(a, "--layers")) { layers = 1; continue; }
         if (!v) return cli_usage("unknown option '%s' for 'bench', or it needs a value", a);
         if (!strcmp(a, "--batch")) rc = cli_int(a, v, 1, 1 << 16, &batch);
         else if (!strcmp(a, "--threads")) rc = cli_int(a, v, 1, 256, &threads);
@@ -74,7 +105,12 @@ int cmd_bench(int argc, char **argv) {
             spans[n_spans++] = (param_span){m.tensors[t].off, m.tensors[t].numel, m.tensors[t].no_decay};
     if (train && optim_init(&opt, &oc, m.n_floats)) rc = cli_fail();
     double *times = malloc((size_t)(iters + 2) * sizeof *times);
+    double *prof = layers ? calloc(2 * (size_t)m.n_nodes, sizeof *prof) : NULL;
     for (int it = 0; !rc && it < iters + 2; it++) {   // the first two runs warm up
+        if (prof && it == 2) {
+            m.prof_fwd = prof;
+            m.prof_bwd = prof + m.n_nodes;
+        }
         double t0 = now_s();
         if (train) {
             float loss;
@@ -104,6 +140,8 @@ int cmd_bench(int argc, char **argv) {
         printf("%.1f GFLOP/s = %.0f %% of the measured FMA peak (%.0f GFLOP/s), peak RSS %.1f MiB\n",
                gflops, 100 * gflops / peak, peak, ru.ru_maxrss / 1024.0);
     }
+    if (!rc && prof) print_layers(&m, prof, iters);
+    free(prof);
     free(times); free(spans); free(x); free(y);
     optim_free(&opt);
     model_free(&m);

@@ -471,6 +471,10 @@ static void test_maxpool(rng *r) {
         // Wide outputs (the row kernel) split between threads; 1x1 and 2x2 planes in bulk.
         {7, 20, 40, 40, 3, 1, 1, 1}, {7, 5, 71, 70, 3, 2, 0, 1}, {128, 200, 2, 2, 3, 1, 1, 1},
         {128, 300, 1, 1, 3, 1, 1, 1}, {128, 100, 2, 2, 2, 2, 0, 1},
+        // Inference (no argmax) kernels: stride 1 not "same", stride 2 wide and with padding,
+        // "same" planes whose chunks of 16 straddle rows, GoogLeNet's stem shapes.
+        {2, 3, 10, 37, 3, 1, 0, 0}, {2, 3, 33, 35, 3, 2, 1, 1}, {1, 3, 29, 29, 3, 1, 1, 1},
+        {1, 4, 112, 112, 3, 2, 0, 1}, {2, 5, 56, 56, 3, 1, 1, 1}, {3, 2, 21, 50, 5, 1, 2, 0},
     };
     int ok = 1, count = 0;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)

@@ -105,6 +105,9 @@ typedef struct {
     int fold;                                    // fold BN into convs at inference (default 1;
                                                  // INCEPT_FOLD=0 at build turns it off)
     float *folded; int folded_isa;               // made at the first inference forward
+    // Per-node seconds, summed over passes, when the caller points these at n_nodes doubles
+    // each (incept bench --layers); NULL: not timed.
+    double *prof_fwd, *prof_bwd;
     int build_failed;                            // set by the builder on a shape error
     int cur_head;                                // builder state: head of new nodes
 } model;

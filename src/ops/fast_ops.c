@@ -269,8 +269,8 @@ typedef struct {
 
 // p + d for a masked load: lanes outside the plane are masked off (never read), but the
 // address itself may lie before the buffer, which plain pointer arithmetic may not produce.
-static inline const float *shifted(const float *p, int32_t d) {
-    return (const float *)((uintptr_t)p + (uintptr_t)((intptr_t)d * (intptr_t)sizeof(float)));
+static inline const float *shifted(const float *p, ptrdiff_t d) {
+    return (const float *)((uintptr_t)p + (uintptr_t)(d * (ptrdiff_t)sizeof(float)));
 }
 
 // Without branches on the data (a mispredicted branch per candidate would cost more than all
@@ -410,6 +410,145 @@ static int mp_table_build(mp_table *T, int32_t *store, int H, int W, int OH, int
     *T = (mp_table){B,     Q,   KK, H * W, OHW, idx, first, poff, s == 1 && OH == H && OW == W,
                     delta, n_act, act};
     return 1;
+}
+
+// ---- max pool for inference (no argmax), AVX-512 ----
+// Only the values, 16 outputs per register, each candidate a (masked) load straight from the
+// input: no index bookkeeping, no gathers. The window order and the update rule are the
+// reference's, so the bits are the same as every other path's.
+//  - "Same" pooling (stride 1, output size = input size; GoogLeNet's branch-4 pools): the
+//    plane is one flat vector, window element c of output q is input q + delta[c]; a table
+//    gives, per chunk of 16 outputs and per window element, which lanes lie inside the input.
+//  - Stride 1 or 2 otherwise: row by row; stride 2 loads 32 consecutive inputs per window
+//    column and keeps the even ones (a two-source permute). Column masks per chunk of 16
+//    outputs and window column; rows outside the input are skipped.
+
+enum { MPV_MAX_MASKS = 8192, MPV_MAX_K = 7 };
+
+typedef struct {
+    int H, W, OH, OW, k, s, pad, same;
+    int nchunk;               // chunks of 16 outputs: of the plane (same) or of a row
+    // Same: [nchunk][k*k] valid lanes. Rows: [nchunk][k][2] loaded elements (stride 2: of 32),
+    // valid lanes.
+    const uint32_t *mask;
+    int32_t delta[MPV_MAX_K * MPV_MAX_K];
+} mpv_plan;
+
+// 0 if this geometry is not for these kernels.
+static int mpv_plan_build(mpv_plan *P, uint32_t *store, int H, int W, int OH, int OW, int k,
+                          int s, int pad) {
+    if (k > MPV_MAX_K || (s != 1 && s != 2) || OH <= 0 || OW <= 0) return 0;
+    *P = (mpv_plan){H, W, OH, OW, k, s, pad, s == 1 && OH == H && OW == W, 0, store, {0}};
+    const int KK = k * k;
+    if (P->same) {
+        const int HW = H * W;
+        P->nchunk = (HW + 15) / 16;
+        if ((size_t)P->nchunk * KK > MPV_MAX_MASKS) return 0;
+        for (int c = 0; c < KK; c++) P->delta[c] = (c / k - pad) * W + (c % k - pad);
+        for (int j = 0; j < P->nchunk; j++)
+            for (int c = 0; c < KK; c++) {
+                uint32_t m = 0;
+                for (int l = 0; l < 16; l++) {
+                    const int q = 16 * j + l, h = q / W - pad + c / k, w = q % W - pad + c % k;
+                    if (q < HW && h >= 0 && h < H && w >= 0 && w < W) m |= 1u << l;
+                }
+                store[(size_t)j * KK + c] = m;
+            }
+        return 1;
+    }
+    P->nchunk = (OW + 15) / 16;
+    if ((size_t)P->nchunk * k * 2 > MPV_MAX_MASKS) return 0;
+    // Lane l reads column ow*s - pad + kw; with stride 2 that is element 2l of the 32 loaded.
+    for (int j = 0; j < P->nchunk; j++)
+        for (int kw = 0; kw < k; kw++) {
+            uint32_t load = 0, lanes = 0;
+            for (int l = 0; l < 16; l++) {
+                const int ow = 16 * j + l, w = ow * s - pad + kw;
+                if (ow < OW && w >= 0 && w < W) {
+                    lanes |= 1u << l;
+                    load |= s == 1 ? 1u << l : 1u << (2 * l);
+                }
+            }
+            store[((size_t)j * k + kw) * 2] = load;
+            store[((size_t)j * k + kw) * 2 + 1] = lanes;
+        }
+    return 1;
+}
+
+__attribute__((target("avx512f"))) static inline __m512 mpv_update(__m512 m, __mmask16 valid,
+                                                                  __m512 v) {
+    const __mmask16 better = _mm512_mask_cmp_ps_mask(valid, v, m, _CMP_GT_OQ) |
+                             _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_ps(m, better, v);
+}
+
+__attribute__((target("avx512f"))) static void maxpool_value_avx512(float *out, const float *in,
+                                                                    size_t p0, size_t p1,
+                                                                    const mpv_plan *P) {
+    const int H = P->H, W = P->W, OH = P->OH, OW = P->OW, k = P->k, KK = k * k;
+    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                            28, 30);
+    for (size_t p = p0; p < p1; p++) {
+        const float *x = in + p * H * W;
+        float *o = out + p * OH * OW;
+        if (P->same) {
+            for (int j = 0; j < P->nchunk; j++) {
+                const uint32_t *mk = P->mask + (size_t)j * KK;
+                const float *xq = x + 16 * j;
+                __m512 m = minus_inf;
+                for (int c = 0; c < KK; c++) {
+                    const __mmask16 valid = (__mmask16)mk[c];
+                    const ptrdiff_t at = 16 * (ptrdiff_t)j + P->delta[c];
+                    const __m512 v = at >= 0 && at + 16 <= H * W
+                                         ? _mm512_loadu_ps(x + at)
+                                         : _mm512_maskz_loadu_ps(valid, shifted(xq, P->delta[c]));
+                    m = mpv_update(m, valid, v);
+                }
+                const int left = H * W - 16 * j;
+                _mm512_mask_storeu_ps(o + 16 * j, left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1), m);
+            }
+            continue;
+        }
+        for (int oh = 0; oh < OH; oh++) {
+            const int h0 = oh * P->s - P->pad, hs = imax(h0, 0), he = imin(h0 + k, H);
+            for (int j = 0; j < P->nchunk; j++) {
+                const uint32_t *mk = P->mask + (size_t)j * k * 2;
+                const int ow0 = 16 * j;
+                __m512 m = minus_inf;
+                for (int h = hs; h < he; h++) {
+                    const float *xr = x + (size_t)h * W;
+                    for (int kw = 0; kw < k; kw++) {
+                        const ptrdiff_t col = (ptrdiff_t)ow0 * P->s - P->pad + kw;
+                        const uint32_t lm = mk[2 * kw];
+                        const __mmask16 valid = (__mmask16)mk[2 * kw + 1];
+                        // Inside the plane a plain load serves (the compare masks the
+                        // lanes): masked loads stream at half the rate on some CPUs.
+                        const ptrdiff_t at = (ptrdiff_t)h * W + col;
+                        const int plain = at >= 0 && at + 16 * P->s <= (ptrdiff_t)H * W;
+                        if (P->s == 1) {
+                            const __m512 v = plain ? _mm512_loadu_ps(x + at)
+                                                   : _mm512_maskz_loadu_ps(valid, shifted(xr, col));
+                            m = mpv_update(m, valid, v);
+                        } else {
+                            __m512 lo, hi;
+                            if (plain) {
+                                lo = _mm512_loadu_ps(x + at);
+                                hi = _mm512_loadu_ps(x + at + 16);
+                            } else {
+                                lo = _mm512_maskz_loadu_ps((__mmask16)lm, shifted(xr, col));
+                                hi = _mm512_maskz_loadu_ps((__mmask16)(lm >> 16), shifted(xr, col + 16));
+                            }
+                            m = mpv_update(m, valid, _mm512_permutex2var_ps(lo, evens, hi));
+                        }
+                    }
+                }
+                const int left = OW - ow0;
+                _mm512_mask_storeu_ps(o + (size_t)oh * OW + ow0,
+                                      left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1), m);
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -920,6 +1059,20 @@ static void maxpool_fwd_task(void *ctx, int t, int nt) {
     j->K->maxpool(j->out, j->arg, j->in, p0, p1, j->H, j->W, j->OH, j->OW, j->k, j->s, j->pad);
 }
 
+typedef struct {
+    float *out;
+    const float *in;
+    size_t planes;
+    const mpv_plan *P;
+} mpv_job;
+
+static void maxpool_value_task(void *ctx, int t, int nt) {
+    const mpv_job *v = ctx;
+    size_t p0, p1;
+    part_range(v->planes, t, nt, &p0, &p1);
+    if (p0 < p1) maxpool_value_avx512(v->out, v->in, p0, p1, v->P);
+}
+
 void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N, int C, int H,
                             int W, int k, int stride, int pad, int ceil_mode) {
     pool_job j = {.K = kernels(), .out = out, .arg = argmax, .in = in,
@@ -927,10 +1080,19 @@ void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N,
                   .OH = pool_out_size(H, k, stride, pad, ceil_mode),
                   .OW = pool_out_size(W, k, stride, pad, ceil_mode), .k = k, .s = stride,
                   .pad = pad};
+    int nt = threads_for(j.planes * H * W);
+    if (!argmax && cpu_isa() == CPU_ISA_AVX512) {   // inference
+        uint32_t masks[MPV_MAX_MASKS];
+        mpv_plan P;
+        if (mpv_plan_build(&P, masks, H, W, j.OH, j.OW, k, stride, pad)) {
+            mpv_job v = {out, in, j.planes, &P};
+            cpu_parallel(maxpool_value_task, &v, nt);
+            return;
+        }
+    }
     int32_t store[MP_TABLE_INTS];
     mp_table table;
     if (mp_table_build(&table, store, H, W, j.OH, j.OW, k, stride, pad)) j.table = &table;
-    int nt = threads_for(j.planes * H * W);
     cpu_parallel(maxpool_fwd_task, &j, nt);
 }
 
