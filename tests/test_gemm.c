@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define TOL 1e-5
 
@@ -272,6 +273,11 @@ static void probe_inner(void *ctx, int t, int n) {
     if (t >= 0 && t < n) seen[t]++;
 }
 
+static void probe_inner_atomic(void *ctx, int t, int n) {
+    int *seen = ctx;
+    if (t >= 0 && t < n) __atomic_fetch_add(&seen[t], 1, __ATOMIC_RELAXED);
+}
+
 static void probe_task(void *ctx, int t, int n) {
     pool_probe *p = ctx;
     if (n != 3) p->bad_n = 1;
@@ -301,6 +307,23 @@ static void test_pool(void) {
     ok = ok && p.calls[0] == 1 && p.calls[1] == 0;
     ok = ok && cpu_threads_set(2) == 0;
     result(ok, "cpu_threads_set shrinks and grows the pool");
+
+    // Jobs of 1..4 parts on 4 threads (workers left out of a job must not run it or a later
+    // one twice), back to back and after gaps longer than the workers' spin (so they sleep and
+    // are woken), with a thread-count change in the middle.
+    ok = cpu_threads_set(4) == 0;
+    for (int rep = 0; rep < 400 && ok; rep++) {
+        int n = 1 + rep % 4, seen[4] = {0, 0, 0, 0};
+        if (rep == 200) ok = cpu_threads_set(3) == 0 && cpu_threads_set(4) == 0;
+        if (rep % 7 == 0) {
+            struct timespec gap = {0, 300000};   // 0.3 ms
+            nanosleep(&gap, NULL);
+        }
+        cpu_parallel(probe_inner_atomic, seen, n);
+        for (int t = 0; t < 4; t++) ok = ok && seen[t] == (t < n);
+    }
+    ok = ok && cpu_threads_set(2) == 0;
+    result(ok, "cpu_parallel: 400 jobs of 1-4 parts on 4 threads, with sleeps between, each part once");
 }
 
 int main(void) {

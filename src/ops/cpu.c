@@ -225,48 +225,85 @@ double cpu_fma_peak_gflops(cpu_isa_level level) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Thread pool. Worker i (1..n-1) runs part i of each job; the caller runs part 0. Jobs are
-// numbered; a worker sleeps on `wake` until the number changes.
+// Thread pool. Worker i (1..n-1) runs part i of each job; the caller runs part 0. Each worker
+// has a mailbox: the caller writes the job into the mailboxes of the workers it needs, then
+// bumps their sequence numbers; it posts the next job only after all of them finished, so a
+// mailbox is never rewritten while its worker reads it.
+// Between the jobs of a forward pass the gaps are microseconds, less than a futex wake-up
+// takes, so a worker that finished a part watches its sequence number for a short while
+// (SPIN_S) before it sleeps on `wake`, and the caller likewise watches `pending` before it
+// sleeps on `done`. A sleeper announces itself (asleep, caller_sleeps) before it checks the
+// condition, and the other side checks the announcement after changing the condition (both
+// sequentially consistent), so one of them always sees the other and no wake-up is lost.
 
-static struct {
-    pthread_mutex_t mu;    // guards the fields below
-    pthread_cond_t wake;   // a new job, or a request to exit
-    pthread_cond_t done;   // the last worker finished its part
-    int nworkers;          // workers 1..nworkers exist
-    int quit_from;         // workers with index >= quit_from exit
-    unsigned long job;     // job number
+enum { SPIN_CHECK = 64 };         // pause instructions between clock reads
+static const double SPIN_S = 100e-6;
+
+typedef struct {
+    _Atomic unsigned long seq;  // bumped for each job this worker takes part in
+    _Atomic int asleep;         // on `wake` (or about to be)
+    unsigned long born;         // seq when the worker was created
     cpu_task_fn fn;
     void *ctx;
-    int n;                 // parts in the current job
-    int nrun;              // parts 1..nrun-1 run on workers (the caller does the rest)
+    int n;
+} mailbox;
+
+static struct {
+    pthread_mutex_t mu;    // taken only to sleep or to wake a sleeper
+    pthread_cond_t wake;   // a new job in some mailbox, or a request to exit
+    pthread_cond_t done;   // the last worker finished its part
+    int nworkers;          // workers 1..nworkers exist (changed only with pool_busy held)
+    _Atomic int quit_from; // workers with index >= quit_from exit
     _Atomic int pending;   // worker parts of the current job not yet finished
+    _Atomic int caller_sleeps;  // the caller is on `done` (or about to be)
     pthread_t tid[CPU_MAX_THREADS];
-    unsigned long born[CPU_MAX_THREADS];  // job number when each worker was created
+    mailbox box[CPU_MAX_THREADS];
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          0, CPU_MAX_THREADS + 1, 0, NULL, NULL, 0, 0, 0, {0}, {0}};
+          0, CPU_MAX_THREADS + 1, 0, 0, {0}, {{0}}};
 
 // Held by the one caller that owns the pool during a job (and by cpu_threads_set).
 static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;
 
-static void *worker_main(void *arg) {
-    int idx = (int)(intptr_t)arg;
-    pthread_mutex_lock(&pool.mu);
-    // Not pool.job: a job may have been posted between pthread_create and this point.
-    unsigned long seen = pool.born[idx];
-    for (;;) {
-        while (pool.job == seen && idx < pool.quit_from) pthread_cond_wait(&pool.wake, &pool.mu);
-        if (idx >= pool.quit_from) break;
-        seen = pool.job;
-        if (idx >= pool.nrun) continue;
-        cpu_task_fn fn = pool.fn;
-        void *ctx = pool.ctx;
-        int n = pool.n;
-        pthread_mutex_unlock(&pool.mu);
-        fn(ctx, idx, n);
-        pthread_mutex_lock(&pool.mu);
-        if (atomic_fetch_sub(&pool.pending, 1) == 1) pthread_cond_signal(&pool.done);
+static int spin_while(int (*busy)(void *), void *arg) {
+    double t0 = 0;
+    for (int i = 1;; i++) {
+        if (!busy(arg)) return 1;
+        if (i % SPIN_CHECK) { _mm_pause(); continue; }
+        if (t0 == 0) t0 = now_s();
+        else if (now_s() - t0 > SPIN_S) return 0;
     }
-    pthread_mutex_unlock(&pool.mu);
+}
+
+typedef struct { int idx; unsigned long seen; } wait_arg;
+
+static int no_job(void *v) {
+    const wait_arg *w = v;
+    return atomic_load(&pool.box[w->idx].seq) == w->seen && w->idx < atomic_load(&pool.quit_from);
+}
+
+static int parts_pending(void *v) { (void)v; return atomic_load(&pool.pending) > 0; }
+
+static void *worker_main(void *arg) {
+    wait_arg w = {(int)(intptr_t)arg, 0};
+    mailbox *b = &pool.box[w.idx];
+    w.seen = b->born;   // not seq: a job may have been posted since pthread_create
+    for (;;) {
+        if (!spin_while(no_job, &w)) {
+            pthread_mutex_lock(&pool.mu);
+            atomic_store(&b->asleep, 1);
+            while (no_job(&w)) pthread_cond_wait(&pool.wake, &pool.mu);
+            atomic_store(&b->asleep, 0);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        if (w.idx >= atomic_load(&pool.quit_from)) break;
+        w.seen = atomic_load(&b->seq);
+        b->fn(b->ctx, w.idx, b->n);
+        if (atomic_fetch_sub(&pool.pending, 1) == 1 && atomic_load(&pool.caller_sleeps)) {
+            pthread_mutex_lock(&pool.mu);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.mu);
+        }
+    }
     return NULL;
 }
 
@@ -275,7 +312,7 @@ static int workers_start(int want) {
     pthread_mutex_lock(&pool.mu);
     while (pool.nworkers < want - 1 && pool.nworkers < CPU_MAX_THREADS - 1) {
         int idx = pool.nworkers + 1;
-        pool.born[idx] = pool.job;
+        pool.box[idx].born = atomic_load(&pool.box[idx].seq);
         if (pthread_create(&pool.tid[idx], NULL, worker_main, (void *)(intptr_t)idx) != 0) break;
         pool.nworkers = idx;
     }
@@ -292,13 +329,13 @@ static void workers_stop(int keep) {
         pthread_mutex_unlock(&pool.mu);
         return;
     }
-    pool.quit_from = keep;
+    atomic_store(&pool.quit_from, keep);
     pthread_cond_broadcast(&pool.wake);
     pthread_mutex_unlock(&pool.mu);
     for (int i = keep; i <= old; i++) pthread_join(pool.tid[i], NULL);
     pthread_mutex_lock(&pool.mu);
     pool.nworkers = keep - 1;
-    pool.quit_from = CPU_MAX_THREADS + 1;
+    atomic_store(&pool.quit_from, CPU_MAX_THREADS + 1);
     pthread_mutex_unlock(&pool.mu);
 }
 
@@ -334,25 +371,31 @@ void cpu_parallel(cpu_task_fn fn, void *ctx, int n) {
         for (int t = 0; t < n; t++) fn(ctx, t, n);
         return;
     }
-    int have = workers_start(n);  // lazily, for the default thread count
-    int on_workers = have < n - 1 ? have : n - 1;
-    pthread_mutex_lock(&pool.mu);
-    pool.fn = fn;
-    pool.ctx = ctx;
-    pool.n = n;
-    pool.nrun = on_workers + 1;  // workers beyond this index skip the job
+    // Workers start lazily, for the default thread count.
+    int have = pool.nworkers >= n - 1 ? pool.nworkers : workers_start(n);
+    int on_workers = have < n - 1 ? have : n - 1, wake = 0;
     atomic_store(&pool.pending, on_workers);
-    pool.job++;
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.mu);
+    for (int i = 1; i <= on_workers; i++) {
+        mailbox *b = &pool.box[i];
+        b->fn = fn;
+        b->ctx = ctx;
+        b->n = n;
+        atomic_fetch_add(&b->seq, 1);   // publishes the fields above
+        wake |= atomic_load(&b->asleep);
+    }
+    if (wake) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.mu);
+    }
     fn(ctx, 0, n);
     for (int t = on_workers + 1; t < n; t++) fn(ctx, t, n);  // parts no worker could take
-    // The job is still running, so waiting briefly without sleeping saves the wake-up latency
-    // of the condition variable (microseconds, as much as a small GEMM takes); then sleep.
-    double t0 = now_s();
-    while (atomic_load(&pool.pending) > 0 && now_s() - t0 < 30e-6) _mm_pause();
-    pthread_mutex_lock(&pool.mu);
-    while (atomic_load(&pool.pending) > 0) pthread_cond_wait(&pool.done, &pool.mu);
-    pthread_mutex_unlock(&pool.mu);
+    if (!spin_while(parts_pending, NULL)) {
+        pthread_mutex_lock(&pool.mu);
+        atomic_store(&pool.caller_sleeps, 1);
+        while (parts_pending(NULL)) pthread_cond_wait(&pool.done, &pool.mu);
+        atomic_store(&pool.caller_sleeps, 0);
+        pthread_mutex_unlock(&pool.mu);
+    }
     pthread_mutex_unlock(&pool_busy);
 }
