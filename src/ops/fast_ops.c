@@ -1128,6 +1128,14 @@ static void adaptive_fwd_task(void *ctx, int t, int nt) {
     const pool_job *j = ctx;
     size_t p0, p1;
     part_range(j->planes, t, nt, &p0, &p1);
+    if (j->H == j->OH && j->W == j->OW) {
+        // Each window is one element: the reference's 0 + x, divided by 1 (-0 becomes +0).
+        const size_t hw = (size_t)j->H * j->W;
+        float *o = j->out + p0 * hw;
+        const float *x = j->in + p0 * hw;
+        for (size_t i = 0; i < (p1 - p0) * hw; i++) o[i] = 0.0f + x[i];
+        return;
+    }
     if (p1 > p0)
         adaptive_avgpool2d_forward(j->out + p0 * j->OH * j->OW, j->in + p0 * j->H * j->W, 1,
                                    (int)(p1 - p0), j->H, j->W, j->OH, j->OW);
@@ -1137,6 +1145,11 @@ static void adaptive_bwd_task(void *ctx, int t, int nt) {
     const pool_job *j = ctx;
     size_t p0, p1;
     part_range(j->planes, t, nt, &p0, &p1);
+    if (j->H == j->OH && j->W == j->OW) {   // dx += g / 1
+        const size_t hw = (size_t)j->H * j->W;
+        if (p1 > p0) j->K->add(j->out + p0 * hw, j->in + p0 * hw, (p1 - p0) * hw);
+        return;
+    }
     if (p1 > p0)
         adaptive_avgpool2d_backward(j->out + p0 * j->H * j->W, j->in + p0 * j->OH * j->OW, 1,
                                     (int)(p1 - p0), j->H, j->W, j->OH, j->OW);
@@ -1144,16 +1157,16 @@ static void adaptive_bwd_task(void *ctx, int t, int nt) {
 
 void adaptive_avgpool2d_fast_forward(float *out, const float *in, int N, int C, int H, int W,
                                      int OH, int OW) {
-    pool_job j = {.out = out, .in = in, .planes = (size_t)N * C, .H = H, .W = W, .OH = OH,
-                  .OW = OW};
+    pool_job j = {.K = kernels(), .out = out, .in = in, .planes = (size_t)N * C, .H = H, .W = W,
+                  .OH = OH, .OW = OW};
     cpu_parallel(adaptive_fwd_task, &j, threads_for(j.planes * H * W));
 }
 
 void adaptive_avgpool2d_fast_backward(float *din, const float *dout, int N, int C, int H, int W,
                                       int OH, int OW) {
     if (!din) return;
-    pool_job j = {.out = din, .in = dout, .planes = (size_t)N * C, .H = H, .W = W, .OH = OH,
-                  .OW = OW};
+    pool_job j = {.K = kernels(), .out = din, .in = dout, .planes = (size_t)N * C, .H = H,
+                  .W = W, .OH = OH, .OW = OW};
     cpu_parallel(adaptive_bwd_task, &j, threads_for(j.planes * H * W));
 }
 
