@@ -412,10 +412,11 @@ static int mp_table_build(mp_table *T, int32_t *store, int H, int W, int OH, int
     return 1;
 }
 
-// ---- max pool for inference (no argmax), AVX-512 ----
-// Only the values, 16 outputs per register, each candidate a (masked) load straight from the
-// input: no index bookkeeping, no gathers. The window order and the update rule are the
-// reference's, so the bits are the same as every other path's.
+// ---- max pool on AVX-512 ----
+// 16 outputs per register, each candidate a load straight from the input (no gathers, no index
+// tables); the argmax, when wanted, as a vector of element indices beside the maximum. The
+// window order and the update rule are the reference's, so the bits are the same as every
+// other path's.
 //  - "Same" pooling (stride 1, output size = input size; GoogLeNet's branch-4 pools): the
 //    plane is one flat vector, window element c of output q is input q + delta[c]; a table
 //    gives, per chunk of 16 outputs and per window element, which lanes lie inside the input.
@@ -475,38 +476,59 @@ static int mpv_plan_build(mpv_plan *P, uint32_t *store, int H, int W, int OH, in
     return 1;
 }
 
-__attribute__((target("avx512f"))) static inline __m512 mpv_update(__m512 m, __mmask16 valid,
-                                                                  __m512 v) {
-    const __mmask16 better = _mm512_mask_cmp_ps_mask(valid, v, m, _CMP_GT_OQ) |
+// One candidate: v (lanes `valid`, element indices idx) against the running maximum m. With an
+// argmax, `seen` marks lanes that had a candidate inside the input; a lane's first such
+// candidate becomes its index until one is better (the reference's choice for a window of
+// -inf only).
+typedef struct { __m512 m; __m512i id; __mmask16 seen; } mpv_acc;
+
+__attribute__((target("avx512f"))) static inline void mpv_update(mpv_acc *a, __mmask16 valid,
+                                                                 __m512 v, __m512i idx,
+                                                                 int with_arg) {
+    const __mmask16 better = _mm512_mask_cmp_ps_mask(valid, v, a->m, _CMP_GT_OQ) |
                              _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
-    return _mm512_mask_mov_ps(m, better, v);
+    a->m = _mm512_mask_mov_ps(a->m, better, v);
+    if (with_arg) {
+        a->id = _mm512_mask_mov_epi32(a->id, (__mmask16)(valid & ~a->seen) | better, idx);
+        a->seen |= valid;
+    }
 }
 
-__attribute__((target("avx512f"))) static void maxpool_value_avx512(float *out, const float *in,
-                                                                    size_t p0, size_t p1,
-                                                                    const mpv_plan *P) {
+__attribute__((target("avx512f"))) static inline void mpv_store(float *o, int32_t *arg,
+                                                                const mpv_acc *a, int left,
+                                                                int with_arg) {
+    const __mmask16 lanes = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+    _mm512_mask_storeu_ps(o, lanes, a->m);
+    if (with_arg) _mm512_mask_storeu_epi32(arg, lanes, a->id);
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline void
+maxpool_avx512_body(float *out, int32_t *arg, const float *in, size_t p0, size_t p1,
+                    const mpv_plan *P, const int with_arg) {
     const int H = P->H, W = P->W, OH = P->OH, OW = P->OW, k = P->k, KK = k * k;
-    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
-    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                            28, 30);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i evens = _mm512_slli_epi32(iota, 1);
+    const __m512i step = P->s == 1 ? iota : evens;   // lane l reads column ... + s*l
+    const mpv_acc empty = {_mm512_set1_ps(-INFINITY), _mm512_set1_epi32(-1), 0};
     for (size_t p = p0; p < p1; p++) {
         const float *x = in + p * H * W;
         float *o = out + p * OH * OW;
+        int32_t *ar = with_arg ? arg + p * OH * OW : NULL;
         if (P->same) {
             for (int j = 0; j < P->nchunk; j++) {
                 const uint32_t *mk = P->mask + (size_t)j * KK;
                 const float *xq = x + 16 * j;
-                __m512 m = minus_inf;
+                mpv_acc a = empty;
                 for (int c = 0; c < KK; c++) {
                     const __mmask16 valid = (__mmask16)mk[c];
                     const ptrdiff_t at = 16 * (ptrdiff_t)j + P->delta[c];
                     const __m512 v = at >= 0 && at + 16 <= H * W
                                          ? _mm512_loadu_ps(x + at)
                                          : _mm512_maskz_loadu_ps(valid, shifted(xq, P->delta[c]));
-                    m = mpv_update(m, valid, v);
+                    mpv_update(&a, valid, v, _mm512_add_epi32(iota, _mm512_set1_epi32((int)at)),
+                               with_arg);
                 }
-                const int left = H * W - 16 * j;
-                _mm512_mask_storeu_ps(o + 16 * j, left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1), m);
+                mpv_store(o + 16 * j, with_arg ? ar + 16 * j : NULL, &a, H * W - 16 * j, with_arg);
             }
             continue;
         }
@@ -515,7 +537,7 @@ __attribute__((target("avx512f"))) static void maxpool_value_avx512(float *out, 
             for (int j = 0; j < P->nchunk; j++) {
                 const uint32_t *mk = P->mask + (size_t)j * k * 2;
                 const int ow0 = 16 * j;
-                __m512 m = minus_inf;
+                mpv_acc a = empty;
                 for (int h = hs; h < he; h++) {
                     const float *xr = x + (size_t)h * W;
                     for (int kw = 0; kw < k; kw++) {
@@ -526,10 +548,10 @@ __attribute__((target("avx512f"))) static void maxpool_value_avx512(float *out, 
                         // lanes): masked loads stream at half the rate on some CPUs.
                         const ptrdiff_t at = (ptrdiff_t)h * W + col;
                         const int plain = at >= 0 && at + 16 * P->s <= (ptrdiff_t)H * W;
+                        __m512 v;
                         if (P->s == 1) {
-                            const __m512 v = plain ? _mm512_loadu_ps(x + at)
-                                                   : _mm512_maskz_loadu_ps(valid, shifted(xr, col));
-                            m = mpv_update(m, valid, v);
+                            v = plain ? _mm512_loadu_ps(x + at)
+                                      : _mm512_maskz_loadu_ps(valid, shifted(xr, col));
                         } else {
                             __m512 lo, hi;
                             if (plain) {
@@ -539,16 +561,24 @@ __attribute__((target("avx512f"))) static void maxpool_value_avx512(float *out, 
                                 lo = _mm512_maskz_loadu_ps((__mmask16)lm, shifted(xr, col));
                                 hi = _mm512_maskz_loadu_ps((__mmask16)(lm >> 16), shifted(xr, col + 16));
                             }
-                            m = mpv_update(m, valid, _mm512_permutex2var_ps(lo, evens, hi));
+                            v = _mm512_permutex2var_ps(lo, evens, hi);
                         }
+                        mpv_update(&a, valid, v, _mm512_add_epi32(step, _mm512_set1_epi32((int)at)),
+                                   with_arg);
                     }
                 }
-                const int left = OW - ow0;
-                _mm512_mask_storeu_ps(o + (size_t)oh * OW + ow0,
-                                      left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1), m);
+                mpv_store(o + (size_t)oh * OW + ow0, with_arg ? ar + (size_t)oh * OW + ow0 : NULL,
+                          &a, OW - ow0, with_arg);
             }
         }
     }
+}
+
+__attribute__((target("avx512f"))) static void maxpool_avx512_rows(float *out, int32_t *arg,
+                                                                   const float *in, size_t p0,
+                                                                   size_t p1, const mpv_plan *P) {
+    if (arg) maxpool_avx512_body(out, arg, in, p0, p1, P, 1);
+    else maxpool_avx512_body(out, NULL, in, p0, p1, P, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1061,6 +1091,7 @@ static void maxpool_fwd_task(void *ctx, int t, int nt) {
 
 typedef struct {
     float *out;
+    int32_t *arg;
     const float *in;
     size_t planes;
     const mpv_plan *P;
@@ -1070,7 +1101,7 @@ static void maxpool_value_task(void *ctx, int t, int nt) {
     const mpv_job *v = ctx;
     size_t p0, p1;
     part_range(v->planes, t, nt, &p0, &p1);
-    if (p0 < p1) maxpool_value_avx512(v->out, v->in, p0, p1, v->P);
+    if (p0 < p1) maxpool_avx512_rows(v->out, v->arg, v->in, p0, p1, v->P);
 }
 
 void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N, int C, int H,
@@ -1081,11 +1112,11 @@ void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N,
                   .OW = pool_out_size(W, k, stride, pad, ceil_mode), .k = k, .s = stride,
                   .pad = pad};
     int nt = threads_for(j.planes * H * W);
-    if (!argmax && cpu_isa() == CPU_ISA_AVX512) {   // inference
+    if (cpu_isa() == CPU_ISA_AVX512) {
         uint32_t masks[MPV_MAX_MASKS];
         mpv_plan P;
         if (mpv_plan_build(&P, masks, H, W, j.OH, j.OW, k, stride, pad)) {
-            mpv_job v = {out, in, j.planes, &P};
+            mpv_job v = {out, argmax, in, j.planes, &P};
             cpu_parallel(maxpool_value_task, &v, nt);
             return;
         }
