@@ -518,6 +518,7 @@ static void test_adaptive(rng *r) {
         {7, 37, 7, 7, 1, 1}, {2, 3, 5, 7, 3, 2}, {1, 4, 3, 3, 5, 4},
         {7, 40, 8, 8, 1, 1}, {7, 1024, 1, 1, 1, 1}, {3, 9, 13, 11, 4, 3},
         {7, 33, 4, 4, 4, 4}, {5, 600, 4, 4, 4, 4},   // identity (aux heads on 4x4 maps)
+        {9, 70, 3, 3, 4, 4}, {2, 5, 100, 3, 70, 2},  // aux heads on 3x3 maps; many windows
     };
     int ok = 1;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {

@@ -1155,6 +1155,24 @@ void maxpool2d_fast_backward(float *din, const float *dout, const int32_t *argma
 
 // The reference loops treat the N*C planes alike, so a range of planes is a smaller problem of
 // the same op: each thread runs the reference on its planes (the same bits, no new code).
+// Windows of the adaptive pool (pool.c's formulas), computed once per call instead of per
+// output; the loops are then the reference's, in its order, so the bits are the same.
+enum { AP_MAX = 64 };
+typedef struct { int h0[AP_MAX], h1[AP_MAX], w0[AP_MAX], w1[AP_MAX]; } ap_windows;
+
+static int ap_windows_make(ap_windows *a, int H, int W, int OH, int OW) {
+    if (OH > AP_MAX || OW > AP_MAX) return 0;
+    for (int i = 0; i < OH; i++) {
+        a->h0[i] = (int)(((long long)i * H) / OH);
+        a->h1[i] = (int)(((long long)(i + 1) * H + OH - 1) / OH);
+    }
+    for (int i = 0; i < OW; i++) {
+        a->w0[i] = (int)(((long long)i * W) / OW);
+        a->w1[i] = (int)(((long long)(i + 1) * W + OW - 1) / OW);
+    }
+    return 1;
+}
+
 static void adaptive_fwd_task(void *ctx, int t, int nt) {
     const pool_job *j = ctx;
     size_t p0, p1;
@@ -1165,6 +1183,22 @@ static void adaptive_fwd_task(void *ctx, int t, int nt) {
         float *o = j->out + p0 * hw;
         const float *x = j->in + p0 * hw;
         for (size_t i = 0; i < (p1 - p0) * hw; i++) o[i] = 0.0f + x[i];
+        return;
+    }
+    ap_windows a;
+    if (ap_windows_make(&a, j->H, j->W, j->OH, j->OW)) {
+        const int H = j->H, W = j->W, OH = j->OH, OW = j->OW;
+        for (size_t p = p0; p < p1; p++) {
+            const float *x = j->in + p * H * W;
+            float *o = j->out + p * OH * OW;
+            for (int oh = 0; oh < OH; oh++)
+                for (int ow = 0; ow < OW; ow++) {
+                    float s = 0.0f;
+                    for (int h = a.h0[oh]; h < a.h1[oh]; h++)
+                        for (int w = a.w0[ow]; w < a.w1[ow]; w++) s += x[h * W + w];
+                    o[oh * OW + ow] = s / (float)((a.h1[oh] - a.h0[oh]) * (a.w1[ow] - a.w0[ow]));
+                }
+        }
         return;
     }
     if (p1 > p0)
@@ -1179,6 +1213,22 @@ static void adaptive_bwd_task(void *ctx, int t, int nt) {
     if (j->H == j->OH && j->W == j->OW) {   // dx += g / 1
         const size_t hw = (size_t)j->H * j->W;
         if (p1 > p0) j->K->add(j->out + p0 * hw, j->in + p0 * hw, (p1 - p0) * hw);
+        return;
+    }
+    ap_windows a;
+    if (ap_windows_make(&a, j->H, j->W, j->OH, j->OW)) {
+        const int H = j->H, W = j->W, OH = j->OH, OW = j->OW;
+        for (size_t p = p0; p < p1; p++) {
+            const float *g = j->in + p * OH * OW;
+            float *dx = j->out + p * H * W;
+            for (int oh = 0; oh < OH; oh++)
+                for (int ow = 0; ow < OW; ow++) {
+                    const float gv = g[oh * OW + ow] /
+                                     (float)((a.h1[oh] - a.h0[oh]) * (a.w1[ow] - a.w0[ow]));
+                    for (int h = a.h0[oh]; h < a.h1[oh]; h++)
+                        for (int w = a.w0[ow]; w < a.w1[ow]; w++) dx[h * W + w] += gv;
+                }
+        }
         return;
     }
     if (p1 > p0)
