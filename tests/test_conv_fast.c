@@ -208,7 +208,7 @@ static void test_level(cpu_isa_level level) {
     rng_seed(&r, 99 + level);
     double worst_fwd = 0, worst_bwd = 0, worst_ref_fwd = 0, worst_ref_bwd = 0;
     char at_fwd[128] = "", at_bwd[128] = "", at_same[160] = "";
-    int same = 1, ws_ok = 1, packed_ok = 1, n_dense = 0;
+    int same = 1, ws_ok = 1, packed_ok = 1, n_dense = 0, n_wino_din = 0;
     char at_packed[160] = "";
     for (int i = 0; i < N_FIXED + N_RANDOM; i++) {
         cshape s = shape_at(i, &r);
@@ -271,6 +271,10 @@ static void test_level(cpu_isa_level level) {
                                ? err_vs_double(pout, e.out, e.out_mag, no, pout[no]) <= TOL_EXACT
                                : memcmp(pout, f.out, no * 4) == 0;
             n_dense += dense;
+            // the backward's din of a 3x3 stride-1 convolution: Winograd on dout
+            n_wino_din += !dense && s.k == 3 && s.stride == 1 && s.pad <= 2 &&
+                          winograd_tile(s.N, s.K, s.H + 2 * s.pad - 2, s.W + 2 * s.pad - 2, s.C,
+                                        2 - s.pad) != 0;
             if (packed_ok && (rc != 0 || bad_rc != -1 || !same_out)) {
                 packed_ok = 0;
                 snprintf(at_packed, sizeof at_packed, "%s (rc %d, %d)", where, rc, bad_rc);
@@ -309,6 +313,7 @@ static void test_level(cpu_isa_level level) {
            "is dense or Winograd)%s%s",
            name, packed_ok ? "" : ", not at ", at_packed);
     result(n_dense >= 8, "conv_fast %s: %d shapes took the dense path", name, n_dense);
+    result(n_wino_din >= 3, "conv_fast %s: %d shapes took Winograd for din", name, n_wino_din);
 }
 
 int main(void) {

@@ -96,8 +96,15 @@ size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int 
     size_t fwd = gemm_workspace_size(K, N * ohw, ckk);
     size_t dw = gemm_workspace_size(K, ckk, N * ohw);
     size_t din;
-    if (din_as_conv(k, stride, pad))
+    if (din_as_conv(k, stride, pad)) {
         din = round16((size_t)C * K * k * k) + gemm_workspace_size(C, N * H * W, K * k * k);
+        int mb = k == 3 ? winograd_tile(N, K, OH, OW, C, k - 1 - pad) : 0;
+        if (mb) {   // the backward's Winograd path for din
+            size_t wb = round16((size_t)C * K * k * k) +
+                        winograd_workspace_size(N, K, OH, OW, C, k - 1 - pad, mb);
+            if (wb > din) din = wb;
+        }
+    }
     else
         din = round16((size_t)ckk * ohw) + gemm_workspace_size(ckk, ohw, K);
     size_t s = fwd > dw ? fwd : dw;
@@ -276,6 +283,13 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
             for (int c = 0; c < C; c++)
                 for (int t = 0; t < kk; t++)
                     wt[((size_t)c * K + o) * kk + t] = w[((size_t)o * C + c) * kk + (kk - 1 - t)];
+        // A 3x3 one may go to Winograd like a forward convolution, accumulating into din.
+        int m = k == 3 ? winograd_tile(N, K, OH, OW, C, k - 1 - pad) : 0;
+        if (m) {
+            winograd_forward_ex(din, dout, wt, NULL, N, K, OH, OW, C, k - 1 - pad, 0, 1, m,
+                                ws + round16((size_t)C * K * kk));
+            return;
+        }
         gemm_operand a = {.kind = GEMM_DENSE, .p = wt, .rs = (ptrdiff_t)K * kk, .cs = 1};
         gemm_operand bm = k == 1 ? batch_cols(dout, K, ohw)
                                  : im2col_of(GEMM_IM2COL, dout, K, OH, OW, k, 1, k - 1 - pad);
