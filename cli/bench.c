@@ -32,7 +32,8 @@ static void print_layers(const model *m, const double *prof, int iters) {
     const double *fwd = prof, *bwd = prof + m->n_nodes;
     double total = 0, by_op[OP_COUNT][2] = {{0}};
     for (int i = 0; i < m->n_nodes; i++) total += fwd[i] + bwd[i];
-    printf("%-44s %-16s %-14s %9s %9s %6s\n", "layer", "op", "output", "fwd ms", "bwd ms", "%");
+    printf("%-44s %-16s %-14s %9s %9s %6s %8s\n", "layer", "op", "output", "fwd ms", "bwd ms", "%",
+           "GFLOP/s");
     for (int i = 0; i < m->n_nodes; i++) {
         const model_node *n = &m->nodes[i];
         by_op[n->op][0] += fwd[i];
@@ -40,8 +41,12 @@ static void print_layers(const model *m, const double *prof, int iters) {
         if (fwd[i] + bwd[i] < 1e-3 * total) continue;   // under 0.1 %: folded, fused, trivial
         char shape[32];
         snprintf(shape, sizeof shape, "%dx%dx%d", n->C, n->H, n->W);
-        printf("%-44.44s %-16s %-14s %9.3f %9.3f %6.1f\n", n->path, op_names[n->op], shape,
+        // forward MACs once, backward twice (input and weight gradients)
+        const double flops = 2.0 * (double)n->macs * m->N * (bwd[i] > 0 ? 3 : 1) * iters;
+        printf("%-44.44s %-16s %-14s %9.3f %9.3f %6.1f", n->path, op_names[n->op], shape,
                1e3 * fwd[i] / iters, 1e3 * bwd[i] / iters, 100 * (fwd[i] + bwd[i]) / total);
+        if (n->macs > 0) printf(" %8.1f", flops / (fwd[i] + bwd[i]) * 1e-9);
+        printf("\n");
     }
     printf("totals by op:\n");
     for (int o = 0; o < OP_COUNT; o++)
