@@ -292,19 +292,37 @@ INLINE TARGET_AVX2 void gather_avx2(float g[9][MR_MAX], const float *w0, ptrdiff
 
 // Panels g0..g1-1 (filters g*MR .. g*MR + MR - 1; past K: zeros) to U, panel g at
 // U + (g - g0)*C*MR, positions upos floats apart. One filter per lane.
+// With pack8 (AVX-512, MR 8), a full panel's filters are first transposed a block of channels
+// at a time into [channel][tap][filter], which is the g[][] of each channel in turn: contiguous
+// loads instead of one gather per tap.
+enum { PACK_CB = 32 };   // channels per transposed block (9 KiB)
+_Static_assert(GEMM_AVX512_MR == MR_MAX, "pack8 writes panels of MR_MAX filters");
+
 INLINE void weight_body(const wplan *p, float *U, size_t upos, const float *w, int g0, int g1,
-                        const int m, const int MR, gather_fn *gather) {
+                        const int m, const int MR, gather_fn *gather, const int pack8) {
     enum { A = 6 };
     const int a = m + 2, C = p->C, K = p->K;
     float g[9][MR_MAX], u[A * A][MR_MAX];
+    float blk[PACK_CB * 9 * MR_MAX];   // pack8 only (MR = MR_MAX = 8)
     for (int pg = g0; pg < g1; pg++)
         for (int c = 0; c < C; c++) {
             int n = K - pg * MR < MR ? K - pg * MR : MR;
-            gather(g, w + ((size_t)pg * MR * C + c) * 9, (ptrdiff_t)C * 9, n, MR);
+            const float(*gc)[MR_MAX] = g;
+            if (pack8 && n == MR) {
+                const int cb = c % PACK_CB;
+                if (cb == 0) {
+                    const int nc = C - c < PACK_CB ? C - c : PACK_CB;
+                    gemm_pack_a8_avx512(blk, w + ((size_t)pg * MR * C + c) * 9, (ptrdiff_t)C * 9,
+                                        nc * 9);
+                }
+                gc = (const float(*)[MR_MAX])(blk + (size_t)cb * 9 * MR_MAX);
+            } else {
+                gather(g, w + ((size_t)pg * MR * C + c) * 9, (ptrdiff_t)C * 9, n, MR);
+            }
             for (int l = 0; l < MR; l++) {  // vectorised over the lanes
                 float col[3][A], x[3], v[A];
                 for (int j = 0; j < 3; j++) {  // down the columns: G g
-                    for (int i = 0; i < 3; i++) x[i] = g[i * 3 + j][l];
+                    for (int i = 0; i < 3; i++) x[i] = gc[i * 3 + j][l];
                     g_1d(col[j], x, m);
                 }
                 for (int i = 0; i < a; i++) {  // along the rows: (G g) G^T
@@ -321,7 +339,7 @@ INLINE void weight_body(const wplan *p, float *U, size_t upos, const float *w, i
 
 // ---- the transforms at each ISA level (the compiler vectorises the lane loops) ----
 // The micro-kernel's MR and NR are constants here, so lane loops have fixed lengths.
-#define TRANSFORMS(SUFFIX, TARGET, MR, NR, GATHER)                                                      \
+#define TRANSFORMS(SUFFIX, TARGET, MR, NR, GATHER, PACK8)                                       \
     static TARGET void input_##SUFFIX(const wplan *p, float *V, const float *in, int t0,        \
                                       int nt, int c0, int c1) {                                 \
         if (p->m == 2) input_body(p, V, in, t0, nt, c0, c1, 2, NR, copy_##SUFFIX);              \
@@ -334,13 +352,13 @@ INLINE void weight_body(const wplan *p, float *U, size_t upos, const float *w, i
     }                                                                                           \
     static TARGET void weight_##SUFFIX(const wplan *p, float *U, size_t upos, const float *w,   \
                                        int g0, int g1) {                                        \
-        if (p->m == 2) weight_body(p, U, upos, w, g0, g1, 2, MR, GATHER);                       \
-        else weight_body(p, U, upos, w, g0, g1, 4, MR, GATHER);                                 \
+        if (p->m == 2) weight_body(p, U, upos, w, g0, g1, 2, MR, GATHER, PACK8);                \
+        else weight_body(p, U, upos, w, g0, g1, 4, MR, GATHER, PACK8);                          \
     }
 
-TRANSFORMS(c, , GEMM_SCALAR_MR, GEMM_SCALAR_NR, gather_c)
-TRANSFORMS(avx2, TARGET_AVX2, GEMM_AVX2_MR, GEMM_AVX2_NR, gather_avx2)
-TRANSFORMS(avx512, TARGET_AVX512, GEMM_AVX512_MR, GEMM_AVX512_NR, gather_avx2)
+TRANSFORMS(c, , GEMM_SCALAR_MR, GEMM_SCALAR_NR, gather_c, 0)
+TRANSFORMS(avx2, TARGET_AVX2, GEMM_AVX2_MR, GEMM_AVX2_NR, gather_avx2, 0)
+TRANSFORMS(avx512, TARGET_AVX512, GEMM_AVX512_MR, GEMM_AVX512_NR, gather_avx2, 1)
 
 // ---------------------------------------------------------------------------------------------
 // The plan: sizes, order and functions for one ISA level and thread count. Each value is
