@@ -260,6 +260,86 @@ static void test_packed(cpu_isa_level level) {
     result(checks, "gemm %s: gemm_pack_a_check refuses other sizes and ISA levels", name);
 }
 
+// ---- row groups: one GEMM writing several tensors ----
+// Each group's rows must hold exactly what a plain GEMM writes into those rows of one matrix,
+// bit for bit: with folded columns (a batch of images), groups that are not multiples of the
+// micro-kernel's rows (tiles straddling two groups), accumulation, bias and ReLU, a packed A.
+static void test_groups(cpu_isa_level level, rng *r) {
+    static const int cases[][6] = {   // M, images, pixels per image, K, groups (2 or 3), split
+        {37, 3, 7, 33, 3, 0}, {64, 2, 49, 100, 3, 0}, {24, 1, 196, 70, 2, 0},
+        {50, 4, 4, 17, 3, 1}, {448, 1, 196, 528, 3, 0}, {19, 5, 1, 8, 2, 1},
+    };
+    int ok = 1;
+    char where[128] = "";
+    cpu_isa_set(level);
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0] && ok; ci++) {
+        const int M = cases[ci][0], imgs = cases[ci][1], hw = cases[ci][2], K = cases[ci][3];
+        const int ng = cases[ci][4], N = imgs * hw;
+        int row0[4];   // group boundaries: odd ones when "split", else multiples of 8
+        row0[0] = 0, row0[ng] = M;
+        for (int g = 1; g < ng; g++)
+            row0[g] = cases[ci][5] ? M * g / ng + (g % 2) : (M * g / ng) / 8 * 8;
+        float *A = malloc((size_t)M * K * sizeof(float)), *B = malloc((size_t)K * N * sizeof(float));
+        float *bias = malloc((size_t)M * sizeof(float));
+        float *plain = malloc((size_t)M * N * sizeof(float)), *grouped = malloc((size_t)M * N * sizeof(float));
+        float *packed = malloc(gemm_pack_a_size(M, K) * sizeof(float));
+        fill(A, (size_t)M * K, r), fill(B, (size_t)K * N, r), fill(bias, (size_t)M, r);
+        fill(plain, (size_t)M * N, r);
+        gemm_pack_a(packed, A, K, 0, M, K);
+        for (int threads = 1; threads <= 3 && ok; threads++)
+            for (int variant = 0; variant < 3 && ok; variant++) {
+                cpu_threads_set(threads);
+                int flags = variant == 0 ? GEMM_BIAS_ROW | GEMM_RELU
+                          : variant == 1 ? GEMM_ACCUMULATE : 0;
+                // grouped: group g is [imgs][rows of g][hw], stored one group after another
+                float *gp[4];
+                size_t at = 0;
+                for (int g = 0; g < ng; g++) {
+                    gp[g] = grouped + at;
+                    at += (size_t)imgs * (row0[g + 1] - row0[g]) * hw;
+                }
+                // the same starting values in both layouts (for GEMM_ACCUMULATE)
+                float *ref = malloc((size_t)M * N * sizeof(float));
+                memcpy(ref, plain, (size_t)M * N * sizeof(float));
+                for (int g = 0; g < ng; g++)
+                    for (int n = 0; n < imgs; n++)
+                        for (int i = row0[g]; i < row0[g + 1]; i++)
+                            memcpy(gp[g] + ((size_t)n * (row0[g + 1] - row0[g]) + i - row0[g]) * hw,
+                                   ref + ((size_t)n * M + i) * hw, (size_t)hw * sizeof(float));
+                gemm_operand a = {.kind = variant == 2 ? GEMM_PACKED : GEMM_DENSE,
+                                  .p = variant == 2 ? packed : A, .rs = K, .cs = 1};
+                gemm_operand b = {.kind = GEMM_DENSE, .p = B, .rs = N, .cs = 1};
+                size_t wsn = gemm_workspace_size(M, N, K);
+                float *ws = malloc(wsn * sizeof(float));
+                gemm_output c1 = {.p = ref, .ldc = hw, .fold = hw, .fold_stride = (ptrdiff_t)M * hw};
+                gemm_ex(&c1, &a, &b, bias, M, N, K, flags, ws);
+                gemm_output c2 = {.ldc = hw, .fold = hw, .ngroups = ng};
+                for (int g = 0; g < ng; g++) {
+                    c2.row0[g] = row0[g];
+                    c2.gp[g] = gp[g];
+                    c2.gfs[g] = (ptrdiff_t)(row0[g + 1] - row0[g]) * hw;
+                }
+                c2.row0[ng] = M;
+                gemm_ex(&c2, &a, &b, bias, M, N, K, flags, ws);
+                for (int g = 0; g < ng && ok; g++)
+                    for (int n = 0; n < imgs && ok; n++)
+                        for (int i = row0[g]; i < row0[g + 1] && ok; i++)
+                            if (memcmp(gp[g] + ((size_t)n * (row0[g + 1] - row0[g]) + i - row0[g]) * hw,
+                                       ref + ((size_t)n * M + i) * hw, (size_t)hw * sizeof(float))) {
+                                ok = 0;
+                                snprintf(where, sizeof where, ": differs at M=%d imgs=%d hw=%d K=%d "
+                                         "row %d, %d threads, variant %d", M, imgs, hw, K, i,
+                                         threads, variant);
+                            }
+                free(ws), free(ref);
+            }
+        free(A), free(B), free(bias), free(plain), free(grouped), free(packed);
+    }
+    cpu_threads_set(2);
+    result(ok, "gemm %s with row groups bit-identical to one matrix's rows%s", cpu_isa_name(level),
+           where);
+}
+
 // ---- thread pool ----
 
 typedef struct {
@@ -347,6 +427,11 @@ int main(void) {
     test_level(CPU_ISA_AVX2);
     test_level(CPU_ISA_AVX512);
     for (int l = CPU_ISA_SCALAR; l <= CPU_ISA_AVX512; l++) test_packed((cpu_isa_level)l);
+    {
+        rng r;
+        rng_seed(&r, 7);
+        for (int l = CPU_ISA_SCALAR; l <= (int)det; l++) test_groups((cpu_isa_level)l, &r);
+    }
     cpu_isa_set(det);
     cpu_threads_set(1);  // joins the workers, so leak checkers see a clean exit
     return failed ? 1 : 0;

@@ -53,10 +53,51 @@ static int fold_unpacked(const model *m, const model_node *n) {
     return (n->k == 3 && n->stride == 1) || conv2d_fast_dense(a->H, a->W, n->k);
 }
 
-// Floats of conv node n's folded weights (packed or not).
+// Merged 1x1 convs (model_node.merge_lead): node i is computed by an earlier conv's GEMM.
+static int merged_member(const model *m, int i) {
+    return m->nodes[i].merge_lead >= 0 && m->nodes[i].merge_lead != i;
+}
+
+// The convs of the group that conv `lead` leads, in node order (lead first); 1 if none.
+static int merge_group(const model *m, int lead, int *ids) {
+    int n = 0;
+    ids[n++] = lead;
+    if (m->nodes[lead].merge_lead != lead) return n;
+    for (int j = lead + 1; j < m->n_nodes && n < MODEL_MAX_MERGE; j++)
+        if (m->nodes[j].merge_lead == lead) ids[n++] = j;
+    return n;
+}
+
+// Output channels of the GEMM that conv node i runs at inference (its group's, if it leads one).
+static int fold_rows(const model *m, int i) {
+    int ids[MODEL_MAX_MERGE], K = 0;
+    for (int g = 0, ng = merge_group(m, i, ids); g < ng; g++) K += m->nodes[ids[g]].C;
+    return K;
+}
+
+// Floats of conv node n's folded weights (packed or not; a group's stacked ones if it leads).
 static size_t fold_weights_size(const model *m, const model_node *n, int C) {
     return fold_unpacked(m, n) ? (size_t)n->C * C * n->k * n->k
-                               : conv2d_fast_pack_weights_size(C, n->C, n->k);
+                               : conv2d_fast_pack_weights_size(C, fold_rows(m, (int)(n - m->nodes)), n->k);
+}
+
+// Writes conv i's weights times its BN's scale (K rows of C*k*k) and its bias.
+static void fold_conv(const model *m, int i, float *dst, float *bias) {
+    const model_node *n = &m->nodes[i];
+    const model_tensor *w = &m->tensors[n->weight];
+    const int K = n->C;
+    const size_t row = w->numel / (size_t)K;
+    const float *src = P(n->weight), *cb = n->bias >= 0 ? P(n->bias) : NULL;
+    const model_node *bn = folded_bn(m, i);
+    for (int k = 0; k < K; k++) {
+        double scale = 1.0, shift = cb ? cb[k] : 0.0;
+        if (bn) {   // as batchnorm2d_forward_eval's per-channel scale, in double
+            scale = P(bn->weight)[k] / sqrt((double)P(bn->running_var)[k] + bn->eps);
+            shift = P(bn->bias)[k] + (shift - P(bn->running_mean)[k]) * scale;
+        }
+        for (size_t e = 0; e < row; e++) dst[k * row + e] = (float)(src[k * row + e] * scale);
+        bias[k] = (float)shift;
+    }
 }
 
 static int fold_ready(model *m) {
@@ -65,11 +106,13 @@ static int fold_ready(model *m) {
     size_t total = 0, tmp = 1;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
-        if (n->op != OP_CONV || !runs(n, 0)) continue;
+        if (n->op != OP_CONV || !runs(n, 0) || merged_member(m, i)) continue;
         const model_tensor *w = &m->tensors[n->weight];
+        const int K = fold_rows(m, i);
         n->folded = total;
-        total += round16(fold_weights_size(m, n, w->shape[1])) + round16(n->C);
-        if (w->numel > tmp) tmp = w->numel;
+        total += round16(fold_weights_size(m, n, w->shape[1])) + round16(K);
+        const size_t rows = (size_t)K * (w->numel / (size_t)n->C);
+        if (rows > tmp) tmp = rows;
     }
     float *f = malloc((total ? total : 1) * sizeof(float)), *wf = malloc(tmp * sizeof(float));
     if (!f || !wf) {
@@ -78,25 +121,20 @@ static int fold_ready(model *m) {
     }
     for (int i = 0; i < m->n_nodes; i++) {
         const model_node *n = &m->nodes[i];
-        if (n->op != OP_CONV || !runs(n, 0)) continue;
-        const model_tensor *w = &m->tensors[n->weight];
-        const int C = w->shape[1], K = n->C;
-        const size_t row = w->numel / (size_t)K;
-        const float *src = P(n->weight), *cb = n->bias >= 0 ? P(n->bias) : NULL;
+        if (n->op != OP_CONV || !runs(n, 0) || merged_member(m, i)) continue;
+        const int C = m->tensors[n->weight].shape[1];
         float *bias = f + n->folded + round16(fold_weights_size(m, n, C));
-        const model_node *bn = folded_bn(m, i);
-        for (int k = 0; k < K; k++) {
-            double scale = 1.0, shift = cb ? cb[k] : 0.0;
-            if (bn) {   // as batchnorm2d_forward_eval's per-channel scale, in double
-                scale = P(bn->weight)[k] / sqrt((double)P(bn->running_var)[k] + bn->eps);
-                shift = P(bn->bias)[k] + (shift - P(bn->running_mean)[k]) * scale;
-            }
-            float *dst = fold_unpacked(m, n) ? f + n->folded : wf;
-            for (size_t e = 0; e < row; e++)
-                dst[k * row + e] = (float)(src[k * row + e] * scale);
-            bias[k] = (float)shift;
+        if (fold_unpacked(m, n)) {
+            fold_conv(m, i, f + n->folded, bias);
+            continue;
         }
-        if (!fold_unpacked(m, n)) conv2d_fast_pack_weights(f + n->folded, wf, C, K, n->k);
+        int ids[MODEL_MAX_MERGE], ng = merge_group(m, i, ids), K = 0;
+        for (int g = 0; g < ng; g++) {   // a group's rows stacked in node order
+            const model_node *o = &m->nodes[ids[g]];
+            fold_conv(m, ids[g], wf + (size_t)K * C * n->k * n->k, bias + K);
+            K += o->C;
+        }
+        conv2d_fast_pack_weights(f + n->folded, wf, C, K, n->k);
     }
     free(wf);
     m->folded = f;
@@ -118,9 +156,11 @@ void node_uses_of(const model *m, int i, int flags, node_uses *u) {
     u->runs = runs(n, flags & MODEL_TRAIN);
     if (!u->runs) return;
     if (folding(m, flags)) {   // the conv computes its chain, the rest of which does nothing
-        if (n->fold_conv >= 0) return;
+        if (n->fold_conv >= 0 || merged_member(m, i)) return;
         for (int j = 0; j < n->n_in; j++) u->fwd_in[u->n_fwd_in++] = n->in[j];
         u->fwd_out = n->op == OP_CONV ? n->fold_to : i;
+        int ids[MODEL_MAX_MERGE], ng = n->op == OP_CONV ? merge_group(m, i, ids) : 1;
+        for (int g = 1; g < ng; g++) u->fwd_extra[u->n_fwd_extra++] = m->nodes[ids[g]].fold_to;
         return;
     }
     // Fast kernels: a BN fused with its ReLU writes the ReLU's output and, in backward, reads
@@ -170,8 +210,13 @@ static int workspace_ready(model *m) {
     for (int i = 0; i < m->n_nodes; i++) {
         const model_node *n = &m->nodes[i], *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
         size_t s = 0;
-        if (n->op == OP_CONV)
+        if (n->op == OP_CONV) {
             s = conv2d_fast_workspace_size(m->N, a->C, a->H, a->W, n->C, n->k, n->stride, n->pad);
+            if (n->merge_lead == i) {   // the merged GEMM at inference
+                size_t g = gemm_workspace_size(fold_rows(m, i), m->N * a->H * a->W, a->C);
+                if (g > s) s = g;
+            }
+        }
         else if (n->op == OP_LINEAR) {
             int IN = a->C * a->H * a->W, OUT = n->C, N = m->N;
             s = gemm_workspace_size(N, OUT, IN);                   // forward
@@ -238,7 +283,7 @@ int model_forward(model *m, const float *x, int flags) {
     if (workspace_ready(m) || model_plan(m, flags) || (fold && fold_ready(m))) return -1;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
-        if (!runs(n, training) || (fold && n->fold_conv >= 0)) continue;
+        if (!runs(n, training) || (fold && (n->fold_conv >= 0 || merged_member(m, i)))) continue;
         const double t0 = m->prof_fwd ? now_s() : 0;
         float *out = OUT(i);
         const model_node *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
@@ -259,10 +304,24 @@ int model_forward(model *m, const float *x, int flags) {
                 const float *b = pw + round16(fold_weights_size(m, n, C));
                 const int has_bias = n->bias >= 0 || folded_bn(m, i);   // or the BN's shift
                 const int relu = m->nodes[n->fold_to].op == OP_RELU;
-                if (fold_unpacked(m, n))
+                int ids[MODEL_MAX_MERGE], ng = merge_group(m, i, ids);
+                if (fold_unpacked(m, n)) {
                     conv2d_fast_forward(OUT(n->fold_to), in, pw, has_bias ? b : NULL, N, C, H, W,
                                         n->C, n->k, n->stride, n->pad, relu, m->ws);
-                else if (conv2d_fast_forward_packed(OUT(n->fold_to), in, pw, has_bias ? b : NULL,
+                } else if (ng > 1) {   // the group's GEMM
+                    float *outs[MODEL_MAX_MERGE];
+                    int Ks[MODEL_MAX_MERGE], any_bias = 0;
+                    for (int g = 0; g < ng; g++) {
+                        const model_node *o = &m->nodes[ids[g]];
+                        outs[g] = OUT(o->fold_to);
+                        Ks[g] = o->C;
+                        any_bias |= o->bias >= 0 || folded_bn(m, ids[g]) != NULL;
+                    }
+                    // (a member without bias or BN then gets + 0 from the stacked bias)
+                    if (conv2d_fast_forward_packed_split(outs, Ks, ng, in, pw, any_bias ? b : NULL,
+                                                         N, C, H, W, relu, m->ws))
+                        return -1;
+                } else if (conv2d_fast_forward_packed(OUT(n->fold_to), in, pw, has_bias ? b : NULL,
                                                     N, C, H, W, n->C, n->k, n->stride, n->pad,
                                                     relu, m->ws))
                     return -1;

@@ -76,6 +76,25 @@ int model_build(model *m, const model_config *cfg) {
         n->fold_to = t;
         for (int j = i + 1; j <= t; j++) m->nodes[j].fold_conv = i;
     }
+    // Merged 1x1 convs (inference): same input, same passes, the same ReLU-or-not after them.
+    for (int i = 0; i < m->n_nodes; i++) m->nodes[i].merge_lead = -1;
+    for (int i = 0; i < m->n_nodes; i++) {
+        model_node *n = &m->nodes[i];
+        if (n->op != OP_CONV || n->k != 1 || n->stride != 1 || n->pad != 0 || n->merge_lead >= 0)
+            continue;
+        const int relu = m->nodes[n->fold_to].op == OP_RELU;
+        int members = 1;
+        for (int j = i + 1; j < m->n_nodes && members < MODEL_MAX_MERGE; j++) {
+            model_node *o = &m->nodes[j];
+            if (o->op == OP_CONV && o->k == 1 && o->stride == 1 && o->pad == 0 &&
+                o->in[0] == n->in[0] && o->head == n->head && o->merge_lead < 0 &&
+                (m->nodes[o->fold_to].op == OP_RELU) == relu) {
+                o->merge_lead = i;
+                members++;
+            }
+        }
+        if (members > 1) n->merge_lead = i;
+    }
     const char *fold = getenv("INCEPT_FOLD");
     m->fold = !(fold && !strcmp(fold, "0"));
     m->params = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));

@@ -55,6 +55,7 @@ typedef struct {
 } model_slot;
 
 #define NODE_MAX_IN 4
+#define MODEL_MAX_MERGE 4   // convs in one merged GEMM (GEMM_MAX_GROUPS)
 typedef struct {
     op_kind op;
     char path[80];          // torchvision module path ("inception3a.branch2.1.conv")
@@ -78,6 +79,9 @@ typedef struct {
     int fold_to;            // conv: the last node of that chain (itself if nothing follows)
     int fold_conv;          // BN/ReLU in such a chain: its conv; else -1
     size_t folded;          // conv: offset of its packed weights, then its bias, in m->folded
+    // Also at inference, 1x1 stride-1 convs that read the same input (GoogLeNet's three per
+    // Inception module) run as one GEMM on their stacked folded weights, done by the first.
+    int merge_lead;         // conv: the first conv of its group (itself if it leads), or -1
 } model_node;
 
 typedef struct {

@@ -69,6 +69,7 @@ int model_plan(model *m, int flags) {
         model_node *nd = m->nodes;
         const int f = plan_fwd_step(i), b = plan_bwd_step(m, i);
         if (u.fwd_out >= 0) touch(&nd[u.fwd_out].act, f);
+        for (int j = 0; j < u.n_fwd_extra; j++) touch(&nd[u.fwd_extra[j]].act, f);
         for (int j = 0; j < u.n_fwd_in; j++) touch(&nd[u.fwd_in[j]].act, f);
         if (u.argmax) { touch(&nd[i].argmax, f); touch(&nd[i].argmax, b); }
         for (int j = 0; j < u.n_bwd_act; j++) touch(&nd[u.bwd_act[j]].act, b);

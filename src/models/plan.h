@@ -12,6 +12,7 @@ typedef struct {
     int runs;                               // the node runs in this pass
     int fwd_in[NODE_MAX_IN], n_fwd_in;      // nodes whose output its forward reads
     int fwd_out;                            // node whose output slot its forward writes, or -1
+    int fwd_extra[MODEL_MAX_MERGE], n_fwd_extra;  // further slots it writes (merged convs)
     int argmax;                             // its forward writes an argmax that backward reads
     int bwd_act[2], n_bwd_act;              // nodes whose output its backward reads
     int bwd_dout;                           // node whose gradient its backward reads, or -1

@@ -3,6 +3,7 @@
 #include "ops/cpu.h"
 #include "ops/gemm.h"
 #include "ops/winograd.h"
+#include "util/err.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -201,6 +202,30 @@ int conv2d_fast_forward_packed(float *out, const float *in, const float *packed,
     if (gemm_pack_a_check(packed, K, C * k * k) != 0) return -1;
     gemm_operand a = {.kind = GEMM_PACKED, .p = packed};
     forward(out, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
+    return 0;
+}
+
+int conv2d_fast_forward_packed_split(float *const *outs, const int *Ks, int n_outs,
+                                     const float *in, const float *packed, const float *b, int N,
+                                     int C, int H, int W, int relu, float *ws) {
+    if (n_outs < 1 || n_outs > GEMM_MAX_GROUPS)
+        return err_set("conv2d_fast_forward_packed_split: %d outputs (1 to %d)", n_outs,
+                       GEMM_MAX_GROUPS);
+    const int hw = H * W;
+    gemm_output c = {.ldc = hw, .fold = hw, .ngroups = n_outs};
+    int K = 0;
+    for (int g = 0; g < n_outs; g++) {
+        c.row0[g] = K;
+        c.gp[g] = outs[g];
+        c.gfs[g] = (ptrdiff_t)Ks[g] * hw;
+        K += Ks[g];
+    }
+    c.row0[n_outs] = K;
+    if (gemm_pack_a_check(packed, K, C) != 0) return -1;
+    if (N <= 0 || K <= 0 || hw <= 0) return 0;
+    gemm_operand a = {.kind = GEMM_PACKED, .p = packed};
+    gemm_operand bm = batch_cols(in, C, hw);
+    gemm_ex(&c, &a, &bm, b, K, N * hw, C, (b ? GEMM_BIAS_ROW : 0) | (relu ? GEMM_RELU : 0), ws);
     return 0;
 }
 

@@ -614,13 +614,37 @@ static size_t bp_floats(const gemm_config *cfg, int N, int kcb);
 
 static float *align64(float *p) { return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
+// The row group of row i (row groups: see gemm_output).
+static int out_group(const gemm_output *c, int i) {
+    int g = 0;
+    while (g + 1 < c->ngroups && i >= c->row0[g + 1]) g++;
+    return g;
+}
+
+// Group g as an output of its own.
+static gemm_output out_local(const gemm_output *c, int g) {
+    gemm_output o = {.p = c->gp[g], .ldc = c->ldc, .fold = c->fold, .fold_stride = c->gfs[g]};
+    return o;
+}
+
+// Where C(i, j) is stored.
+static float *c_at(const gemm_output *c, int i, int j) {
+    float *p = c->p;
+    ptrdiff_t fs = c->fold_stride;
+    if (c->ngroups) {
+        int g = out_group(c, i);
+        p = c->gp[g], fs = c->gfs[g], i -= c->row0[g];
+    }
+    return c->fold ? p + (ptrdiff_t)(j / c->fold) * fs + (ptrdiff_t)i * c->ldc + j % c->fold
+                   : p + (ptrdiff_t)i * c->ldc + j;
+}
+
 // A tile over many small folds (e.g. 2x2 images: 12 in a tile of 48 columns): its columns are
 // gathered from and scattered to C with one index vector per 16 columns, not a copy per run.
 // base: C(i, j) of the tile's first column, r = j % fold.
-static AVX512 void tile_folded_avx512(const gemm_job *g, int kc, const float *a, const float *b,
-                                      float *base, int r, int mr, int nr,
-                                      const gemm_epilogue *e) {
-    const gemm_output *c = g->c;
+static AVX512 void tile_folded_avx512(const gemm_job *g, const gemm_output *c, int kc,
+                                      const float *a, const float *b, float *base, int r, int mr,
+                                      int nr, const gemm_epilogue *e) {
     int col[NR_MAX];  // offset of column jj from base
     for (int jj = 0; jj < nr; jj++)
         col[jj] = (int)((r + jj) / c->fold * c->fold_stride + (r + jj) % c->fold - r);
@@ -651,6 +675,24 @@ static AVX512 void tile_folded_avx512(const gemm_job *g, int kc, const float *a,
 static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, int i, int j,
                      int mr, int nr, const gemm_epilogue *e) {
     const gemm_output *c = g->c;
+    gemm_output local;
+    if (c->ngroups) {
+        int g0 = out_group(c, i), g1 = out_group(c, i + mr - 1);
+        if (g0 != g1) {   // rows of two groups: through a scratch tile, element by element
+            float tmp[MR_MAX * NR_MAX];
+            int NR = g->cfg->NR;
+            if (e->load_c)
+                for (int ii = 0; ii < mr; ii++)
+                    for (int jj = 0; jj < nr; jj++) tmp[ii * NR + jj] = *c_at(c, i + ii, j + jj);
+            g->cfg->kernel(kc, a, b, tmp, NR, mr, nr, e);
+            for (int ii = 0; ii < mr; ii++)
+                for (int jj = 0; jj < nr; jj++) *c_at(c, i + ii, j + jj) = tmp[ii * NR + jj];
+            return;
+        }
+        local = out_local(c, g0);
+        i -= c->row0[g0];
+        c = &local;
+    }
     if (!c->fold) {
         g->cfg->kernel(kc, a, b, c->p + (ptrdiff_t)i * c->ldc + j, c->ldc, mr, nr, e);
         return;
@@ -663,7 +705,7 @@ static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, 
     }
     if (g->cfg->kernel == gemm_kernel_avx512 && c->fold < 16 &&
         (size_t)(nr / c->fold + 2) * (size_t)c->fold_stride < (size_t)INT32_MAX / 2) {
-        tile_folded_avx512(g, kc, a, b, base, r, mr, nr, e);
+        tile_folded_avx512(g, c, kc, a, b, base, r, mr, nr, e);
         return;
     }
     enum { MAX_RUNS = NR_MAX + 1 };
@@ -690,6 +732,37 @@ static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, 
                    (size_t)run_len[q] * sizeof(float));
 }
 
+// Up to 3 panels (rows i .. i+rows-1, panel p at a + p*pstride) against one narrow sliver:
+// the tall kernel where the rows are in one row group and the columns in one fold, else a
+// run_tile per panel (the same bits either way).
+static void tall_tile(const gemm_job *g, int kc, const float *a, ptrdiff_t pstride,
+                      const float *b, int i, int j, int rows, int nr, const gemm_epilogue *e) {
+    const gemm_output *c = g->c;
+    gemm_output local;
+    int li = i;   // row within its group
+    int simple = !c->fold || j % c->fold + nr <= c->fold;
+    if (simple && c->ngroups) {
+        int g0 = out_group(c, i);
+        simple = g0 == out_group(c, i + rows - 1);
+        local = out_local(c, g0);
+        li = i - c->row0[g0];
+        c = &local;
+    }
+    if (simple) {
+        float *base = c->fold ? c->p + (ptrdiff_t)(j / c->fold) * c->fold_stride +
+                                    (ptrdiff_t)li * c->ldc + j % c->fold
+                              : c->p + (ptrdiff_t)li * c->ldc + j;
+        gemm_kernel_avx512_tall(kc, a, pstride, b, base, c->ldc, rows, nr, e);
+        return;
+    }
+    for (int p = 0; p * g->cfg->MR < rows; p++) {
+        int MR = g->cfg->MR, mr = rows - p * MR < MR ? rows - p * MR : MR;
+        gemm_epilogue ep = *e;
+        if (ep.bias_row) ep.bias_row += p * MR;
+        run_tile(g, kc, a + p * pstride, b, i + p * MR, j, mr, nr, &ep);
+    }
+}
+
 static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int n1) {
     const gemm_config *cfg = g->cfg;
     int MR = cfg->MR, NR = cfg->NR;
@@ -713,12 +786,21 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
                     int mr = mc - ir < MR ? mc - ir : MR;
                     for (int jr = 0; jr < nc; jr += NR) {
                         int nr = nc - jr < NR ? nc - jr : NR;
+                        // a narrow last sliver: 3 panels at a time (tall_tile)
+                        const int tall = cfg->kernel == gemm_kernel_avx512 && nr <= 16;
+                        if (tall && ir % (3 * MR)) continue;   // done with the panel 1 or 2 back
                         gemm_epilogue e = {
                             .load_c = kb > 0 || (g->flags & GEMM_ACCUMULATE),
                             .bias_row = last && (g->flags & GEMM_BIAS_ROW) ? g->bias + ic + ir : NULL,
                             .bias_col = last && (g->flags & GEMM_BIAS_COL) ? g->bias + jc + jr : NULL,
                             .relu = last && (g->flags & GEMM_RELU),
                         };
+                        if (tall) {
+                            int rows = mc - ir < 3 * MR ? mc - ir : 3 * MR;
+                            tall_tile(g, kc, a_panels + (size_t)ir * kc, (ptrdiff_t)MR * kc,
+                                      bp + (size_t)jr * kc, ic + ir, jc + jr, rows, nr, &e);
+                            continue;
+                        }
                         run_tile(g, kc, a_panels + (size_t)ir * kc, bp + (size_t)jr * kc, ic + ir,
                                  jc + jr, mr, nr, &e);
                     }
@@ -823,9 +905,7 @@ size_t gemm_workspace_size(int M, int N, int K) {
 static void gemm_no_k(const gemm_output *c, const float *bias, int M, int N, int flags) {
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
-            float *x = c->fold ? c->p + (ptrdiff_t)(j / c->fold) * c->fold_stride +
-                                     (ptrdiff_t)i * c->ldc + j % c->fold
-                               : c->p + (ptrdiff_t)i * c->ldc + j;
+            float *x = c_at(c, i, j);
             float v = flags & GEMM_ACCUMULATE ? *x : 0.0f;
             if (flags & GEMM_BIAS_ROW) v += bias[i];
             if (flags & GEMM_BIAS_COL) v += bias[j];
@@ -874,7 +954,7 @@ static void small_m_task(void *ctx, int t, int n) {
         const float *bj = g->b->p + (ptrdiff_t)j * g->b->cs;
         for (int i = 0; i < g->M; i++) {
             float x = dot(g->a->p + (ptrdiff_t)i * g->a->rs, bj, g->K);
-            float *ci = g->c->p + (ptrdiff_t)i * g->c->ldc + j;
+            float *ci = c_at(g->c, i, j);
             if (g->flags & GEMM_ACCUMULATE) x = *ci + x;
             if (g->flags & GEMM_BIAS_ROW) x += g->bias[i];
             if (g->flags & GEMM_BIAS_COL) x += g->bias[j];

@@ -54,11 +54,19 @@ typedef struct {
 } gemm_operand;
 
 // C(i,j) = p[(j / fold) * fold_stride + i*ldc + j % fold]; fold 0 = plain row-major.
+// Row groups (ngroups >= 1; 0 = none): rows row0[g] .. row0[g+1]-1 of C are rows 0.. of the
+// matrix at gp[g] with fold stride gfs[g] (p and fold_stride are then unused): one GEMM writing
+// several tensors, e.g. convolutions of one input with their weights stacked.
+enum { GEMM_MAX_GROUPS = 4 };
 typedef struct {
     float *p;
     ptrdiff_t ldc;
     int fold;
     ptrdiff_t fold_stride;
+    int ngroups;
+    int row0[GEMM_MAX_GROUPS + 1];
+    float *gp[GEMM_MAX_GROUPS];
+    ptrdiff_t gfs[GEMM_MAX_GROUPS];
 } gemm_output;
 
 // gemm() on these views (A may only be GEMM_DENSE or GEMM_PACKED). Flags as above except the
@@ -91,6 +99,10 @@ typedef void gemm_kernel_fn(int kc, const float *a, const float *b, float *c, pt
 
 gemm_kernel_fn gemm_kernel_scalar;  // MR 4, NR 16 (plain C)
 gemm_kernel_fn gemm_kernel_avx512;  // MR 8, NR 48
+// A narrow last sliver (nr <= 16) against up to 3 consecutive A panels (mr <= 24 rows, panel p
+// at a + p*pstride): what 3 gemm_kernel_avx512 calls would write, with one B load per 24 FMAs.
+void gemm_kernel_avx512_tall(int kc, const float *a, ptrdiff_t pstride, const float *b, float *c,
+                             ptrdiff_t ldc, int mr, int nr, const gemm_epilogue *e);
 // Packing helpers with AVX-512 (plain-C equivalents in gemm.c):
 // a full 8-row A panel from rows rs floats apart: d[t*8 + i] = s[i*rs + t], t < n;
 void gemm_pack_a8_avx512(float *d, const float *s, ptrdiff_t rs, int n);

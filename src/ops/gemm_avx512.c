@@ -75,6 +75,48 @@ TARGET void gemm_kernel_avx512(int kc, const float *a, const float *b, float *c,
         tile(1, kc, a, b, c, ldc, mr, nr, e);
 }
 
+// The last sliver of a block, when narrow (nr <= 16): one vector of columns, so an 8-row tile
+// would do 8 FMAs per B load; here up to 3 panels (24 rows, panel p at a + p*pstride) share
+// each B load instead. The same sums in the same order as tile(): the same bits.
+static inline __attribute__((always_inline)) TARGET void
+tall(const int NP, int kc, const float *a, ptrdiff_t pstride, const float *b, float *c,
+     ptrdiff_t ldc, int mr, int nr, const gemm_epilogue *e) {
+    __m512 acc[3 * MR];
+#pragma GCC unroll 24
+    for (int i = 0; i < NP * MR; i++) acc[i] = _mm512_setzero_ps();
+    for (int k = 0; k < kc; k++) {
+        __m512 b0 = _mm512_loadu_ps(b + k * NR);
+#pragma GCC unroll 3
+        for (int p = 0; p < NP; p++)
+#pragma GCC unroll 8
+            for (int i = 0; i < MR; i++)
+                acc[p * MR + i] = _mm512_fmadd_ps(_mm512_set1_ps(a[p * pstride + k * MR + i]), b0,
+                                                  acc[p * MR + i]);
+    }
+    const __mmask16 mask = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
+    const __m512 bcol = e->bias_col ? _mm512_maskz_loadu_ps(mask, e->bias_col) : _mm512_setzero_ps();
+    const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 24
+    for (int i = 0; i < NP * MR; i++) {
+        if (i >= mr) break;
+        float *ci = c + i * ldc;
+        __m512 x = acc[i];
+        if (e->load_c) x = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, ci), x);
+        if (e->bias_row) x = _mm512_add_ps(x, _mm512_set1_ps(e->bias_row[i]));
+        if (e->bias_col) x = _mm512_add_ps(x, bcol);
+        if (e->relu) x = _mm512_max_ps(zero, x);
+        _mm512_mask_storeu_ps(ci, mask, x);
+    }
+}
+
+TARGET void gemm_kernel_avx512_tall(int kc, const float *a, ptrdiff_t pstride, const float *b,
+                                    float *c, ptrdiff_t ldc, int mr, int nr,
+                                    const gemm_epilogue *e) {
+    if (mr > 2 * MR) tall(3, kc, a, pstride, b, c, ldc, mr, nr, e);
+    else if (mr > MR) tall(2, kc, a, pstride, b, c, ldc, mr, nr, e);
+    else tall(1, kc, a, pstride, b, c, ldc, mr, nr, e);
+}
+
 // Packs a full 8-row A panel: d[t*8 + i] = s[i*rs + t] for t < n. Sixteen columns at a time
 // with an 8 x 16 -> 16 x 8 register transpose (in-lane unpacks and shuffles, then 128-bit lane
 // shuffles); the tail column by column.

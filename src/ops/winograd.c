@@ -484,6 +484,7 @@ static void gemm_units(const wplan *p, float *M, size_t mpos, const float *U, si
     const int C = p->C, MR = p->MR, NR = p->NR, TB = p->TB;
     const size_t vpos = p->vpos;
     const gemm_epilogue e = {0};
+    const int tall = p->kernel == gemm_kernel_avx512;
     for (int u = u0; u < u1; u++) {
         int pos = u / np, g = u % np, k0 = (g0 + g) * MR;
         int mr = p->K - k0 < MR ? p->K - k0 : MR;
@@ -491,7 +492,21 @@ static void gemm_units(const wplan *p, float *M, size_t mpos, const float *U, si
         float *c = M + pos * mpos + (size_t)g * MR * TB;
         for (int j = 0; j < nt; j += NR) {  // the A panel stays in L1 while V's slivers pass
             int nr = nt - j < NR ? nt - j : NR;
-            p->kernel(C, a, V + pos * vpos + (size_t)j * C, c + j, TB, mr, nr, &e);
+            const float *v = V + pos * vpos + (size_t)j * C;
+            if (tall && nr <= 16) {
+                // A narrow last sliver: panels g0' = g - g % 3 .. +2 (of this position) in one
+                // tall tile, by whichever unit of this range comes first among them.
+                int lead = g - g % 3, span = np - lead < 3 ? np - lead : 3;
+                int first = pos * np + lead, last = first + span - 1;
+                if (first < u0 || last >= u1) {   // the group is split between ranges
+                    p->kernel(C, a, v, c + j, TB, mr, nr, &e);
+                } else if (g == lead) {
+                    int rows = p->K - k0 < span * MR ? p->K - k0 : span * MR;
+                    gemm_kernel_avx512_tall(C, a, (ptrdiff_t)C * MR, v, c + j, TB, rows, nr, &e);
+                }
+                continue;
+            }
+            p->kernel(C, a, v, c + j, TB, mr, nr, &e);
         }
     }
 }
