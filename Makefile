@@ -38,7 +38,7 @@ CLI_OBJ  := $(patsubst %.c,$(BUILD)/%.o,$(sort $(wildcard cli/*.c)))
 $(BIN): $(CLI_OBJ) $(BUILD)/libincept.a
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/tests/%: tests/%.c $(BUILD)/libincept.a $(wildcard src/*/*.h)
+$(BUILD)/tests/%: tests/%.c $(BUILD)/libincept.a $(wildcard src/*/*.h tests/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libincept.a -o $@ $(LDLIBS)
 

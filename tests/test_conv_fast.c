@@ -23,6 +23,7 @@
 #define TOL_EXACT 1e-5
 #define TOL_REF 2e-5
 
+#include "guard.h"
 #include "tap.h"
 
 
@@ -32,17 +33,6 @@ typedef struct {
 
 static int osize(int H, int k, int s, int p) { return (H + 2 * p - k) / s + 1; }
 
-static float *rand_buf(size_t n, rng *r) {
-    float *x = malloc((n + 1) * sizeof(float));
-    for (size_t i = 0; i < n + 1; i++) x[i] = (float)(2.0 * rng_uniform(r) - 1.0);
-    return x;
-}
-
-static float *copy_buf(const float *x, size_t n) {
-    float *y = malloc((n + 1) * sizeof(float));
-    memcpy(y, x, (n + 1) * sizeof(float));
-    return y;
-}
 
 // Exact values (double) and magnitudes of all four results for one problem.
 typedef struct {
@@ -136,18 +126,14 @@ static fast_result fast_run(const cshape *s, const float *in, const float *w, co
     r.din = copy_buf(din0, ni);
     r.dw = copy_buf(dw0, nw);
     r.db = copy_buf(db0, s->K);
-    size_t wn = conv2d_fast_workspace_size(s->N, s->C, s->H, s->W, s->K, s->k, s->stride, s->pad);
-    float *raw = malloc((wn + 1 + 64) * sizeof(float));
-    float *ws = raw + 1;  // deliberately not 64-byte aligned
-    for (int i = 0; i < 64; i++) ws[wn + i] = -999.0f;
+    guarded ws = guarded_new(
+        conv2d_fast_workspace_size(s->N, s->C, s->H, s->W, s->K, s->k, s->stride, s->pad));
     conv2d_fast_forward(r.out, in, w, b, s->N, s->C, s->H, s->W, s->K, s->k, s->stride, s->pad,
-                        relu, ws);
+                        relu, ws.p);
     conv2d_fast_backward(r.din, r.dw, r.db, dout, in, w, s->N, s->C, s->H, s->W, s->K, s->k,
-                         s->stride, s->pad, ws);
-    r.ws_ok = 1;
-    for (int i = 0; i < 64; i++)
-        if (ws[wn + i] != -999.0f) r.ws_ok = 0;
-    free(raw);
+                         s->stride, s->pad, ws.p);
+    r.ws_ok = guarded_intact(&ws);
+    guarded_free(&ws);
     return r;
 }
 

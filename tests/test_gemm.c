@@ -18,6 +18,7 @@
 
 #define TOL 1e-5
 
+#include "guard.h"
 #include "tap.h"
 
 
@@ -68,17 +69,11 @@ static float *problem_run(const problem *p, int *ws_ok) {
     size_t cn = (size_t)p->ldc * p->s.M + 1;
     float *C = malloc(cn * sizeof(float));
     memcpy(C, p->C0, cn * sizeof(float));
-    size_t wn = gemm_workspace_size(p->s.M, p->s.N, p->s.K);
-    // offset by one float: gemm must cope with any alignment
-    float *raw = malloc((wn + 1 + 64) * sizeof(float));
-    float *ws = raw + 1;
-    for (int i = 0; i < 64; i++) ws[wn + i] = -12345.0f;
+    guarded ws = guarded_new(gemm_workspace_size(p->s.M, p->s.N, p->s.K));
     const float *bias = p->flags & (GEMM_BIAS_ROW | GEMM_BIAS_COL) ? p->bias : NULL;
-    gemm(C, p->ldc, p->A, p->lda, p->B, p->ldb, bias, p->s.M, p->s.N, p->s.K, p->flags, ws);
-    *ws_ok = 1;
-    for (int i = 0; i < 64; i++)
-        if (ws[wn + i] != -12345.0f) *ws_ok = 0;
-    free(raw);
+    gemm(C, p->ldc, p->A, p->lda, p->B, p->ldb, bias, p->s.M, p->s.N, p->s.K, p->flags, ws.p);
+    *ws_ok = guarded_intact(&ws);
+    guarded_free(&ws);
     return C;
 }
 

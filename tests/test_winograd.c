@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "guard.h"
 #include "tap.h"
 
 #define TOL_F2 2e-6
@@ -101,15 +102,10 @@ static float *run(const wshape *s, const float *in, const float *w, const float 
     size_t no = (size_t)s->N * s->K * osize(s->H, s->pad) * osize(s->W, s->pad);
     float *out = malloc((no + 1) * sizeof(float));
     out[no] = 777.0f;
-    size_t wn = winograd_workspace_size(s->N, s->C, s->H, s->W, s->K, s->pad, m);
-    float *raw = malloc((wn + 1 + 64) * sizeof(float));
-    float *ws = raw + 1;  // deliberately not 64-byte aligned
-    for (int i = 0; i < 64; i++) ws[wn + i] = -999.0f;
-    winograd_forward(out, in, w, b, s->N, s->C, s->H, s->W, s->K, s->pad, relu, m, ws);
-    for (int i = 0; i < 64; i++)
-        if (ws[wn + i] != -999.0f) *ws_ok = 0;
-    if (out[no] != 777.0f) *ws_ok = 0;
-    free(raw);
+    guarded ws = guarded_new(winograd_workspace_size(s->N, s->C, s->H, s->W, s->K, s->pad, m));
+    winograd_forward(out, in, w, b, s->N, s->C, s->H, s->W, s->K, s->pad, relu, m, ws.p);
+    if (!guarded_intact(&ws) || out[no] != 777.0f) *ws_ok = 0;
+    guarded_free(&ws);
     return out;
 }
 
