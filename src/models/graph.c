@@ -143,12 +143,14 @@ static int fold_ready(model *m) {
 }
 
 #define OUT(j) (m->arena + m->nodes[j].act.off)
+// A node's output for reading: the network input is the caller's x itself.
+#define IN(j) (m->nodes[j].op == OP_INPUT ? m->x : (const float *)OUT(j))
 #define OUT_ARGMAX(n) (m->arena + (n)->argmax.off)
 #define DOUT(j) (m->arena + m->nodes[j].dact.off)
 
 // What the executor below touches, for the planner: keep the two in step. (INCEPT_ARENA=poison
 // makes a read that this misses show up as NaN in the results.)
-void node_uses_of(const model *m, int i, int flags, node_uses *u) {
+static void node_uses_raw(const model *m, int i, int flags, node_uses *u) {
     const model_node *n = &m->nodes[i];
     const int ref = m->reference;
     memset(u, 0, sizeof *u);
@@ -189,6 +191,20 @@ void node_uses_of(const model *m, int i, int flags, node_uses *u) {
     default:
         break;
     }
+}
+
+// The network input is read where the caller keeps it (model_forward's x): it has no slot.
+void node_uses_of(const model *m, int i, int flags, node_uses *u) {
+    node_uses_raw(m, i, flags, u);
+    if (m->nodes[i].op == OP_INPUT) u->fwd_out = -1;
+    int k = 0;
+    for (int j = 0; j < u->n_fwd_in; j++)
+        if (m->nodes[u->fwd_in[j]].op != OP_INPUT) u->fwd_in[k++] = u->fwd_in[j];
+    u->n_fwd_in = k;
+    k = 0;
+    for (int j = 0; j < u->n_bwd_act; j++)
+        if (m->nodes[u->bwd_act[j]].op != OP_INPUT) u->bwd_act[k++] = u->bwd_act[j];
+    u->n_bwd_act = k;
 }
 
 // ARENA_POISON: NaN into every slot whose lifetime ends with this step.
@@ -281,19 +297,18 @@ int model_forward(model *m, const float *x, int flags) {
     m->ran_flags = -1;
     if (!fold) model_params_changed(m);   // training changes them; inference keeps the folding
     if (workspace_ready(m) || model_plan(m, flags) || (fold && fold_ready(m))) return -1;
+    m->x = x;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
         if (!runs(n, training) || (fold && (n->fold_conv >= 0 || merged_member(m, i)))) continue;
         const double t0 = m->prof_fwd ? now_s() : 0;
         float *out = OUT(i);
         const model_node *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
-        const float *in = a ? OUT(n->in[0]) : NULL;
+        const float *in = a ? IN(n->in[0]) : NULL;
         int C = a ? a->C : 0, H = a ? a->H : 0, W = a ? a->W : 0;
         size_t cnt = (size_t)N * numel(n);
         switch (n->op) {
-        case OP_INPUT:
-            if (ref) memcpy(out, x, cnt * sizeof(float));
-            else tensor_fast_copy(out, x, cnt);
+        case OP_INPUT:   // read in place (IN)
             break;
         case OP_TRANSFORM_INPUT:
             transform_input_forward(out, in, N, H * W);
@@ -389,7 +404,7 @@ int model_forward(model *m, const float *x, int flags) {
             const float *ins[NODE_MAX_IN];
             int Cs[NODE_MAX_IN];
             for (int j = 0; j < n->n_in; j++) {
-                ins[j] = OUT(n->in[j]);
+                ins[j] = IN(n->in[j]);
                 Cs[j] = m->nodes[n->in[j]].C;
             }
             if (ref) concat_forward(out, ins, Cs, n->n_in, N, n->H * n->W);
@@ -418,7 +433,7 @@ static void backward_node(model *m, int i, int training) {
     model_node *n = &m->nodes[i];
     const float *out = OUT(i), *dout = DOUT(i);
     const model_node *a = &m->nodes[n->in[0]];
-    const float *in = OUT(n->in[0]);
+    const float *in = IN(n->in[0]);
     // The network input needs no gradient.
     float *din = a->op == OP_INPUT ? NULL : DOUT(n->in[0]);
     int C = a->C, H = a->H, W = a->W;

@@ -112,6 +112,7 @@ typedef struct {
     // Per-node seconds, summed over passes, when the caller points these at n_nodes doubles
     // each (incept bench --layers); NULL: not timed.
     double *prof_fwd, *prof_bwd;
+    const float *x;                              // the current pass's input (model_forward)
     int build_failed;                            // set by the builder on a shape error
     int cur_head;                                // builder state: head of new nodes
 } model;
@@ -138,7 +139,8 @@ enum {
 enum { ARENA_SHARED, ARENA_SEPARATE, ARENA_POISON };
 
 // Forward pass on x [N,C,H,W] (model_prepare(N) first) with MODEL_* flags. -1 on a condition
-// PyTorch also rejects, or out of memory for the arena.
+// PyTorch also rejects, or out of memory for the arena. x is read in place, not copied: keep it
+// unchanged until model_backward (after a MODEL_GRAD forward) has run.
 int  model_forward(model *m, const float *x, int flags);
 // A node's output for the current batch. After the forward: the outputs (logits/aux1/aux2) are
 // kept until the next forward; other nodes' slots may already hold other data.
