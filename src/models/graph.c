@@ -68,6 +68,17 @@ static int merge_group(const model *m, int lead, int *ids) {
     return n;
 }
 
+// Where conv chain tail j's output goes at inference: its concat's slot if it is written in
+// place there (model_node.concat_into), else its own.
+static int slot_of(const model *m, int j) {
+    return m->nodes[j].concat_into >= 0 ? m->nodes[j].concat_into : j;
+}
+
+// A concat whose inputs write into it (at inference): it has nothing to do.
+static int concat_in_place(const model *m, const model_node *n) {
+    return n->op == OP_CONCAT && m->nodes[n->in[0]].concat_into >= 0;
+}
+
 // Output channels of the GEMM that conv node i runs at inference (its group's, if it leads one).
 static int fold_rows(const model *m, int i) {
     int ids[MODEL_MAX_MERGE], K = 0;
@@ -143,6 +154,19 @@ static int fold_ready(model *m) {
 }
 
 #define OUT(j) (m->arena + m->nodes[j].act.off)
+// At inference, conv chain tail j's output: its channels of its concat's output (images
+// *stride floats apart) or its own slot (*stride 0: dense).
+static float *fold_out(model *m, int j, ptrdiff_t *stride) {
+    const model_node *t = &m->nodes[j];
+    if (t->concat_into < 0) {
+        *stride = 0;
+        return m->arena + t->act.off;
+    }
+    const model_node *c = &m->nodes[t->concat_into];
+    *stride = (ptrdiff_t)c->C * c->H * c->W;
+    return m->arena + c->act.off + (size_t)t->concat_c0 * c->H * c->W;
+}
+
 // A node's output for reading: the network input is the caller's x itself.
 #define IN(j) (m->nodes[j].op == OP_INPUT ? m->x : (const float *)OUT(j))
 #define OUT_ARGMAX(n) (m->arena + (n)->argmax.off)
@@ -158,11 +182,12 @@ static void node_uses_raw(const model *m, int i, int flags, node_uses *u) {
     u->runs = runs(n, flags & MODEL_TRAIN);
     if (!u->runs) return;
     if (folding(m, flags)) {   // the conv computes its chain, the rest of which does nothing
-        if (n->fold_conv >= 0 || merged_member(m, i)) return;
+        if (n->fold_conv >= 0 || merged_member(m, i) || concat_in_place(m, n)) return;
         for (int j = 0; j < n->n_in; j++) u->fwd_in[u->n_fwd_in++] = n->in[j];
-        u->fwd_out = n->op == OP_CONV ? n->fold_to : i;
+        u->fwd_out = n->op == OP_CONV ? slot_of(m, n->fold_to) : i;
         int ids[MODEL_MAX_MERGE], ng = n->op == OP_CONV ? merge_group(m, i, ids) : 1;
-        for (int g = 1; g < ng; g++) u->fwd_extra[u->n_fwd_extra++] = m->nodes[ids[g]].fold_to;
+        for (int g = 1; g < ng; g++)
+            u->fwd_extra[u->n_fwd_extra++] = slot_of(m, m->nodes[ids[g]].fold_to);
         return;
     }
     // Fast kernels: a BN fused with its ReLU writes the ReLU's output and, in backward, reads
@@ -320,25 +345,29 @@ int model_forward(model *m, const float *x, int flags) {
                 const int has_bias = n->bias >= 0 || folded_bn(m, i);   // or the BN's shift
                 const int relu = m->nodes[n->fold_to].op == OP_RELU;
                 int ids[MODEL_MAX_MERGE], ng = merge_group(m, i, ids);
+                ptrdiff_t os;
+                float *o = fold_out(m, n->fold_to, &os);
                 if (fold_unpacked(m, n)) {
-                    conv2d_fast_forward(OUT(n->fold_to), in, pw, has_bias ? b : NULL, N, C, H, W,
-                                        n->C, n->k, n->stride, n->pad, relu, m->ws);
+                    conv2d_fast_forward_into(o, os, in, pw, has_bias ? b : NULL, N, C, H, W, n->C,
+                                             n->k, n->stride, n->pad, relu, m->ws);
                 } else if (ng > 1) {   // the group's GEMM
                     float *outs[MODEL_MAX_MERGE];
+                    ptrdiff_t strides[MODEL_MAX_MERGE];
                     int Ks[MODEL_MAX_MERGE], any_bias = 0;
                     for (int g = 0; g < ng; g++) {
-                        const model_node *o = &m->nodes[ids[g]];
-                        outs[g] = OUT(o->fold_to);
-                        Ks[g] = o->C;
-                        any_bias |= o->bias >= 0 || folded_bn(m, ids[g]) != NULL;
+                        const model_node *mb = &m->nodes[ids[g]];
+                        outs[g] = fold_out(m, mb->fold_to, &strides[g]);
+                        Ks[g] = mb->C;
+                        any_bias |= mb->bias >= 0 || folded_bn(m, ids[g]) != NULL;
                     }
                     // (a member without bias or BN then gets + 0 from the stacked bias)
-                    if (conv2d_fast_forward_packed_split(outs, Ks, ng, in, pw, any_bias ? b : NULL,
-                                                         N, C, H, W, relu, m->ws))
+                    if (conv2d_fast_forward_packed_split(outs, strides, Ks, ng, in, pw,
+                                                         any_bias ? b : NULL, N, C, H, W, relu,
+                                                         m->ws))
                         return -1;
-                } else if (conv2d_fast_forward_packed(OUT(n->fold_to), in, pw, has_bias ? b : NULL,
-                                                    N, C, H, W, n->C, n->k, n->stride, n->pad,
-                                                    relu, m->ws))
+                } else if (conv2d_fast_forward_packed_into(o, os, in, pw, has_bias ? b : NULL, N,
+                                                         C, H, W, n->C, n->k, n->stride, n->pad,
+                                                         relu, m->ws))
                     return -1;
             } else {
                 conv_forward(m, n, out, in, C, H, W);
@@ -401,6 +430,7 @@ int model_forward(model *m, const float *x, int flags) {
             else dropout_fast_forward(out, m->save + n->save, in, cnt, n->p, &m->dropout_rng);
             break;
         case OP_CONCAT: {
+            if (fold && concat_in_place(m, n)) break;   // its inputs wrote into it
             const float *ins[NODE_MAX_IN];
             int Cs[NODE_MAX_IN];
             for (int j = 0; j < n->n_in; j++) {

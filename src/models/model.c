@@ -32,12 +32,18 @@ int model_config_init(model_config *cfg, const char *name) {
     return err_set("unknown model '%s' (see 'incept models')", name);
 }
 
-// Node i's only consumer is the next node, of kind op.
-static int only_next(const model *m, int i, op_kind op) {
+// How many inputs of later nodes are node i.
+static int consumers(const model *m, int i) {
     int uses = 0;
     for (int j = i + 1; j < m->n_nodes; j++)
         for (int k = 0; k < m->nodes[j].n_in; k++) uses += m->nodes[j].in[k] == i;
-    return uses == 1 && i + 1 < m->n_nodes && m->nodes[i + 1].op == op && m->nodes[i + 1].in[0] == i;
+    return uses;
+}
+
+// Node i's only consumer is the next node, of kind op.
+static int only_next(const model *m, int i, op_kind op) {
+    return consumers(m, i) == 1 && i + 1 < m->n_nodes && m->nodes[i + 1].op == op &&
+           m->nodes[i + 1].in[0] == i;
 }
 
 int model_build(model *m, const model_config *cfg) {
@@ -94,6 +100,26 @@ int model_build(model *m, const model_config *cfg) {
             }
         }
         if (members > 1) n->merge_lead = i;
+    }
+    // Concatenations written in place (inference): every input the last node of a conv chain,
+    // read by nothing else, in the same head.
+    for (int i = 0; i < m->n_nodes; i++) m->nodes[i].concat_into = -1;
+    for (int c = 0; c < m->n_nodes; c++) {
+        const model_node *cat = &m->nodes[c];
+        if (cat->op != OP_CONCAT) continue;
+        int ok = 1;
+        for (int k = 0; k < cat->n_in && ok; k++) {
+            const int j = cat->in[k];
+            const model_node *t = &m->nodes[j];
+            const int conv = t->op == OP_CONV ? j : t->fold_conv;
+            ok = conv >= 0 && m->nodes[conv].op == OP_CONV && m->nodes[conv].fold_to == j &&
+                 consumers(m, j) == 1 && t->head == cat->head && j != m->logits &&
+                 j != m->aux1 && j != m->aux2;
+        }
+        for (int k = 0, c0 = 0; ok && k < cat->n_in; c0 += m->nodes[cat->in[k]].C, k++) {
+            m->nodes[cat->in[k]].concat_into = c;
+            m->nodes[cat->in[k]].concat_c0 = c0;
+        }
     }
     const char *fold = getenv("INCEPT_FOLD");
     m->fold = !(fold && !strcmp(fold, "0"));

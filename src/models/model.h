@@ -82,6 +82,11 @@ typedef struct {
     // Also at inference, 1x1 stride-1 convs that read the same input (GoogLeNet's three per
     // Inception module) run as one GEMM on their stacked folded weights, done by the first.
     int merge_lead;         // conv: the first conv of its group (itself if it leads), or -1
+    // And a conv chain's last node whose only consumer is a concatenation (all of whose inputs
+    // are such) has no slot of its own: the conv writes into its channels of the concat's
+    // output, and the concat does nothing.
+    int concat_into;        // that concat node, or -1
+    int concat_c0;          // the first of its channels there
 } model_node;
 
 typedef struct {

@@ -143,9 +143,11 @@ static gemm_operand batch_cols(const float *x, int rows, int hw) {
     return o;
 }
 
-// Forward with the weights given as a GEMM operand (plain or packed).
-static void forward(float *out, const float *in, const gemm_operand *a, const float *b, int N,
-                    int C, int H, int W, int K, int k, int stride, int pad, int relu, float *ws) {
+// Forward with the weights given as a GEMM operand (plain or packed); image n's output at
+// out + n*ostride.
+static void forward(float *out, ptrdiff_t ostride, const float *in, const gemm_operand *a,
+                    const float *b, int N, int C, int H, int W, int K, int k, int stride, int pad,
+                    int relu, float *ws) {
     int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
     if (N <= 0 || K <= 0 || OH <= 0 || OW <= 0) return;
     int ckk = C * k * k, ohw = OH * OW;
@@ -153,41 +155,49 @@ static void forward(float *out, const float *in, const gemm_operand *a, const fl
     gemm_operand bm = k == 1 && stride == 1 && pad == 0
                           ? batch_cols(in, C, H * W)
                           : im2col_of(GEMM_IM2COL, in, C, H, W, k, stride, pad);
-    gemm_output c = {.p = out, .ldc = ohw, .fold = ohw, .fold_stride = (ptrdiff_t)K * ohw};
+    gemm_output c = {.p = out, .ldc = ohw, .fold = ohw, .fold_stride = ostride};
     int flags = (b ? GEMM_BIAS_ROW : 0) | (relu ? GEMM_RELU : 0);
     gemm_ex(&c, a, &bm, b, K, N * ohw, ckk, flags, ws);
 }
 
-// out [N x K*OH*OW] = in [N x C*H*W] * Weff^T (+ b per output channel, repeated per pixel).
-static void dense_forward(float *out, const float *in, const float *w, const float *b, int N,
-                          int C, int H, int W, int K, int k, int stride, int pad, int relu,
-                          float *ws) {
+// out [N x K*OH*OW] (rows ostride apart) = in [N x C*H*W] * Weff^T (+ b per output channel,
+// repeated per pixel).
+static void dense_forward(float *out, ptrdiff_t ostride, const float *in, const float *w,
+                          const float *b, int N, int C, int H, int W, int K, int k, int stride,
+                          int pad, int relu, float *ws) {
     int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
     int ohw = OH * OW, ko = K * ohw, ci = C * H * W;
     float *weff = ws, *bias = ws + round16((size_t)ko * ci), *gws = bias + round16((size_t)ko);
     dense_weights(weff, w, C, H, W, K, k, stride, pad);
     if (b)
         for (int j = 0; j < ko; j++) bias[j] = b[j / ohw];
-    gemm(out, ko, in, ci, weff, ci, b ? bias : NULL, N, ko, ci,
+    gemm(out, (int)ostride, in, ci, weff, ci, b ? bias : NULL, N, ko, ci,
          GEMM_TRANS_B | (b ? GEMM_BIAS_COL : 0) | (relu ? GEMM_RELU : 0), gws);
 }
 
 void conv2d_fast_forward(float *out, const float *in, const float *w, const float *b, int N,
                          int C, int H, int W, int K, int k, int stride, int pad, int relu,
                          float *ws) {
+    conv2d_fast_forward_into(out, 0, in, w, b, N, C, H, W, K, k, stride, pad, relu, ws);
+}
+
+void conv2d_fast_forward_into(float *out, ptrdiff_t out_stride, const float *in, const float *w,
+                              const float *b, int N, int C, int H, int W, int K, int k,
+                              int stride, int pad, int relu, float *ws) {
     int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
     if (N <= 0 || K <= 0 || OH <= 0 || OW <= 0) return;
+    const ptrdiff_t ostride = out_stride ? out_stride : (ptrdiff_t)K * OH * OW;
     if (conv2d_fast_dense(H, W, k)) {   // tiny maps first: no transforms at all
-        dense_forward(out, in, w, b, N, C, H, W, K, k, stride, pad, relu, ws);
+        dense_forward(out, ostride, in, w, b, N, C, H, W, K, k, stride, pad, relu, ws);
         return;
     }
     int m = k == 3 && stride == 1 ? winograd_tile(N, C, H, W, K, pad) : 0;
     if (m) {
-        winograd_forward(out, in, w, b, N, C, H, W, K, pad, relu, m, ws);
+        winograd_forward_ex(out, ostride, in, w, b, N, C, H, W, K, pad, relu, 0, m, ws);
         return;
     }
     gemm_operand a = {.kind = GEMM_DENSE, .p = w, .rs = (ptrdiff_t)C * k * k, .cs = 1};
-    forward(out, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
+    forward(out, ostride, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
 }
 
 size_t conv2d_fast_pack_weights_size(int C, int K, int k) { return gemm_pack_a_size(K, C * k * k); }
@@ -199,15 +209,26 @@ void conv2d_fast_pack_weights(float *packed, const float *w, int C, int K, int k
 int conv2d_fast_forward_packed(float *out, const float *in, const float *packed, const float *b,
                                int N, int C, int H, int W, int K, int k, int stride, int pad,
                                int relu, float *ws) {
+    return conv2d_fast_forward_packed_into(out, 0, in, packed, b, N, C, H, W, K, k, stride, pad,
+                                           relu, ws);
+}
+
+int conv2d_fast_forward_packed_into(float *out, ptrdiff_t out_stride, const float *in,
+                                    const float *packed, const float *b, int N, int C, int H,
+                                    int W, int K, int k, int stride, int pad, int relu,
+                                    float *ws) {
     if (gemm_pack_a_check(packed, K, C * k * k) != 0) return -1;
     gemm_operand a = {.kind = GEMM_PACKED, .p = packed};
-    forward(out, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
+    ptrdiff_t ohw = (ptrdiff_t)out_size(H, k, stride, pad) * out_size(W, k, stride, pad);
+    forward(out, out_stride ? out_stride : K * ohw, in, &a, b, N, C, H, W, K, k, stride, pad,
+            relu, ws);
     return 0;
 }
 
-int conv2d_fast_forward_packed_split(float *const *outs, const int *Ks, int n_outs,
-                                     const float *in, const float *packed, const float *b, int N,
-                                     int C, int H, int W, int relu, float *ws) {
+int conv2d_fast_forward_packed_split(float *const *outs, const ptrdiff_t *out_strides,
+                                     const int *Ks, int n_outs, const float *in,
+                                     const float *packed, const float *b, int N, int C, int H,
+                                     int W, int relu, float *ws) {
     if (n_outs < 1 || n_outs > GEMM_MAX_GROUPS)
         return err_set("conv2d_fast_forward_packed_split: %d outputs (1 to %d)", n_outs,
                        GEMM_MAX_GROUPS);
@@ -217,7 +238,7 @@ int conv2d_fast_forward_packed_split(float *const *outs, const int *Ks, int n_ou
     for (int g = 0; g < n_outs; g++) {
         c.row0[g] = K;
         c.gp[g] = outs[g];
-        c.gfs[g] = (ptrdiff_t)Ks[g] * hw;
+        c.gfs[g] = out_strides && out_strides[g] ? out_strides[g] : (ptrdiff_t)Ks[g] * hw;
         K += Ks[g];
     }
     c.row0[n_outs] = K;
@@ -311,7 +332,7 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
         // A 3x3 one may go to Winograd like a forward convolution, accumulating into din.
         int m = k == 3 ? winograd_tile(N, K, OH, OW, C, k - 1 - pad) : 0;
         if (m) {
-            winograd_forward_ex(din, dout, wt, NULL, N, K, OH, OW, C, k - 1 - pad, 0, 1, m,
+            winograd_forward_ex(din, 0, dout, wt, NULL, N, K, OH, OW, C, k - 1 - pad, 0, 1, m,
                                 ws + round16((size_t)C * K * kk));
             return;
         }

@@ -28,6 +28,12 @@ void conv2d_fast_forward(float *out, const float *in, const float *w, const floa
                          int C, int H, int W, int K, int k, int stride, int pad, int relu,
                          float *ws);
 
+// As conv2d_fast_forward, but image n's output [K,OH,OW] at out + n*out_stride (0: K*OH*OW):
+// e.g. straight into its channels of a concatenation.
+void conv2d_fast_forward_into(float *out, ptrdiff_t out_stride, const float *in, const float *w,
+                              const float *b, int N, int C, int H, int W, int K, int k,
+                              int stride, int pad, int relu, float *ws);
+
 // Inference with weights packed once (gemm_pack_a) instead of on every call: the same results
 // bit for bit, except where conv2d_fast_forward takes the Winograd path: this one stays direct.
 // The packing belongs to the ISA level in use when packing.
@@ -37,15 +43,21 @@ void conv2d_fast_pack_weights(float *packed, const float *w, int C, int K, int k
 int conv2d_fast_forward_packed(float *out, const float *in, const float *packed, const float *b,
                                int N, int C, int H, int W, int K, int k, int stride, int pad,
                                int relu, float *ws);
+int conv2d_fast_forward_packed_into(float *out, ptrdiff_t out_stride, const float *in,
+                                    const float *packed, const float *b, int N, int C, int H,
+                                    int W, int K, int k, int stride, int pad, int relu,
+                                    float *ws);
 
 // 1x1 stride-1 convolutions of one input with their weights packed as one matrix (the rows of
 // conv 0, then conv 1, ...; conv2d_fast_pack_weights with K = the sum of Ks): one GEMM whose
 // output channels 0..Ks[0]-1 go to outs[0] [N,Ks[0],H,W], the next Ks[1] to outs[1], ... (at
-// most 4). b: the biases in the same order, or NULL. The bits of each output are those of
+// most 4), image n's at outs[g] + n*out_strides[g] (out_strides NULL or 0: dense). b: the
+// biases in the same order, or NULL. The bits of each output are those of
 // conv2d_fast_forward_packed with the stacked weights. -1 (err_set) if `packed` does not fit.
-int conv2d_fast_forward_packed_split(float *const *outs, const int *Ks, int n_outs,
-                                     const float *in, const float *packed, const float *b, int N,
-                                     int C, int H, int W, int relu, float *ws);
+int conv2d_fast_forward_packed_split(float *const *outs, const ptrdiff_t *out_strides,
+                                     const int *Ks, int n_outs, const float *in,
+                                     const float *packed, const float *b, int N, int C, int H,
+                                     int W, int relu, float *ws);
 
 // Accumulates (+=) into din [N,C,H,W], dw [K,C,k,k] and db [K]; any of them may be NULL.
 void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, const float *in,

@@ -53,6 +53,7 @@ struct wplan {
     int m, a, aa;                          // tile, patch size m + 2, positions a*a
     int N, C, H, W, K, pad, relu, OH, OW;  // the convolution
     int accumulate;                        // out += the result (no bias or ReLU then)
+    ptrdiff_t ostride;                     // floats from one image's output to the next
     int th, tw, P;                         // tile rows and columns per image, tiles in all
     int MR, NR;                            // micro-kernel tile
     gemm_kernel_fn *kernel;
@@ -252,7 +253,7 @@ INLINE void output_body(const wplan *p, float *out, const float *M, size_t mpos,
                 }
             float b = bias ? bias[k] : 0.0f;
             for (int i = 0; i < rows; i++) {
-                float *o = out + (((size_t)r.n * p->K + k) * OH + oy0 + i) * OW + ox0;
+                float *o = out + (ptrdiff_t)r.n * p->ostride + ((size_t)k * OH + oy0 + i) * OW + ox0;
                 if (p->accumulate) {
                     for (int x = 0; x < cols; x++) o[x] += y[i][x];
                     continue;
@@ -591,15 +592,16 @@ static void filters_task(void *ctx, int t, int n) {
 
 void winograd_forward(float *out, const float *in, const float *w, const float *b, int N, int C,
                       int H, int W, int K, int pad, int relu, int m, float *ws) {
-    winograd_forward_ex(out, in, w, b, N, C, H, W, K, pad, relu, 0, m, ws);
+    winograd_forward_ex(out, 0, in, w, b, N, C, H, W, K, pad, relu, 0, m, ws);
 }
 
-void winograd_forward_ex(float *out, const float *in, const float *w, const float *b, int N,
-                         int C, int H, int W, int K, int pad, int relu, int accumulate, int m,
-                         float *ws) {
+void winograd_forward_ex(float *out, ptrdiff_t out_stride, const float *in, const float *w,
+                         const float *b, int N, int C, int H, int W, int K, int pad, int relu,
+                         int accumulate, int m, float *ws) {
     int threads = cpu_threads();
     wplan p = plan_make(N, C, H, W, K, pad, relu, m, cpu_isa(), threads);
     p.accumulate = accumulate;
+    p.ostride = out_stride ? out_stride : (ptrdiff_t)K * p.OH * p.OW;
     if (N <= 0 || K <= 0 || p.OH <= 0 || p.OW <= 0) return;
     // 64-byte alignment for the packed panels (ws may have any float alignment)
     float *base = ws + (16 - ((uintptr_t)ws / sizeof(float)) % 16) % 16;

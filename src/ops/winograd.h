@@ -29,8 +29,9 @@ size_t winograd_workspace_size(int N, int C, int H, int W, int K, int pad, int m
 // (>= 1), likewise OW; relu != 0 applies max(x, 0) (NaN stays). m = 2 or 4.
 void winograd_forward(float *out, const float *in, const float *w, const float *b, int N, int C,
                       int H, int W, int K, int pad, int relu, int m, float *ws);
-// As winograd_forward, but with accumulate != 0 adds the result to out (b must be NULL and relu
-// 0 then): the input gradient of a 3x3 stride-1 convolution (conv_fast.c's backward).
-void winograd_forward_ex(float *out, const float *in, const float *w, const float *b, int N,
-                         int C, int H, int W, int K, int pad, int relu, int accumulate, int m,
-                         float *ws);
+// As winograd_forward, but image n's output at out + n*out_stride (0: K*OH*OW, dense), and with
+// accumulate != 0 added to out (b must be NULL and relu 0 then): the input gradient of a 3x3
+// stride-1 convolution (conv_fast.c's backward), or outputs written into a concatenation.
+void winograd_forward_ex(float *out, ptrdiff_t out_stride, const float *in, const float *w,
+                         const float *b, int N, int C, int H, int W, int K, int pad, int relu,
+                         int accumulate, int m, float *ws);
