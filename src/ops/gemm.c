@@ -857,9 +857,7 @@ int gemm_pack_a_check(const float *packed, int M, int K) {
     return 0;
 }
 
-enum { COL_UNIT = 16 };   // columns: threads split them in multiples of this
-
-// Part t of n: a contiguous range of MR-row panels or of columns.
+// Part t of n: a contiguous range of MR-row panels or NR-column slivers.
 static void gemm_task(void *ctx, int t, int n) {
     const gemm_job *g = ctx;
     float *ws = g->ws + (size_t)t * g->ws_thread;
@@ -868,11 +866,11 @@ static void gemm_task(void *ctx, int t, int n) {
         int u0 = (int)((long)units * t / n), u1 = (int)((long)units * (t + 1) / n);
         int m1 = u1 * MR < g->M ? u1 * MR : g->M;
         if (u0 < u1) gemm_block(g, ws, u0 * MR, m1, 0, g->N);
-    } else {   // in units of 16 columns (a vector), not whole slivers: 196 = 96 + 100
-        int units = ceil_div(g->N, COL_UNIT);
+    } else {
+        int NR = g->cfg->NR, units = ceil_div(g->N, NR);
         int u0 = (int)((long)units * t / n), u1 = (int)((long)units * (t + 1) / n);
-        int n1 = u1 * COL_UNIT < g->N ? u1 * COL_UNIT : g->N;
-        if (u0 < u1) gemm_block(g, ws, 0, g->M, u0 * COL_UNIT, n1);
+        int n1 = u1 * NR < g->N ? u1 * NR : g->N;
+        if (u0 < u1) gemm_block(g, ws, 0, g->M, u0 * NR, n1);
     }
 }
 
@@ -1010,14 +1008,13 @@ void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
     int T = cpu_threads();
     double macs = (double)M * N * K;
     if (macs < 2e6 * T) T = macs < 4e6 ? 1 : (int)(macs / 2e6);
-    int MR = g.cfg->MR;
-    int mp = ceil_div(M, MR), up = ceil_div(N, COL_UNIT);
-    double tile = (double)MR * COL_UNIT * K / 32.0;  // ~cycles per MR x 16 tile at peak
-    double a_pack = a->kind == GEMM_PACKED ? 0.0 : (double)M * K;
-    double by_cols = ceil_div(up, T) * (double)mp * tile + a_pack + (double)K * COL_UNIT * ceil_div(up, T);
-    double by_rows = ceil_div(mp, T) * (double)up * tile + (double)K * N + (a_pack > 0 ? (double)MR * K * ceil_div(mp, T) : 0.0);
+    int MR = g.cfg->MR, NR = g.cfg->NR;
+    int mp = ceil_div(M, MR), sp = ceil_div(N, NR);
+    double tile = (double)MR * NR * K / 32.0;  // ~cycles per tile at peak
+    double by_cols = ceil_div(sp, T) * (double)mp * tile + (double)M * K + (double)K * NR * ceil_div(sp, T);
+    double by_rows = ceil_div(mp, T) * (double)sp * tile + (double)K * N + (double)MR * K * ceil_div(mp, T);
     g.split_rows = by_rows < by_cols;
-    int units = g.split_rows ? mp : up;
+    int units = g.split_rows ? mp : sp;
     if (T > units) T = units;
     cpu_parallel(gemm_task, &g, T);
 }
