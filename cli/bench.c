@@ -41,8 +41,13 @@ static void print_layers(const model *m, const double *prof, int iters) {
         if (fwd[i] + bwd[i] < 1e-3 * total) continue;   // under 0.1 %: folded, fused, trivial
         char shape[32];
         snprintf(shape, sizeof shape, "%dx%dx%d", n->C, n->H, n->W);
-        // forward MACs once, backward twice (input and weight gradients)
-        const double flops = 2.0 * (double)n->macs * m->N * (bwd[i] > 0 ? 3 : 1) * iters;
+        // forward MACs once, backward twice (input and weight gradients); at inference a
+        // merged 1x1 GEMM's row does the MACs of its whole group
+        double macs = (double)n->macs;
+        if (bwd[i] == 0 && n->merge_lead == i)
+            for (int j = i + 1; j < m->n_nodes; j++)
+                if (m->nodes[j].merge_lead == i) macs += (double)m->nodes[j].macs;
+        const double flops = 2.0 * macs * m->N * (bwd[i] > 0 ? 3 : 1) * iters;
         printf("%-44.44s %-16s %-14s %9.3f %9.3f %6.1f", n->path, op_names[n->op], shape,
                1e3 * fwd[i] / iters, 1e3 * bwd[i] / iters, 100 * (fwd[i] + bwd[i]) / total);
         if (n->macs > 0) printf(" %8.1f", flops / (fwd[i] + bwd[i]) * 1e-9);
