@@ -44,7 +44,7 @@ static void print_layers(const model *m, const double *prof, int iters) {
         // forward MACs once, backward twice (input and weight gradients); at inference a
         // merged 1x1 GEMM's row does the MACs of its whole group
         double macs = (double)n->macs;
-        if (bwd[i] == 0 && n->merge_lead == i)
+        if (bwd[i] == 0 && n->merge_lead == i && m->fold && !m->reference)
             for (int j = i + 1; j < m->n_nodes; j++)
                 if (m->nodes[j].merge_lead == i) macs += (double)m->nodes[j].macs;
         const double flops = 2.0 * macs * m->N * (bwd[i] > 0 ? 3 : 1) * iters;
