@@ -24,7 +24,7 @@
 #define AI static inline __attribute__((always_inline))
 
 // Below this many elements per thread, waking a worker costs more than it saves.
-enum { MIN_WORK_PER_THREAD = 16384 };
+enum { MIN_WORK_PER_THREAD = 4096 };
 
 static int threads_for(size_t work) {
     size_t n = work / MIN_WORK_PER_THREAD;

@@ -974,7 +974,7 @@ static void small_m(const gemm_output *c, const gemm_operand *a, const gemm_oper
                     const float *bias, int M, int N, int K, int flags) {
     small_m_job g = {c, a, b, bias, M, N, K, flags};
     double macs = (double)M * N * K;
-    int T = macs < 4e6 ? 1 : cpu_threads();
+    int T = macs < 0.25e6 ? 1 : cpu_threads();
     if (T > N) T = N;
     cpu_parallel(small_m_task, &g, T);
 }
@@ -1007,7 +1007,7 @@ void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
     // thread gets at least 2M multiply-adds.
     int T = cpu_threads();
     double macs = (double)M * N * K;
-    if (macs < 2e6 * T) T = macs < 4e6 ? 1 : (int)(macs / 2e6);
+    if (macs < 0.5e6 * T) T = macs < 1e6 ? 1 : (int)(macs / 0.5e6);
     int MR = g.cfg->MR, NR = g.cfg->NR;
     int mp = ceil_div(M, MR), sp = ceil_div(N, NR);
     double tile = (double)MR * NR * K / 32.0;  // ~cycles per tile at peak
