@@ -424,7 +424,7 @@ static int mp_table_build(mp_table *T, int32_t *store, int H, int W, int OH, int
 //    column and keeps the even ones (a two-source permute). Column masks per chunk of 16
 //    outputs and window column; rows outside the input are skipped.
 
-enum { MPV_MAX_MASKS = 8192, MPV_MAX_K = 7 };
+enum { MPV_MAX_MASKS = 8192, MPV_MAX_K = 7, MPV_SEP_MAX = 4096 };
 
 typedef struct {
     int H, W, OH, OW, k, s, pad, same;
@@ -514,6 +514,31 @@ maxpool_avx512_body(float *out, int32_t *arg, const float *in, size_t p0, size_t
         const float *x = in + p * H * W;
         float *o = out + p * OH * OW;
         int32_t *ar = with_arg ? arg + p * OH * OW : NULL;
+        if (P->same && !with_arg && k == 3 && H * W <= MPV_SEP_MAX) {
+            // Separable: each row's maxima of 3 (window columns in order), then of those the
+            // maxima of 3 rows (in order). Each step keeps the first of equal values and the
+            // last NaN, so the pick is the row-major window's: the same bits, 6 updates, not 9.
+            float t[MPV_SEP_MAX];
+            for (int pass = 0; pass < 2; pass++) {
+                const float *src = pass ? t : x;
+                float *dst = pass ? o : t;
+                for (int j = 0; j < P->nchunk; j++) {
+                    const uint32_t *mk = P->mask + (size_t)j * KK;
+                    mpv_acc a = empty;
+                    for (int e = 0; e < 3; e++) {
+                        const int c = pass ? e * 3 + 1 : 3 + e;   // (dy, 1) or (1, dx)
+                        const __mmask16 valid = (__mmask16)mk[c];
+                        const ptrdiff_t at = 16 * (ptrdiff_t)j + P->delta[c];
+                        const __m512 v = at >= 0 && at + 16 <= H * W
+                                             ? _mm512_loadu_ps(src + at)
+                                             : _mm512_maskz_loadu_ps(valid, shifted(src + 16 * j, P->delta[c]));
+                        mpv_update(&a, valid, v, iota, 0);
+                    }
+                    mpv_store(dst + 16 * j, NULL, &a, H * W - 16 * j, 0);
+                }
+            }
+            continue;
+        }
         if (P->same) {
             for (int j = 0; j < P->nchunk; j++) {
                 const uint32_t *mk = P->mask + (size_t)j * KK;
