@@ -165,7 +165,7 @@ INLINE TARGET_AVX512 void copy_avx512(float *d, const float *s, int n) {
 
 // ---------------------------------------------------------------------------------------------
 // Input transform: V for tiles t0..t0+nt-1 (chunk-relative index q = t - t0) and channels
-// c0..c1-1; also zeroes the lanes of the last sliver past nt.
+// c0..c1-1; also zeroes the lanes of the last sliver past nt that the kernels read.
 
 INLINE void input_body(const wplan *p, float *V, const float *in, int t0, int nt, int c0, int c1,
                        const int m, const int NR, copy_fn *copy) {
@@ -214,12 +214,14 @@ INLINE void input_body(const wplan *p, float *V, const float *in, int t0, int nt
         }
         q += r.len;
     }
-    int lane = nt % NR;
+    // Zeros up to the next 16 lanes: the micro-kernels read a narrow last sliver one vector
+    // (16 or 8 lanes) at a time and never the lanes beyond (49 tiles: 15 floats, not 47).
+    int lane = nt % NR, upto = (lane + 15) / 16 * 16 < NR ? (lane + 15) / 16 * 16 : NR;
     if (lane)
         for (int pos = 0; pos < a * a; pos++)
             for (int c = c0; c < c1; c++)
                 memset(V + pos * vpos + ((size_t)(nt / NR) * C + c) * NR + lane, 0,
-                       (size_t)(NR - lane) * sizeof(float));
+                       (size_t)(upto - lane) * sizeof(float));
 }
 
 // ---------------------------------------------------------------------------------------------
