@@ -174,9 +174,14 @@ INLINE void input_body(const wplan *p, float *V, const float *in, int t0, int nt
     const size_t vpos = p->vpos;
     static const float zeros[XW];  // padding rows
     float tv[A][XW], vals[A * A][LANES];
+    // de-interleaved rows: cols[i][j] = tv[xi][m*j + i]; zeroed once, so that the lanes past a
+    // run (below) read numbers
+    float cols[4][LANES + 1] = {{0}};
     const float *rows[A];
     for (int q = 0; q < nt;) {
         tile_run r = run_at(p, t0 + q, q, nt - q);
+        // whole vectors of lanes, as in output_body; the extra ones are never stored
+        const int L = (r.len + 15) / 16 * 16 < LANES ? (r.len + 15) / 16 * 16 : LANES;
         int width = r.len * m + 2, x0 = r.tx * m - p->pad, y0 = r.ty * m - p->pad;
         // columns x0 + x, lo <= x < hi, are inside the image; the others are padding
         int lo = x0 < 0 ? -x0 : 0, hi = p->W - x0 < width ? p->W - x0 : width;
@@ -198,10 +203,9 @@ INLINE void input_body(const wplan *p, float *V, const float *in, int t0, int nt
             for (int x = hi; x < m * (r.len + 1); x++)
                 for (int i = 0; i < a; i++) tv[i][x] = 0.0f;
             for (int xi = 0; xi < a; xi++) {  // along the rows, one tile per lane
-                float cols[4][LANES + 1];     // de-interleaved: cols[i][j] = tv[xi][m*j + i]
                 for (int j = 0; j <= r.len; j++)
                     for (int i = 0; i < m; i++) cols[i][j] = tv[xi][m * j + i];
-                for (int j = 0; j < r.len; j++) {
+                for (int j = 0; j < L; j++) {
                     float d[A], v[A];
                     for (int i = 0; i < m; i++) d[i] = cols[i][j];
                     d[m] = cols[0][j + 1], d[m + 1] = cols[1][j + 1];
@@ -237,17 +241,22 @@ INLINE void output_body(const wplan *p, float *out, const float *M, size_t mpos,
         tile_run r = run_at(p, t0 + q, q, nt - q);
         int oy0 = r.ty * m, ox0 = r.tx * m;
         int rows = OH - oy0 < m ? OH - oy0 : m, cols = OW - ox0 < m * r.len ? OW - ox0 : m * r.len;
+        // Lanes: the run's tiles rounded up to 16, so that short runs (7 tiles on 28x28 and
+        // 14x14 maps) still go through whole vectors instead of a scalar remainder loop. The
+        // extra lanes read M past the run (inside the buffer: positions end in 16 floats of
+        // padding) and are never stored.
+        const int L = (r.len + 15) / 16 * 16 < LANES ? (r.len + 15) / 16 * 16 : LANES;
         for (int k = k0; k < k1; k++) {
             const float *mk = M + (size_t)(k - k0) * TB + q;
             for (int nu = 0; nu < a; nu++)  // down the columns
-                for (int j = 0; j < r.len; j++) {
+                for (int j = 0; j < L; j++) {
                     float x[A], v[4];
                     for (int xi = 0; xi < a; xi++) x[xi] = mk[(xi * a + nu) * mpos + j];
                     at_1d(v, x, m);
                     for (int i = 0; i < m; i++) s[i][nu][j] = v[i];
                 }
             for (int i = 0; i < rows; i++)  // along the rows
-                for (int j = 0; j < r.len; j++) {
+                for (int j = 0; j < L; j++) {
                     float x[A], v[4];
                     for (int nu = 0; nu < a; nu++) x[nu] = s[i][nu][j];
                     at_1d(v, x, m);
