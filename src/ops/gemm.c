@@ -621,10 +621,18 @@ static int out_group(const gemm_output *c, int i) {
     return g;
 }
 
-// Group g as an output of its own.
-static gemm_output out_local(const gemm_output *c, int g) {
-    gemm_output o = {.p = c->gp[g], .ldc = c->ldc, .fold = c->fold, .fold_stride = c->gfs[g]};
-    return o;
+// The output that rows i .. i+rows-1 of C are written to and, in *li, the first one's row
+// there: c itself, or (row groups) their group as an output of its own in *local; NULL if the
+// rows span two groups.
+static const gemm_output *rows_out(const gemm_output *c, int i, int rows, gemm_output *local,
+                                   int *li) {
+    *li = i;
+    if (!c->ngroups) return c;
+    int g = out_group(c, i);
+    if (g != out_group(c, i + rows - 1)) return NULL;
+    *local = (gemm_output){.p = c->gp[g], .ldc = c->ldc, .fold = c->fold, .fold_stride = c->gfs[g]};
+    *li = i - c->row0[g];
+    return local;
 }
 
 // Where C(i, j) is stored.
@@ -674,32 +682,22 @@ static AVX512 void tile_folded_avx512(const gemm_job *g, const gemm_output *c, i
 // computed in a contiguous scratch tile and copied in and out one contiguous run at a time.
 static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, int i, int j,
                      int mr, int nr, const gemm_epilogue *e) {
-    const gemm_output *c = g->c;
     gemm_output local;
-    if (c->ngroups) {
-        int g0 = out_group(c, i), g1 = out_group(c, i + mr - 1);
-        if (g0 != g1) {   // rows of two groups: through a scratch tile, element by element
-            float tmp[MR_MAX * NR_MAX];
-            int NR = g->cfg->NR;
-            if (e->load_c)
-                for (int ii = 0; ii < mr; ii++)
-                    for (int jj = 0; jj < nr; jj++) tmp[ii * NR + jj] = *c_at(c, i + ii, j + jj);
-            g->cfg->kernel(kc, a, b, tmp, NR, mr, nr, e);
+    const gemm_output *c = rows_out(g->c, i, mr, &local, &i);
+    if (!c) {   // rows of two groups: through a scratch tile, element by element
+        float tmp[MR_MAX * NR_MAX];
+        int NR = g->cfg->NR;
+        if (e->load_c)
             for (int ii = 0; ii < mr; ii++)
-                for (int jj = 0; jj < nr; jj++) *c_at(c, i + ii, j + jj) = tmp[ii * NR + jj];
-            return;
-        }
-        local = out_local(c, g0);
-        i -= c->row0[g0];
-        c = &local;
-    }
-    if (!c->fold) {
-        g->cfg->kernel(kc, a, b, c->p + (ptrdiff_t)i * c->ldc + j, c->ldc, mr, nr, e);
+                for (int jj = 0; jj < nr; jj++) tmp[ii * NR + jj] = *c_at(g->c, i + ii, j + jj);
+        g->cfg->kernel(kc, a, b, tmp, NR, mr, nr, e);
+        for (int ii = 0; ii < mr; ii++)
+            for (int jj = 0; jj < nr; jj++) *c_at(g->c, i + ii, j + jj) = tmp[ii * NR + jj];
         return;
     }
-    int f = j / c->fold, r = j % c->fold;
-    float *base = c->p + (ptrdiff_t)f * c->fold_stride + (ptrdiff_t)i * c->ldc + r;
-    if (r + nr <= c->fold) {
+    float *base = c_at(c, i, j);
+    int r = c->fold ? j % c->fold : 0;
+    if (!c->fold || r + nr <= c->fold) {
         g->cfg->kernel(kc, a, b, base, c->ldc, mr, nr, e);
         return;
     }
@@ -737,22 +735,11 @@ static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, 
 // run_tile per panel (the same bits either way).
 static void tall_tile(const gemm_job *g, int kc, const float *a, ptrdiff_t pstride,
                       const float *b, int i, int j, int rows, int nr, const gemm_epilogue *e) {
-    const gemm_output *c = g->c;
     gemm_output local;
-    int li = i;   // row within its group
-    int simple = !c->fold || j % c->fold + nr <= c->fold;
-    if (simple && c->ngroups) {
-        int g0 = out_group(c, i);
-        simple = g0 == out_group(c, i + rows - 1);
-        local = out_local(c, g0);
-        li = i - c->row0[g0];
-        c = &local;
-    }
-    if (simple) {
-        float *base = c->fold ? c->p + (ptrdiff_t)(j / c->fold) * c->fold_stride +
-                                    (ptrdiff_t)li * c->ldc + j % c->fold
-                              : c->p + (ptrdiff_t)li * c->ldc + j;
-        gemm_kernel_avx512_tall(kc, a, pstride, b, base, c->ldc, rows, nr, e);
+    int li;
+    const gemm_output *c = rows_out(g->c, i, rows, &local, &li);
+    if (c && (!c->fold || j % c->fold + nr <= c->fold)) {
+        gemm_kernel_avx512_tall(kc, a, pstride, b, c_at(c, li, j), c->ldc, rows, nr, e);
         return;
     }
     for (int p = 0; p * g->cfg->MR < rows; p++) {
@@ -1003,8 +990,8 @@ void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
 
     // Thread split: compare the estimated per-thread time of splitting rows or columns
     // (tiles computed, plus the packing each thread repeats). Small problems stay on one thread.
-    // Waking a worker costs ~10 us (about 2M multiply-adds at one core's speed), so each
-    // thread gets at least 2M multiply-adds.
+    // Handing a part to a spinning worker costs ~1 us (cpu_parallel), about 0.5M multiply-adds
+    // at one core's speed, so each thread gets at least that.
     int T = cpu_threads();
     double macs = (double)M * N * K;
     if (macs < 0.5e6 * T) T = macs < 1e6 ? 1 : (int)(macs / 0.5e6);
