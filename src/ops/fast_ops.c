@@ -494,6 +494,15 @@ __attribute__((target("avx512f"))) static inline void mpv_update(mpv_acc *a, __m
     }
 }
 
+// 16 floats of a plane of n from x + at: a plain load where they all lie inside the plane
+// (masked loads stream at half the rate on some CPUs; the update's compare masks the lanes),
+// else the lanes `valid` only (the address may then lie outside the buffer: never read).
+__attribute__((target("avx512f"))) static inline __m512 mpv_load(const float *x, ptrdiff_t at,
+                                                                 ptrdiff_t n, __mmask16 valid) {
+    return at >= 0 && at + 16 <= n ? _mm512_loadu_ps(x + at)
+                                   : _mm512_maskz_loadu_ps(valid, shifted(x, at));
+}
+
 __attribute__((target("avx512f"))) static inline void mpv_store(float *o, int32_t *arg,
                                                                 const mpv_acc *a, int left,
                                                                 int with_arg) {
@@ -529,10 +538,7 @@ maxpool_avx512_body(float *out, int32_t *arg, const float *in, size_t p0, size_t
                         const int c = pass ? e * 3 + 1 : 3 + e;   // (dy, 1) or (1, dx)
                         const __mmask16 valid = (__mmask16)mk[c];
                         const ptrdiff_t at = 16 * (ptrdiff_t)j + P->delta[c];
-                        const __m512 v = at >= 0 && at + 16 <= H * W
-                                             ? _mm512_loadu_ps(src + at)
-                                             : _mm512_maskz_loadu_ps(valid, shifted(src + 16 * j, P->delta[c]));
-                        mpv_update(&a, valid, v, iota, 0);
+                        mpv_update(&a, valid, mpv_load(src, at, H * W, valid), iota, 0);
                     }
                     mpv_store(dst + 16 * j, NULL, &a, H * W - 16 * j, 0);
                 }
@@ -542,16 +548,12 @@ maxpool_avx512_body(float *out, int32_t *arg, const float *in, size_t p0, size_t
         if (P->same) {
             for (int j = 0; j < P->nchunk; j++) {
                 const uint32_t *mk = P->mask + (size_t)j * KK;
-                const float *xq = x + 16 * j;
                 mpv_acc a = empty;
                 for (int c = 0; c < KK; c++) {
                     const __mmask16 valid = (__mmask16)mk[c];
                     const ptrdiff_t at = 16 * (ptrdiff_t)j + P->delta[c];
-                    const __m512 v = at >= 0 && at + 16 <= H * W
-                                         ? _mm512_loadu_ps(x + at)
-                                         : _mm512_maskz_loadu_ps(valid, shifted(xq, P->delta[c]));
-                    mpv_update(&a, valid, v, _mm512_add_epi32(iota, _mm512_set1_epi32((int)at)),
-                               with_arg);
+                    mpv_update(&a, valid, mpv_load(x, at, H * W, valid),
+                               _mm512_add_epi32(iota, _mm512_set1_epi32((int)at)), with_arg);
                 }
                 mpv_store(o + 16 * j, with_arg ? ar + 16 * j : NULL, &a, H * W - 16 * j, with_arg);
             }
@@ -564,30 +566,16 @@ maxpool_avx512_body(float *out, int32_t *arg, const float *in, size_t p0, size_t
                 const int ow0 = 16 * j;
                 mpv_acc a = empty;
                 for (int h = hs; h < he; h++) {
-                    const float *xr = x + (size_t)h * W;
                     for (int kw = 0; kw < k; kw++) {
-                        const ptrdiff_t col = (ptrdiff_t)ow0 * P->s - P->pad + kw;
+                        const ptrdiff_t at = (ptrdiff_t)h * W + ow0 * P->s - P->pad + kw;
                         const uint32_t lm = mk[2 * kw];
                         const __mmask16 valid = (__mmask16)mk[2 * kw + 1];
-                        // Inside the plane a plain load serves (the compare masks the
-                        // lanes): masked loads stream at half the rate on some CPUs.
-                        const ptrdiff_t at = (ptrdiff_t)h * W + col;
-                        const int plain = at >= 0 && at + 16 * P->s <= (ptrdiff_t)H * W;
-                        __m512 v;
-                        if (P->s == 1) {
-                            v = plain ? _mm512_loadu_ps(x + at)
-                                      : _mm512_maskz_loadu_ps(valid, shifted(xr, col));
-                        } else {
-                            __m512 lo, hi;
-                            if (plain) {
-                                lo = _mm512_loadu_ps(x + at);
-                                hi = _mm512_loadu_ps(x + at + 16);
-                            } else {
-                                lo = _mm512_maskz_loadu_ps((__mmask16)lm, shifted(xr, col));
-                                hi = _mm512_maskz_loadu_ps((__mmask16)(lm >> 16), shifted(xr, col + 16));
-                            }
-                            v = _mm512_permutex2var_ps(lo, evens, hi);
-                        }
+                        // stride 2: the even ones of 32 consecutive inputs
+                        const __m512 v =
+                            P->s == 1 ? mpv_load(x, at, (ptrdiff_t)H * W, valid)
+                                      : _mm512_permutex2var_ps(
+                                            mpv_load(x, at, (ptrdiff_t)H * W, (__mmask16)lm), evens,
+                                            mpv_load(x, at + 16, (ptrdiff_t)H * W, (__mmask16)(lm >> 16)));
                         mpv_update(&a, valid, v, _mm512_add_epi32(step, _mm512_set1_epi32((int)at)),
                                    with_arg);
                     }
@@ -599,7 +587,7 @@ maxpool_avx512_body(float *out, int32_t *arg, const float *in, size_t p0, size_t
     }
 }
 
-__attribute__((target("avx512f"))) static void maxpool_avx512_rows(float *out, int32_t *arg,
+__attribute__((target("avx512f"))) static void maxpool_direct_avx512(float *out, int32_t *arg,
                                                                    const float *in, size_t p0,
                                                                    size_t p1, const mpv_plan *P) {
     if (arg) maxpool_avx512_body(out, arg, in, p0, p1, P, 1);
@@ -1122,11 +1110,11 @@ typedef struct {
     const mpv_plan *P;
 } mpv_job;
 
-static void maxpool_value_task(void *ctx, int t, int nt) {
+static void maxpool_direct_task(void *ctx, int t, int nt) {
     const mpv_job *v = ctx;
     size_t p0, p1;
     part_range(v->planes, t, nt, &p0, &p1);
-    if (p0 < p1) maxpool_avx512_rows(v->out, v->arg, v->in, p0, p1, v->P);
+    if (p0 < p1) maxpool_direct_avx512(v->out, v->arg, v->in, p0, p1, v->P);
 }
 
 void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N, int C, int H,
@@ -1145,7 +1133,7 @@ void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N,
         const int wide = stride == 1 && j.OH == H && j.OW == W ? H * W >= 16 : j.OW >= 4;
         if (wide && mpv_plan_build(&P, masks, H, W, j.OH, j.OW, k, stride, pad)) {
             mpv_job v = {out, argmax, in, j.planes, &P};
-            cpu_parallel(maxpool_value_task, &v, nt);
+            cpu_parallel(maxpool_direct_task, &v, nt);
             return;
         }
     }
