@@ -34,6 +34,7 @@
 
 enum {
     LANES = 48,  // tiles the transforms handle at once: NR at most
+    RUN_VECTOR_MIN = 3,  // run_lanes()
     MR_MAX = 8,
 };
 // Plan sizes in floats (see plan_make).
@@ -139,6 +140,15 @@ static tile_run run_at(const wplan *p, int t, int q, int max) {
     return r;
 }
 
+// Lanes the transforms compute for a run of len tiles: whole vectors of 16 for runs of 3 or
+// more (the 7-tile rows of 28x28 and 14x14 maps would otherwise be a scalar remainder loop);
+// runs of 1 or 2 as they are (a vector of 16 for them cost more than the scalar loop in 64x64
+// training, where 4x4 maps have one tile per row). The extra lanes are never stored.
+static int run_lanes(int len) {
+    int L = len >= RUN_VECTOR_MIN ? (len + 15) / 16 * 16 : len;
+    return L < LANES ? L : LANES;
+}
+
 // ---- copies of n floats (the input transform's stores into V) ----
 typedef void copy_fn(float *d, const float *s, int n);
 
@@ -180,8 +190,7 @@ INLINE void input_body(const wplan *p, float *V, const float *in, int t0, int nt
     const float *rows[A];
     for (int q = 0; q < nt;) {
         tile_run r = run_at(p, t0 + q, q, nt - q);
-        // whole vectors of lanes, as in output_body; the extra ones are never stored
-        const int L = (r.len + 15) / 16 * 16 < LANES ? (r.len + 15) / 16 * 16 : LANES;
+        const int L = run_lanes(r.len);
         int width = r.len * m + 2, x0 = r.tx * m - p->pad, y0 = r.ty * m - p->pad;
         // columns x0 + x, lo <= x < hi, are inside the image; the others are padding
         int lo = x0 < 0 ? -x0 : 0, hi = p->W - x0 < width ? p->W - x0 : width;
@@ -241,11 +250,9 @@ INLINE void output_body(const wplan *p, float *out, const float *M, size_t mpos,
         tile_run r = run_at(p, t0 + q, q, nt - q);
         int oy0 = r.ty * m, ox0 = r.tx * m;
         int rows = OH - oy0 < m ? OH - oy0 : m, cols = OW - ox0 < m * r.len ? OW - ox0 : m * r.len;
-        // Lanes: the run's tiles rounded up to 16, so that short runs (7 tiles on 28x28 and
-        // 14x14 maps) still go through whole vectors instead of a scalar remainder loop. The
-        // extra lanes read M past the run (inside the buffer: positions end in 16 floats of
-        // padding) and are never stored.
-        const int L = (r.len + 15) / 16 * 16 < LANES ? (r.len + 15) / 16 * 16 : LANES;
+        // (extra lanes read M past the run: inside the buffer, positions end in 16 floats of
+        // padding)
+        const int L = run_lanes(r.len);
         for (int k = k0; k < k1; k++) {
             const float *mk = M + (size_t)(k - k0) * TB + q;
             for (int nu = 0; nu < a; nu++)  // down the columns
