@@ -79,6 +79,12 @@ static int concat_in_place(const model *m, const model_node *n) {
     return n->op == OP_CONCAT && m->nodes[n->in[0]].concat_into >= 0;
 }
 
+// At inference, node i does nothing itself: its conv computes it (BN/ReLU folded into a
+// conv, a conv merged into another's GEMM) or its inputs wrote into it (a concat).
+static int fold_skips(const model *m, int i) {
+    return m->nodes[i].fold_conv >= 0 || merged_member(m, i) || concat_in_place(m, &m->nodes[i]);
+}
+
 // Output channels of the GEMM that conv node i runs at inference (its group's, if it leads one).
 static int fold_rows(const model *m, int i) {
     int ids[MODEL_MAX_MERGE], K = 0;
@@ -160,11 +166,11 @@ static float *fold_out(model *m, int j, ptrdiff_t *stride) {
     const model_node *t = &m->nodes[j];
     if (t->concat_into < 0) {
         *stride = 0;
-        return m->arena + t->act.off;
+        return OUT(j);
     }
     const model_node *c = &m->nodes[t->concat_into];
     *stride = (ptrdiff_t)c->C * c->H * c->W;
-    return m->arena + c->act.off + (size_t)t->concat_c0 * c->H * c->W;
+    return OUT(t->concat_into) + (size_t)t->concat_c0 * c->H * c->W;
 }
 
 // A node's output for reading: the network input is the caller's x itself.
@@ -182,7 +188,7 @@ static void node_uses_raw(const model *m, int i, int flags, node_uses *u) {
     u->runs = runs(n, flags & MODEL_TRAIN);
     if (!u->runs) return;
     if (folding(m, flags)) {   // the conv computes its chain, the rest of which does nothing
-        if (n->fold_conv >= 0 || merged_member(m, i) || concat_in_place(m, n)) return;
+        if (fold_skips(m, i)) return;
         for (int j = 0; j < n->n_in; j++) u->fwd_in[u->n_fwd_in++] = n->in[j];
         u->fwd_out = n->op == OP_CONV ? slot_of(m, n->fold_to) : i;
         int ids[MODEL_MAX_MERGE], ng = n->op == OP_CONV ? merge_group(m, i, ids) : 1;
@@ -325,7 +331,7 @@ int model_forward(model *m, const float *x, int flags) {
     m->x = x;
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
-        if (!runs(n, training) || (fold && (n->fold_conv >= 0 || merged_member(m, i)))) continue;
+        if (!runs(n, training) || (fold && fold_skips(m, i))) continue;
         const double t0 = m->prof_fwd ? now_s() : 0;
         float *out = OUT(i);
         const model_node *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
@@ -430,7 +436,6 @@ int model_forward(model *m, const float *x, int flags) {
             else dropout_fast_forward(out, m->save + n->save, in, cnt, n->p, &m->dropout_rng);
             break;
         case OP_CONCAT: {
-            if (fold && concat_in_place(m, n)) break;   // its inputs wrote into it
             const float *ins[NODE_MAX_IN];
             int Cs[NODE_MAX_IN];
             for (int j = 0; j < n->n_in; j++) {
