@@ -144,7 +144,7 @@ static gemm_operand batch_cols(const float *x, int rows, int hw) {
 }
 
 // Forward with the weights given as a GEMM operand (plain or packed); image n's output at
-// out + n*ostride.
+// out + n*ostride (0: K*OH*OW).
 static void forward(float *out, ptrdiff_t ostride, const float *in, const gemm_operand *a,
                     const float *b, int N, int C, int H, int W, int K, int k, int stride, int pad,
                     int relu, float *ws) {
@@ -155,13 +155,14 @@ static void forward(float *out, ptrdiff_t ostride, const float *in, const gemm_o
     gemm_operand bm = k == 1 && stride == 1 && pad == 0
                           ? batch_cols(in, C, H * W)
                           : im2col_of(GEMM_IM2COL, in, C, H, W, k, stride, pad);
-    gemm_output c = {.p = out, .ldc = ohw, .fold = ohw, .fold_stride = ostride};
+    gemm_output c = {.p = out, .ldc = ohw, .fold = ohw,
+                     .fold_stride = ostride ? ostride : (ptrdiff_t)K * ohw};
     int flags = (b ? GEMM_BIAS_ROW : 0) | (relu ? GEMM_RELU : 0);
     gemm_ex(&c, a, &bm, b, K, N * ohw, ckk, flags, ws);
 }
 
-// out [N x K*OH*OW] (rows ostride apart) = in [N x C*H*W] * Weff^T (+ b per output channel,
-// repeated per pixel).
+// out [N x K*OH*OW] (rows ostride apart; 0: K*OH*OW) = in [N x C*H*W] * Weff^T (+ b per
+// output channel, repeated per pixel).
 static void dense_forward(float *out, ptrdiff_t ostride, const float *in, const float *w,
                           const float *b, int N, int C, int H, int W, int K, int k, int stride,
                           int pad, int relu, float *ws) {
@@ -171,7 +172,7 @@ static void dense_forward(float *out, ptrdiff_t ostride, const float *in, const 
     dense_weights(weff, w, C, H, W, K, k, stride, pad);
     if (b)
         for (int j = 0; j < ko; j++) bias[j] = b[j / ohw];
-    gemm(out, (int)ostride, in, ci, weff, ci, b ? bias : NULL, N, ko, ci,
+    gemm(out, ostride ? (int)ostride : ko, in, ci, weff, ci, b ? bias : NULL, N, ko, ci,
          GEMM_TRANS_B | (b ? GEMM_BIAS_COL : 0) | (relu ? GEMM_RELU : 0), gws);
 }
 
@@ -186,18 +187,17 @@ void conv2d_fast_forward_into(float *out, ptrdiff_t out_stride, const float *in,
                               int stride, int pad, int relu, float *ws) {
     int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
     if (N <= 0 || K <= 0 || OH <= 0 || OW <= 0) return;
-    const ptrdiff_t ostride = out_stride ? out_stride : (ptrdiff_t)K * OH * OW;
     if (conv2d_fast_dense(H, W, k)) {   // tiny maps first: no transforms at all
-        dense_forward(out, ostride, in, w, b, N, C, H, W, K, k, stride, pad, relu, ws);
+        dense_forward(out, out_stride, in, w, b, N, C, H, W, K, k, stride, pad, relu, ws);
         return;
     }
     int m = k == 3 && stride == 1 ? winograd_tile(N, C, H, W, K, pad) : 0;
     if (m) {
-        winograd_forward_ex(out, ostride, in, w, b, N, C, H, W, K, pad, relu, 0, m, ws);
+        winograd_forward_ex(out, out_stride, in, w, b, N, C, H, W, K, pad, relu, 0, m, ws);
         return;
     }
     gemm_operand a = {.kind = GEMM_DENSE, .p = w, .rs = (ptrdiff_t)C * k * k, .cs = 1};
-    forward(out, ostride, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
+    forward(out, out_stride, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
 }
 
 size_t conv2d_fast_pack_weights_size(int C, int K, int k) { return gemm_pack_a_size(K, C * k * k); }
@@ -219,9 +219,7 @@ int conv2d_fast_forward_packed_into(float *out, ptrdiff_t out_stride, const floa
                                     float *ws) {
     if (gemm_pack_a_check(packed, K, C * k * k) != 0) return -1;
     gemm_operand a = {.kind = GEMM_PACKED, .p = packed};
-    ptrdiff_t ohw = (ptrdiff_t)out_size(H, k, stride, pad) * out_size(W, k, stride, pad);
-    forward(out, out_stride ? out_stride : K * ohw, in, &a, b, N, C, H, W, K, k, stride, pad,
-            relu, ws);
+    forward(out, out_stride, in, &a, b, N, C, H, W, K, k, stride, pad, relu, ws);
     return 0;
 }
 
