@@ -5,17 +5,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <time.h>
 #include "cli/cli.h"
 #include "ops/cpu.h"
 #include "train/optim.h"
 #include "util/err.h"
-
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
+#include "util/clock.h"
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -121,7 +115,7 @@ int cmd_bench(int argc, char **argv) {
             m.prof_fwd = prof;
             m.prof_bwd = prof + m.n_nodes;
         }
-        double t0 = now_s();
+        double t0 = clock_now_s();
         if (train) {
             float loss;
             model_zero_grad(&m);
@@ -131,7 +125,7 @@ int cmd_bench(int argc, char **argv) {
             rc = cli_fail();
             break;
         }
-        times[it] = now_s() - t0;
+        times[it] = clock_now_s() - t0;
     }
     if (!rc) {
         qsort(times + 2, (size_t)iters, sizeof *times, cmp_double);

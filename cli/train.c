@@ -14,12 +14,7 @@
 #include "ops/ops.h"
 #include "train/train.h"
 #include "util/err.h"
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#include "util/clock.h"
 
 // The command line as one string for args.txt (arguments with spaces quoted).
 static char *command_join(int argc, char **argv) {
@@ -65,7 +60,7 @@ static void progress_clear(progress_view *v) {
 static void progress_draw(void *ctx, const train_progress *p) {
     progress_view *v = ctx;
     if (!v->tty) return;
-    double t = now_s();
+    double t = clock_now_s();
     if (p->step != p->steps && t - v->last < 0.1) return;
     v->last = t;
     char bar[21], eta[32], el[32];

@@ -6,7 +6,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include "models/model.h"
 #include "models/plan.h"
 #include "ops/conv_fast.h"
@@ -15,15 +14,10 @@
 #include "ops/gemm.h"
 #include "ops/ops.h"
 #include "util/err.h"
+#include "util/clock.h"
 
 #define P(t) (m->params + m->tensors[t].off)
 #define G(t) (m->grads + m->tensors[t].off)
-
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static size_t numel(const model_node *n) { return (size_t)n->C * n->H * n->W; }
 
@@ -332,7 +326,7 @@ int model_forward(model *m, const float *x, int flags) {
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
         if (!runs(n, training) || (fold && fold_skips(m, i))) continue;
-        const double t0 = m->prof_fwd ? now_s() : 0;
+        const double t0 = m->prof_fwd ? clock_now_s() : 0;
         float *out = OUT(i);
         const model_node *a = n->n_in ? &m->nodes[n->in[0]] : NULL;
         const float *in = a ? IN(n->in[0]) : NULL;
@@ -453,7 +447,7 @@ int model_forward(model *m, const float *x, int flags) {
         case OP_COUNT:
             break;
         }
-        if (m->prof_fwd) m->prof_fwd[i] += now_s() - t0;
+        if (m->prof_fwd) m->prof_fwd[i] += clock_now_s() - t0;
         poison(m, plan_fwd_step(i));
     }
     m->ran_flags = flags;
@@ -574,9 +568,9 @@ int model_backward(model *m) {
             else tensor_fast_zero(m->arena + s->off, s->floats);
         }
         if (runs(&m->nodes[i], training) && m->nodes[i].op != OP_INPUT) {
-            const double t0 = m->prof_bwd ? now_s() : 0;
+            const double t0 = m->prof_bwd ? clock_now_s() : 0;
             backward_node(m, i, training);
-            if (m->prof_bwd) m->prof_bwd[i] += now_s() - t0;
+            if (m->prof_bwd) m->prof_bwd[i] += clock_now_s() - t0;
         }
         poison(m, step);
     }

@@ -2,6 +2,7 @@
 // and the persistent thread pool. See cpu.h.
 #include "ops/cpu.h"
 #include "util/err.h"
+#include "util/clock.h"
 #include <cpuid.h>
 #include <immintrin.h>
 #include <pthread.h>
@@ -10,7 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 // ---------------------------------------------------------------------------------------------
@@ -126,12 +126,6 @@ int cpu_isa_set(cpu_isa_level level) {
 // FMA peak: many independent accumulators, so the loop is limited by FMA throughput, not by
 // FMA latency (16 zmm chains cover 2 pipes x 4+ cycles of latency).
 
-static double now_s(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 __attribute__((target("avx512f,fma"))) static float peak_avx512(long iters) {
     __m512 x = _mm512_set1_ps(0.9999f), y = _mm512_set1_ps(1e-4f);
     __m512 a0 = _mm512_set1_ps(0.f), a1 = _mm512_set1_ps(1.f), a2 = _mm512_set1_ps(2.f),
@@ -203,20 +197,20 @@ double cpu_fma_peak_gflops(cpu_isa_level level) {
     long iters = 1000;
     double t;
     for (;;) {  // calibrate to ~10 ms per run
-        double t0 = now_s();
+        double t0 = clock_now_s();
         sink += level == CPU_ISA_AVX512 ? peak_avx512(iters)
               : level == CPU_ISA_AVX2   ? peak_avx2(iters) : peak_scalar(iters);
-        t = now_s() - t0;
+        t = clock_now_s() - t0;
         if (t > 2e-3 || iters > (1L << 40)) break;
         iters *= 4;
     }
     iters = (long)((double)iters * 0.01 / (t > 0 ? t : 1e-3)) + 1;
     double best = 0;
     for (int r = 0; r < 5; r++) {
-        double t0 = now_s();
+        double t0 = clock_now_s();
         sink += level == CPU_ISA_AVX512 ? peak_avx512(iters)
               : level == CPU_ISA_AVX2   ? peak_avx2(iters) : peak_scalar(iters);
-        t = now_s() - t0;
+        t = clock_now_s() - t0;
         double g = flops * (double)iters / t * 1e-9;
         if (g > best) best = g;
     }
@@ -269,8 +263,8 @@ static int spin_while(int (*busy)(void *), void *arg) {
     for (int i = 1;; i++) {
         if (!busy(arg)) return 1;
         if (i % SPIN_CHECK) { _mm_pause(); continue; }
-        if (t0 == 0) t0 = now_s();
-        else if (now_s() - t0 > SPIN_S) return 0;
+        if (t0 == 0) t0 = clock_now_s();
+        else if (clock_now_s() - t0 > SPIN_S) return 0;
     }
 }
 

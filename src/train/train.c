@@ -12,17 +12,12 @@
 #include "ops/ops.h"
 #include "train/plot.h"
 #include "util/err.h"
+#include "util/clock.h"
 
 #define PATH_CAP 1024
 #define EXTRA "incept."     // MODEL_EXTRA_PREFIX: training state that model_load skips
 
 _Static_assert(sizeof(metrics_row) == METRICS_COLS * sizeof(double), "metrics_row is 9 doubles");
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 // ---------------------------------------------------------------- defaults
 
@@ -185,7 +180,7 @@ int evaluate(model *m, const dataset *d, const preprocess *p, int batch, int fli
                  ? 0 : err_set("evaluation: out of memory");
     for (int i = 0; !rc && i < n; i++) idx[i] = i;
     const int steps = (n + Nb - 1) / Nb, topk = K < 5 ? K : 5;
-    double loss = 0, t0 = now_s();
+    double loss = 0, t0 = clock_now_s();
     for (int s = 0; !rc && s < steps; s++) {
         int start = s * Nb, cnt = n - start < Nb ? n - start : Nb;
         batch_make(x, y, d, idx + start, cnt, p, NULL, 0);
@@ -216,7 +211,7 @@ int evaluate(model *m, const dataset *d, const preprocess *p, int batch, int fli
             r->confusion[(size_t)t * K + pred]++;
         }
         if (progress) {
-            double el = now_s() - t0;
+            double el = clock_now_s() - t0;
             train_progress pr = {.phase = PHASE_EVAL, .step = s + 1, .steps = steps,
                                  .loss = loss / (start + cnt),
                                  .acc = 100.0 * r->correct1 / (start + cnt),
@@ -598,7 +593,7 @@ int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
     for (int i = 0; i < t->train.n; i++) t->order[i] = i;
     indices_shuffle(t->order, t->train.n, &data);
     if (model_prepare(m, B)) return -1;
-    double t0 = now_s(), loss_sum = 0, lr = 0;
+    double t0 = clock_now_s(), loss_sum = 0, lr = 0;
     long long correct = 0;
     for (int s = 0; s < steps; s++) {
         lr = schedule_lr(&c->sched, (int)t->opt.step, steps);
@@ -617,7 +612,7 @@ int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
         for (int i = 0; i < B; i++) correct += argmax(logits + (size_t)i * K, K) == t->y[i];
         optim_step(&t->opt, m->params, m->grads, t->spans, t->n_spans, lr);
         if (progress) {
-            double el = now_s() - t0;
+            double el = clock_now_s() - t0;
             train_progress p = {.phase = PHASE_TRAIN, .epoch = e + 1, .epochs = c->epochs,
                                 .step = s + 1, .steps = steps, .loss = loss_sum / (s + 1),
                                 .acc = 100.0 * correct / ((double)(s + 1) * B),
@@ -625,7 +620,7 @@ int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
             progress(ctx, &p);
         }
     }
-    double train_s = now_s() - t0;
+    double train_s = clock_now_s() - t0;
     eval_result r;
     progress_relay pr = {progress, ctx, e + 1, c->epochs};
     if (evaluate(m, &t->test, &t->pre, c->eval_batch_size, 0, &r, progress ? relay : NULL, &pr)) return -1;
@@ -642,7 +637,7 @@ int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
         .epoch = e + 1, .lr = lr, .train_loss = loss_sum / steps,
         .train_acc = 100.0 * correct / ((double)steps * B), .test_loss = r.loss,
         .test_acc1 = 100.0 * r.correct1 / r.n, .test_acc5 = 100.0 * r.correct5 / r.n,
-        .images_per_s = train_s > 0 ? (double)steps * B / train_s : 0, .seconds = now_s() - t0};
+        .images_per_s = train_s > 0 ? (double)steps * B / train_s : 0, .seconds = clock_now_s() - t0};
     eval_result_free(&t->last_eval);
     t->last_eval = r;
     t->epoch = e + 1;
