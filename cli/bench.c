@@ -16,17 +16,13 @@ static int cmp_double(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-static const char *const op_names[OP_COUNT] = {
-    "input", "transform_input", "conv", "batchnorm", "relu", "maxpool", "avgpool",
-    "adaptive_avgpool", "lrn", "linear", "dropout", "concat", "flatten"};
-
 // --layers: milliseconds per pass of each node that took time (in inference, a conv's time
 // includes the BN and ReLU folded into it), then totals per kind of op.
 static void print_layers(const model *m, const double *prof, int iters) {
     const double *fwd = prof, *bwd = prof + m->n_nodes;
     double total = 0, by_op[OP_COUNT][2] = {{0}};
     for (int i = 0; i < m->n_nodes; i++) total += fwd[i] + bwd[i];
-    printf("%-44s %-16s %-14s %9s %9s %6s %8s\n", "layer", "op", "output", "fwd ms", "bwd ms", "%",
+    printf("%-44s %-18s %-14s %9s %9s %6s %8s\n", "layer", "type", "output", "fwd ms", "bwd ms", "%",
            "GFLOP/s");
     for (int i = 0; i < m->n_nodes; i++) {
         const model_node *n = &m->nodes[i];
@@ -42,17 +38,17 @@ static void print_layers(const model *m, const double *prof, int iters) {
             for (int j = i + 1; j < m->n_nodes; j++)
                 if (m->nodes[j].merge_lead == i) macs += (double)m->nodes[j].macs;
         const double flops = 2.0 * macs * m->N * (bwd[i] > 0 ? 3 : 1) * iters;
-        printf("%-44.44s %-16s %-14s %9.3f %9.3f %6.1f", n->path, op_names[n->op], shape,
+        printf("%-44.44s %-18s %-14s %9.3f %9.3f %6.1f", n->path, model_op_name(n->op), shape,
                1e3 * fwd[i] / iters, 1e3 * bwd[i] / iters, 100 * (fwd[i] + bwd[i]) / total);
         if (n->macs > 0) printf(" %8.1f", flops / (fwd[i] + bwd[i]) * 1e-9);
         printf("\n");
     }
-    printf("totals by op:\n");
+    printf("totals by type:\n");
     for (int o = 0; o < OP_COUNT; o++)
         if (by_op[o][0] + by_op[o][1] > 0)
-            printf("  %-16s %9.3f %9.3f %6.1f\n", op_names[o], 1e3 * by_op[o][0] / iters,
+            printf("  %-18s %9.3f %9.3f %6.1f\n", model_op_name((op_kind)o), 1e3 * by_op[o][0] / iters,
                    1e3 * by_op[o][1] / iters, 100 * (by_op[o][0] + by_op[o][1]) / total);
-    printf("  %-16s %9.3f ms per pass (timed per layer)\n", "all", 1e3 * total / iters);
+    printf("  %-18s %9.3f ms per pass (timed per layer)\n", "all", 1e3 * total / iters);
 }
 
 int cmd_bench(int argc, char **argv) {

@@ -234,12 +234,12 @@ long long model_macs(const model *m, int with_aux) {
     return s;
 }
 
-static const char *op_name(const model_node *n) {
+const char *model_op_name(op_kind op) {
     static const char *names[OP_COUNT] = {
         "Input", "transform_input", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "AvgPool2d",
         "AdaptiveAvgPool2d", "LocalResponseNorm", "Linear", "Dropout", "Inception", "flatten",
     };
-    return names[n->op];
+    return (unsigned)op < OP_COUNT ? names[op] : "?";
 }
 
 // 1234567 -> "1,234,567"
@@ -282,7 +282,7 @@ void model_summary(const model *m, FILE *f) {
             snprintf(shape, sizeof shape, "%dx%dx%d", n->C, n->H, n->W);
         char path[96];
         snprintf(path, sizeof path, "%s%s", n->path, n->functional ? " (F)" : "");
-        fprintf(f, "%-36s %-18s %-14s %12s %12s\n", path, op_name(n), shape,
+        fprintf(f, "%-36s %-18s %-14s %12s %12s\n", path, model_op_name(n->op), shape,
                 p ? commas(b1, p) : "-", n->macs ? macs_str(b2, n->macs) : "-");
     }
     fprintf(f, "\n(F) = functional in torchvision, no module of its own. MACs per image.\n");

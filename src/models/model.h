@@ -170,6 +170,9 @@ int model_loss_backward(model *m, const float *x, const int64_t *target, float s
 size_t model_param_count(const model *m, int with_aux);
 long long model_macs(const model *m, int with_aux);
 void model_summary(const model *m, FILE *out);
+// The torchvision module type of a kind of node ("Conv2d", ...; a concatenation is the
+// "Inception" module it completes), as `incept summary` and `incept bench --layers` print it.
+const char *model_op_name(op_kind op);
 
 // safetensors with torchvision's keys. Loading is strict (missing/extra/misshaped/mistyped
 // tensor: -1 naming the key, expected and found); aux keys in a file are skipped when the model
