@@ -482,6 +482,16 @@ def test_bench_verb():
     _, err = run(["bench", "googlenet", "--weights", f"{d}/w.safetensors", "--iters", "1"], rc=1)
     assert "fc.weight" in err, err
     run(["bench", "googlenet", "--batch", "0"], rc=2)
+    # --layers: a row per timed layer with its type, backward times in training, totals per
+    # type summing to the per-pass total
+    out, _ = run(["bench", "googlenet", "--input", "3x64x64", "--iters", "2", "--train", "--batch", "2",
+                  "--layers"])
+    rows = {l.split()[0]: l.split() for l in out.splitlines() if l.startswith("conv1.conv ")}
+    assert "conv1.conv" in rows and rows["conv1.conv"][1] == "Conv2d" and float(rows["conv1.conv"][4]) > 0, out
+    tot = out.split("totals by type:")[1].splitlines()[1:]
+    parts = [float(l.split()[1]) + float(l.split()[2]) for l in tot if l.split()[0] != "all"]
+    whole = float([l for l in tot if l.split()[0] == "all"][0].split()[1])
+    assert abs(sum(parts) - whole) <= 0.01 * whole + 0.01, out
 
 
 # ---------------------------------------------------------------- the arena plan
