@@ -47,6 +47,8 @@ static int fold_unpacked(const model *m, const model_node *n) {
     return (n->k == 3 && n->stride == 1) || conv2d_fast_dense(a->H, a->W, n->k);
 }
 
+_Static_assert(MODEL_MAX_MERGE <= GEMM_MAX_GROUPS, "a merged group is one GEMM's row groups");
+
 // Merged 1x1 convs (model_node.merge_lead): node i is computed by an earlier conv's GEMM.
 static int merged_member(const model *m, int i) {
     return m->nodes[i].merge_lead >= 0 && m->nodes[i].merge_lead != i;
