@@ -13,7 +13,9 @@ ifeq ($(SAN),1)
   BIN := $(BUILD)/incept
 else
   BUILD := build
-  BIN := incept
+  # ./incept for the default build; another BUILD=DIR (e.g. a clang build) keeps its binary
+  # in DIR instead of replacing ./incept
+  BIN := $(if $(filter build,$(BUILD)),incept,$(BUILD)/incept)
 endif
 
 LIB_SRC  := $(sort $(wildcard src/*/*.c))
