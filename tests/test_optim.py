@@ -15,16 +15,19 @@ N = 44
 STEPS = 7
 
 
-def _run(args, rc=0):
+def _run(args, rc=0, threads=None):
+    env = dict(os.environ)
+    if threads:
+        env["INCEPT_THREADS"] = str(threads)
     p = subprocess.run([CHECK] + [str(a) for a in args], capture_output=True, text=True,
-                       timeout=60)
+                       timeout=60, env=env)
     if p.returncode != rc:
         raise AssertionError(f"optimcheck {' '.join(map(str, args))}: exit {p.returncode}, "
                              f"wanted {rc}; stderr: {p.stderr.strip()}")
     return p
 
 
-def _data(seed):
+def _data(seed, N=N):
     g = torch.Generator().manual_seed(seed)
     params = torch.randn(N, generator=g)
     # gradients of varied scale per step, some exact zeros (Adam's eps matters there)
@@ -34,8 +37,9 @@ def _data(seed):
     return params, grads, lrs
 
 
-def _torch_run(params, grads, lrs, kind, kw, decay_bn_bias):
+def _torch_run(params, grads, lrs, kind, kw, decay_bn_bias, SPANS=SPANS):
     """The reference: one leaf tensor per span; no-decay spans in a weight_decay=0 group."""
+    N = params.numel()
     ps = [params[o:o + n].clone().requires_grad_(True) for o, n, _ in SPANS]
     wd = kw.get("weight_decay", 0.01 if kind == "adamw" else 0.0)
     if decay_bn_bias or not wd:
@@ -65,9 +69,11 @@ def _torch_run(params, grads, lrs, kind, kw, decay_bn_bias):
     return out, state
 
 
-def _case(kind, kw, flags=(), decay_bn_bias=False, seed=0, resume_at=None):
-    params, grads, lrs = _data(seed)
-    ref, ref_state = _torch_run(params, grads, lrs, kind, kw, decay_bn_bias)
+def _case(kind, kw, flags=(), decay_bn_bias=False, seed=0, resume_at=None, layout=(SPANS, N),
+          threads=None):
+    SPANS, N = layout
+    params, grads, lrs = _data(seed, N)
+    ref, ref_state = _torch_run(params, grads, lrs, kind, kw, decay_bn_bias, SPANS)
     d = tmpdir()
     params.numpy().tofile(f"{d}/p.bin")
     grads.numpy().tofile(f"{d}/g.bin")
@@ -92,13 +98,16 @@ def _case(kind, kw, flags=(), decay_bn_bias=False, seed=0, resume_at=None):
         args.append("--decay-bn-bias")
     if resume_at is not None:
         args += ["--resume-at", resume_at]
-    _run(args)
+    _run(args, threads=threads)
     got = torch.from_numpy(np.fromfile(f"{d}/out.bin", dtype=np.float32))
     what = f"{kind} {kw}"
     assert_close(got, ref, 1e-5, f"{what}: params")
     # the displacement is the sensitive part: compare it on its own too
     assert_close(got - params, ref - params, 5e-5, f"{what}: params - initial")
-    assert torch.equal(got[26:30], params[26:30]), f"{what}: floats outside the spans changed"
+    gaps = [(o + n, SPANS[i + 1][0]) for i, (o, n, _) in enumerate(SPANS[:-1]) if o + n < SPANS[i + 1][0]]
+    assert gaps, "the layout must leave floats outside the spans"
+    for a, b in gaps:
+        assert torch.equal(got[a:b], params[a:b]), f"{what}: floats outside the spans changed"
     # the state a checkpoint stores must be PyTorch's state, name by name
     names = {"momentum_buffer": "optim.momentum_buffer", "exp_avg": "optim.exp_avg",
              "exp_avg_sq": "optim.exp_avg_sq", "max_exp_avg_sq": "optim.max_exp_avg_sq"}
@@ -168,6 +177,16 @@ def test_resume_mid_run_is_exact():
         a = _case(kind, kw, seed=10)
         b = _case(kind, kw, seed=10, resume_at=3)
         assert torch.equal(a, b), f"{kind}: resumed run differs from the uninterrupted one"
+
+
+def test_threads_split_a_step_without_changing_a_bit():
+    """A step over a few hundred thousand parameters runs on up to 3 threads, the parts cutting
+    through spans: still torch.optim's result, and bit-identical for 1, 2 and 3 threads."""
+    layout = ([(0, 100000, 0), (100000, 7, 1), (100011, 150000, 1), (250011, 33333, 0)], 283344)
+    for kind, kw in (("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}),
+                     ("adam", {"amsgrad": True, "weight_decay": 0.01}), ("adamw", {})):
+        runs = [_case(kind, kw, seed=11, layout=layout, threads=t) for t in (1, 2, 3)]
+        assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2]), kind
 
 
 def test_bad_configs_are_rejected():

@@ -3,6 +3,7 @@
 // (double) rounded to float; the loops below do the same ops in the same order, so results
 // agree with PyTorch to float rounding (PyTorch's vectorised kernels use FMA, we do not).
 #include "train/optim.h"
+#include "ops/cpu.h"
 #include "util/err.h"
 #include <math.h>
 #include <stdlib.h>
@@ -148,20 +149,49 @@ static void adam_span(const optim_config *c, int64_t step, float *p, const float
     }
 }
 
+// One step's work, split over the pool by position in the concatenation of the spans: every
+// update is elementwise, so the split changes no bit.
+typedef struct {
+    const optim *o;
+    float *params;
+    const float *grads;
+    const param_span *spans;
+    int n_spans, first;
+    double lr;
+    size_t total;
+} step_job;
+
+static void step_task(void *ctx, int t, int nt) {
+    const step_job *j = ctx;
+    const optim *o = j->o;
+    const optim_config *c = &o->cfg;
+    const size_t lo = j->total / nt * t + (j->total % nt) * t / nt;
+    const size_t hi = j->total / nt * (t + 1) + (j->total % nt) * (t + 1) / nt;
+    size_t base = 0;
+    for (int s = 0; s < j->n_spans && base < hi; base += j->spans[s++].n) {
+        const size_t n = j->spans[s].n;
+        const size_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;
+        if (a >= b) continue;
+        const size_t off = j->spans[s].off + a;
+        const double wd = j->spans[s].no_decay && !c->decay_bn_bias ? 0.0 : c->weight_decay;
+        if (c->kind == OPT_SGD)
+            sgd_span(c, j->first, j->params + off, j->grads + off, o->buf1 ? o->buf1 + off : NULL,
+                     b - a, wd, j->lr);
+        else
+            adam_span(c, o->step, j->params + off, j->grads + off, o->buf1 + off, o->buf2 + off,
+                      o->buf3 ? o->buf3 + off : NULL, b - a, wd, j->lr);
+    }
+}
+
 void optim_step(optim *o, float *params, const float *grads, const param_span *spans,
                 int n_spans, double lr) {
-    const optim_config *c = &o->cfg;
     const int first = o->step == 0;
     o->step++;
-    for (int s = 0; s < n_spans; s++) {
-        const size_t off = spans[s].off, n = spans[s].n;
-        const double wd = spans[s].no_decay && !c->decay_bn_bias ? 0.0 : c->weight_decay;
-        float *p = params + off;
-        const float *g = grads + off;
-        if (c->kind == OPT_SGD)
-            sgd_span(c, first, p, g, o->buf1 ? o->buf1 + off : NULL, n, wd, lr);
-        else
-            adam_span(c, o->step, p, g, o->buf1 + off, o->buf2 + off,
-                      o->buf3 ? o->buf3 + off : NULL, n, wd, lr);
-    }
+    step_job j = {o, params, grads, spans, n_spans, first, lr, 0};
+    for (int s = 0; s < n_spans; s++) j.total += spans[s].n;
+    // Memory-bound: a second thread pays from about a hundred thousand parameters.
+    const size_t per_thread = (size_t)1 << 17;
+    const int nt = j.total / per_thread < (size_t)cpu_threads() ? (int)(j.total / per_thread) + 1
+                                                                 : cpu_threads();
+    cpu_parallel(step_task, &j, nt);
 }

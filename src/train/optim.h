@@ -59,7 +59,8 @@ int  optim_init(optim *o, const optim_config *cfg, size_t n_floats);
 int  optim_check_spans(const optim *o, const param_span *spans, int n_spans);
 // One update of params[span] from grads[span] for every span, with learning rate lr (a double,
 // as PyTorch's group['lr']; passing a float is fine). Spans must pass optim_check_spans() and
-// be the same at every step.
+// be the same at every step. Runs on the thread pool (ops/cpu.h) for large models; every update
+// is elementwise, so the result does not depend on the thread count.
 void optim_step(optim *o, float *params, const float *grads, const param_span *spans,
                 int n_spans, double lr);
 void optim_free(optim *o);
