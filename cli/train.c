@@ -132,7 +132,6 @@ static const char *const TRAIN_USAGE =
     "       incept train [MODEL] --resume RUN_DIR [--epochs N] [--stop-after N] [--threads N]\n"
     "data:      --data fashion-mnist[:DIR] | mnist[:DIR] | cifar10:DIR | folder:DIR\n"
     "           --image-size S  --folder-size S  --no-augment  --random-erasing P\n"
-    "           --progressive S:E (the first E epochs at SxS, then --image-size)\n"
     "           --limit-train N  --limit-test N\n"
     "recipe:    --epochs N  --batch-size N  --eval-batch-size N  --lr LR  --label-smoothing E\n"
     "           --optimizer sgd|adam|adamw  --momentum M  --dampening D  --no-nesterov\n"
@@ -156,17 +155,6 @@ static int parse_double_opt(const char *flag, const char *v, double lo, double h
     if (!*v || *end || !(d >= lo && d <= hi)) return cli_float(flag, v, lo, hi, &f);
     o->set = 1;
     o->v = d;
-    return 0;
-}
-
-// --progressive S:E
-static int parse_progressive(const char *flag, const char *v, train_config *cfg) {
-    int S, E, n = 0;
-    if (sscanf(v, "%d:%d%n", &S, &E, &n) != 2 || v[n] || S < 1 || S > 4096 || E < 1)
-        return cli_usage("%s needs SIZE:EPOCHS (e.g. 40:8: the first 8 epochs at 40x40), not '%s'",
-                         flag, v);
-    cfg->low_size = S;
-    cfg->low_epochs = E;
     return 0;
 }
 
@@ -212,7 +200,6 @@ int cmd_train(int argc, char **argv) {
         int recipe = 1;
         if (!strcmp(a, "--data")) { data = v; recipe = 0; }   // checked against the run's
         else if (!strcmp(a, "--image-size")) rc = cli_int(a, v, 1, 4096, &cfg.image_size);
-        else if (!strcmp(a, "--progressive")) rc = parse_progressive(a, v, &cfg);
         else if (!strcmp(a, "--folder-size")) rc = cli_int(a, v, 8, 4096, &cfg.folder_size);
         else if (!strcmp(a, "--limit-train")) rc = cli_int(a, v, 1, 1 << 30, &cfg.limit_train);
         else if (!strcmp(a, "--limit-test")) rc = cli_int(a, v, 1, 1 << 30, &cfg.limit_test);
@@ -261,9 +248,6 @@ int cmd_train(int argc, char **argv) {
         if (strlen(data) >= sizeof cfg.data) return cli_usage("--data: path too long");
         snprintf(cfg.data, sizeof cfg.data, "%s", data);
         if (epochs) cfg.epochs = epochs;
-        if (cfg.low_epochs >= cfg.epochs)
-            return cli_usage("--progressive %d:%d: the small-image epochs must be fewer than the "
-                             "run's %d (--epochs)", cfg.low_size, cfg.low_epochs, cfg.epochs);
         if (cfg.random_erasing > 0 && !cfg.augment)
             return cli_usage("--random-erasing is an augmentation: it cannot go with --no-augment");
         if (optimizer) {
@@ -335,9 +319,6 @@ int cmd_train(int argc, char **argv) {
            resume ? "resuming" : "training", c->model.name, c->data, t.train.n, t.test.n,
            c->num_classes, c->in_channels, c->image_size, c->image_size, t.run_dir);
     if (resume) printf("at epoch %d of %d\n", t.epoch, c->epochs);
-    if (t.m_low.nodes)
-        printf("progressive resizing: epochs 1-%d train and evaluate at %dx%d\n", c->low_epochs,
-               c->low_size, c->low_size);
     printf("%s lr %g, %s schedule, batch %d (%d steps/epoch, last partial batch dropped), "
            "%d epochs, %d threads\n", optim_kind_name(c->optim.kind), c->sched.base_lr,
            schedule_kind_name(c->sched.kind), c->batch_size, t.steps_per_epoch, c->epochs, cpu_threads());

@@ -134,8 +134,7 @@ int model_build(model *m, const model_config *cfg) {
 }
 
 void model_free(model *m) {
-    if (!m->shared_params) { free(m->params); free(m->grads); free(m->counters); }
-    free(m->nodes); free(m->tensors);
+    free(m->nodes); free(m->tensors); free(m->params); free(m->grads); free(m->counters);
     free(m->arena); free(m->save); free(m->probs); free(m->ws); free(m->folded);
     memset(m, 0, sizeof *m);
 }
@@ -146,24 +145,6 @@ static float trunc_normal(rng *r, double std, double a, double b) {
         double v = rng_normal(r) * std;
         if (v >= a && v <= b) return (float)v;
     }
-}
-
-int model_share_params(model *m, const model *owner) {
-    int same = m->n_tensors == owner->n_tensors && m->n_floats == owner->n_floats &&
-               m->n_counters == owner->n_counters;
-    for (int t = 0; same && t < m->n_tensors; t++) {
-        const model_tensor *a = &m->tensors[t], *b = &owner->tensors[t];
-        same = !strcmp(a->key, b->key) && a->numel == b->numel && a->off == b->off && a->kind == b->kind;
-    }
-    if (!same) return err_set("%s and %s do not have the same tensors: cannot share weights",
-                              m->cfg.name, owner->cfg.name);
-    if (!m->shared_params) { free(m->params); free(m->grads); free(m->counters); }
-    m->params = owner->params;
-    m->grads = owner->grads;
-    m->counters = owner->counters;
-    m->shared_params = 1;
-    model_params_changed(m);
-    return 0;
 }
 
 void model_params_changed(model *m) {

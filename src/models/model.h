@@ -118,8 +118,6 @@ typedef struct {
     // each (incept bench --layers); NULL: not timed.
     double *prof_fwd, *prof_bwd;
     const float *x;                              // the current pass's input (model_forward)
-    int shared_params;                           // params/grads/counters belong to another model
-                                                 // (model_share_params): not freed here
     int build_failed;                            // set by the builder on a shape error
     int cur_head;                                // builder state: head of new nodes
 } model;
@@ -128,12 +126,6 @@ typedef struct {
 // -1 with a clear message if the input size is too small or an option does not fit.
 int  model_build(model *m, const model_config *cfg);
 void model_free(model *m);
-// Makes m use owner's parameters, gradients and counters (m's own are freed), so that one set of
-// weights can run at two input sizes (progressive resizing trains an early phase small). Both
-// must be the same network: the tensor tables must agree. owner must outlive m's use of them.
-// Each model keeps its own derived state: call model_params_changed on the one that did not
-// write the weights before it runs inference. -1 (err_set) if the tables differ.
-int  model_share_params(model *m, const model *owner);
 // torchvision's initialisation schemes, deterministic from seed; also seeds dropout.
 void model_init(model *m, uint64_t seed);
 // Sets the batch size (no-op if already set): sizes the small per-batch buffers; the arena

@@ -62,8 +62,6 @@ static const meta_field FIELDS[] = {
     OPT_ARR("preprocess.erase_ratio", pre.erase_ratio, 2),
     FLD("preprocess.resize", M_INT, resize),
     FLD("train.epochs", M_INT, cfg.epochs),
-    OPT_FLD("train.low_size", M_INT, cfg.low_size),
-    OPT_FLD("train.low_epochs", M_INT, cfg.low_epochs),
     FLD("train.batch_size", M_INT, cfg.batch_size),
     FLD("train.eval_batch_size", M_INT, cfg.eval_batch_size),
     FLD("train.label_smoothing", M_FLOAT, cfg.label_smoothing),

@@ -245,7 +245,6 @@ int confusion_write_csv(const char *path, const eval_result *r, char *const *nam
 void trainer_close(trainer *t) {
     dataset_free(&t->train);
     dataset_free(&t->test);
-    model_free(&t->m_low);
     model_free(&t->m);
     optim_free(&t->opt);
     eval_result_free(&t->last_eval);
@@ -299,22 +298,6 @@ static int setup(trainer *t, const preprocess *pre, int resize) {
                   : (int)lround(c->image_size / (double)t->pre.eval_crop);
     }
     if (model_build(&t->m, &c->model)) return -1;
-    if (c->low_epochs > 0) {
-        if (c->low_size < 1 || c->low_epochs >= c->epochs)
-            return err_set("--progressive %d:%d: the size must be at least 1 and the epochs fewer "
-                           "than the run's %d", c->low_size, c->low_epochs, c->epochs);
-        model_config lc = c->model;
-        lc.H = lc.W = c->low_size;
-        if (model_build(&t->m_low, &lc)) {
-            char why[512];
-            snprintf(why, sizeof why, "%s", err_msg());
-            return err_set("--progressive %d:%d: %s", c->low_size, c->low_epochs, why);
-        }
-        if (model_share_params(&t->m_low, &t->m)) return -1;
-        t->pre_low = t->pre;
-        t->pre_low.out_H = t->pre_low.out_W = c->low_size;
-        if (preprocess_check(&t->pre_low, t->train.C)) return -1;
-    }
     t->spans = calloc((size_t)t->m.n_tensors, sizeof *t->spans);
     if (!t->spans) return err_set("out of memory");
     for (int i = 0; i < t->m.n_tensors; i++) {
@@ -332,8 +315,7 @@ static int setup(trainer *t, const preprocess *pre, int resize) {
         return err_set("%s: the training split has %d images, fewer than one batch of %d "
                        "(--batch-size)", c->data, t->train.n, c->batch_size);
     const int B = c->batch_size > c->eval_batch_size ? c->batch_size : c->eval_batch_size;
-    const int S = t->m_low.nodes && c->low_size > c->image_size ? c->low_size : c->image_size;
-    const size_t per = (size_t)c->in_channels * S * S;
+    const size_t per = (size_t)c->in_channels * c->image_size * c->image_size;
     t->x = malloc((size_t)B * per * sizeof *t->x);
     t->y = malloc((size_t)B * sizeof *t->y);
     t->ce_probs = malloc((size_t)B * K * sizeof *t->ce_probs);
@@ -602,13 +584,9 @@ static int stop_message(const trainer *t, const char *what, int step) {
 }
 
 int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
+    model *m = &t->m;
     const train_config *c = &t->cfg;
     const int B = c->batch_size, K = c->num_classes, steps = t->steps_per_epoch, e = t->epoch;
-    // Progressive resizing: the early epochs run the same weights on smaller images.
-    const int low = t->m_low.nodes && e < c->low_epochs;
-    model *m = low ? &t->m_low : &t->m;
-    const preprocess *pre = low ? &t->pre_low : &t->pre;
-    model_params_changed(m);   // the weights may have been written through the other size
     rng data;
     rng_seed(&data, epoch_seed(c->seed, e, STREAM_DATA));
     rng_seed(&m->dropout_rng, epoch_seed(c->seed, e, STREAM_DROPOUT));
@@ -619,7 +597,7 @@ int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
     long long correct = 0;
     for (int s = 0; s < steps; s++) {
         lr = schedule_lr(&c->sched, (int)t->opt.step, steps);
-        batch_make(t->x, t->y, &t->train, t->order + (size_t)s * B, B, pre, &data, 1);
+        batch_make(t->x, t->y, &t->train, t->order + (size_t)s * B, B, &t->pre, &data, 1);
         model_zero_grad(m);
         float loss;
         if (model_loss_backward(m, t->x, t->y, c->label_smoothing, &loss)) return -1;
@@ -645,7 +623,7 @@ int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
     double train_s = clock_now_s() - t0;
     eval_result r;
     progress_relay pr = {progress, ctx, e + 1, c->epochs};
-    if (evaluate(m, &t->test, pre, c->eval_batch_size, 0, &r, progress ? relay : NULL, &pr)) return -1;
+    if (evaluate(m, &t->test, &t->pre, c->eval_batch_size, 0, &r, progress ? relay : NULL, &pr)) return -1;
     if (!isfinite(r.loss)) {
         char what[64];
         snprintf(what, sizeof what, "the test loss is %s", nonfinite(r.loss));

@@ -29,8 +29,6 @@ typedef struct {
     char data[1024];          // data source, as dataset_load() takes it
     int folder_size;          // folder sets: stored image size (<= 0: DATASET_FOLDER_SIZE)
     int image_size;           // network input size (<= 0: train_default_image_size())
-    int low_size, low_epochs; // progressive resizing: the first low_epochs epochs train and
-                              // evaluate at low_size x low_size (0: off); same weights
     int in_channels;          // <= 0: the data set's channel count
     int num_classes;          // <= 0: the data set's class count (else it must match)
     int augment;              // the data set's default augmentation (data.h) on or off
@@ -114,8 +112,6 @@ typedef struct {
     preprocess pre;
     int resize;
     model m;
-    model m_low;              // progressive resizing: the same weights built for cfg.low_size
-    preprocess pre_low;       // (m_low.nodes == NULL when off)
     optim opt;
     param_span *spans; int n_spans;
     int steps_per_epoch;
