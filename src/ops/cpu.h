@@ -51,3 +51,18 @@ int cpu_threads_set(int n);
 // parts one after another on the calling thread.
 typedef void (*cpu_task_fn)(void *ctx, int t, int n);
 void cpu_parallel(cpu_task_fn fn, void *ctx, int n);
+
+// Threads worth waking for `work` units when each should get at least `min_per_thread` of them:
+// 1..cpu_threads().
+static inline int cpu_threads_for(size_t work, size_t min_per_thread) {
+    size_t n = work / min_per_thread;
+    int max = cpu_threads();
+    if (n < 1) n = 1;
+    return n < (size_t)max ? (int)n : max;
+}
+
+// Part t of n of [0, total): [*lo, *hi).
+static inline void cpu_part_range(size_t total, int t, int n, size_t *lo, size_t *hi) {
+    *lo = total * (size_t)t / (size_t)n;
+    *hi = total * (size_t)(t + 1) / (size_t)n;
+}

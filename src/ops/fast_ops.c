@@ -26,18 +26,7 @@
 // Below this many elements per thread, waking a worker costs more than it saves.
 enum { MIN_WORK_PER_THREAD = 4096 };
 
-static int threads_for(size_t work) {
-    size_t n = work / MIN_WORK_PER_THREAD;
-    int max = cpu_threads();
-    if (n < 1) n = 1;
-    return n < (size_t)max ? (int)n : max;
-}
-
-// Part t of n of [0, total).
-static void part_range(size_t total, int t, int n, size_t *lo, size_t *hi) {
-    *lo = total * (size_t)t / (size_t)n;
-    *hi = total * (size_t)(t + 1) / (size_t)n;
-}
+static int threads_for(size_t work) { return cpu_threads_for(work, MIN_WORK_PER_THREAD); }
 
 // ---------------------------------------------------------------------------------------------
 // Kernel bodies
@@ -847,7 +836,7 @@ static void bn_fwd_train_task(void *ctx, int t, int nt) {
     const size_t M = (size_t)j->N * j->HW;
     const int G = bn_group(j->HW);
     size_t lo, hi;
-    part_range((size_t)j->C, t, nt, &lo, &hi);
+    cpu_part_range((size_t)j->C, t, nt, &lo, &hi);
     double sum[BN_BLOCK], mean[BN_BLOCK], ssd[BN_BLOCK];
     float a[BN_BLOCK], b[BN_BLOCK];
     for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
@@ -903,7 +892,7 @@ static void bn_bwd_train_task(void *ctx, int t, int nt) {
     const size_t M = (size_t)j->N * j->HW;
     const int G = bn_group(j->HW);
     size_t lo, hi;
-    part_range((size_t)j->C, t, nt, &lo, &hi);
+    cpu_part_range((size_t)j->C, t, nt, &lo, &hi);
     double sdy[BN_BLOCK], sdyxm[BN_BLOCK];
     float gmean[BN_BLOCK], proj[BN_BLOCK], a[BN_BLOCK];
     for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
@@ -941,7 +930,7 @@ static void bn_fwd_eval_task(void *ctx, int t, int nt) {
     const bn_job *j = ctx;
     const int G = bn_group(j->HW);
     size_t lo, hi;
-    part_range((size_t)j->C, t, nt, &lo, &hi);
+    cpu_part_range((size_t)j->C, t, nt, &lo, &hi);
     float a[BN_BLOCK], b[BN_BLOCK];
     for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
         const int nc = (int)hi - c0 < G ? (int)hi - c0 : G;
@@ -971,7 +960,7 @@ static void bn_bwd_eval_task(void *ctx, int t, int nt) {
     const bn_job *j = ctx;
     const int G = bn_group(j->HW);
     size_t lo, hi;
-    part_range((size_t)j->C, t, nt, &lo, &hi);
+    cpu_part_range((size_t)j->C, t, nt, &lo, &hi);
     double sdy[BN_BLOCK], sdyxm[BN_BLOCK];
     float a[BN_BLOCK], ra[BN_BLOCK], rb[BN_BLOCK];
     for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
@@ -1022,7 +1011,7 @@ typedef struct {
 static void ew_task(void *ctx, int t, int nt) {
     const ew_job *j = ctx;
     size_t lo, hi;
-    part_range(j->n, t, nt, &lo, &hi);
+    cpu_part_range(j->n, t, nt, &lo, &hi);
     const size_t len = hi - lo;
     float *d = j->dst + lo;
     const float *a = j->a ? j->a + lo : NULL, *b = j->b ? j->b + lo : NULL;
@@ -1089,11 +1078,11 @@ typedef struct {
 static void maxpool_fwd_task(void *ctx, int t, int nt) {
     const pool_job *j = ctx;
     size_t p0, p1;
-    part_range(j->planes, t, nt, &p0, &p1);
+    cpu_part_range(j->planes, t, nt, &p0, &p1);
     if (j->table) {
         // Whole blocks per thread: block boundaries do not change results, only speed.
         const size_t B = (size_t)j->table->B, nblk = (j->planes + B - 1) / B;
-        part_range(nblk, t, nt, &p0, &p1);
+        cpu_part_range(nblk, t, nt, &p0, &p1);
         p0 *= B;
         p1 = p1 * B < j->planes ? p1 * B : j->planes;
         if (p0 < p1) j->K->maxpool_table(j->out, j->arg, j->in, p0, p1, j->table);
@@ -1113,7 +1102,7 @@ typedef struct {
 static void maxpool_direct_task(void *ctx, int t, int nt) {
     const mpv_job *v = ctx;
     size_t p0, p1;
-    part_range(v->planes, t, nt, &p0, &p1);
+    cpu_part_range(v->planes, t, nt, &p0, &p1);
     if (p0 < p1) maxpool_direct_avx512(v->out, v->arg, v->in, p0, p1, v->P);
 }
 
@@ -1146,7 +1135,7 @@ void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N,
 static void maxpool_bwd_task(void *ctx, int t, int nt) {
     const pool_job *j = ctx;
     size_t p0, p1;
-    part_range(j->planes, t, nt, &p0, &p1);
+    cpu_part_range(j->planes, t, nt, &p0, &p1);
     const size_t ip = (size_t)j->H * j->W, op = (size_t)j->OH * j->OW;
     for (size_t p = p0; p < p1; p++) {
         float *dx = j->out + p * ip;
@@ -1192,7 +1181,7 @@ static int ap_windows_make(ap_windows *a, int H, int W, int OH, int OW) {
 static void adaptive_fwd_task(void *ctx, int t, int nt) {
     const pool_job *j = ctx;
     size_t p0, p1;
-    part_range(j->planes, t, nt, &p0, &p1);
+    cpu_part_range(j->planes, t, nt, &p0, &p1);
     if (j->H == j->OH && j->W == j->OW) {
         // Each window is one element: the reference's 0 + x, divided by 1 (-0 becomes +0).
         const size_t hw = (size_t)j->H * j->W;
@@ -1225,7 +1214,7 @@ static void adaptive_fwd_task(void *ctx, int t, int nt) {
 static void adaptive_bwd_task(void *ctx, int t, int nt) {
     const pool_job *j = ctx;
     size_t p0, p1;
-    part_range(j->planes, t, nt, &p0, &p1);
+    cpu_part_range(j->planes, t, nt, &p0, &p1);
     if (j->H == j->OH && j->W == j->OW) {   // dx += g / 1
         const size_t hw = (size_t)j->H * j->W;
         if (p1 > p0) j->K->add(j->out + p0 * hw, j->in + p0 * hw, (p1 - p0) * hw);
@@ -1283,7 +1272,7 @@ typedef struct {
 static void concat_task(void *ctx, int t, int nt) {
     const concat_job *j = ctx;
     size_t q0, q1;
-    part_range((size_t)j->N * j->n_in, t, nt, &q0, &q1);
+    cpu_part_range((size_t)j->N * j->n_in, t, nt, &q0, &q1);
     for (size_t q = q0; q < q1; q++) {
         const int n = (int)(q / j->n_in), i = (int)(q % j->n_in);
         size_t at = 0;  // channel offset of input i

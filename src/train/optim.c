@@ -165,9 +165,8 @@ static void step_task(void *ctx, int t, int nt) {
     const step_job *j = ctx;
     const optim *o = j->o;
     const optim_config *c = &o->cfg;
-    const size_t lo = j->total / nt * t + (j->total % nt) * t / nt;
-    const size_t hi = j->total / nt * (t + 1) + (j->total % nt) * (t + 1) / nt;
-    size_t base = 0;
+    size_t lo, hi, base = 0;
+    cpu_part_range(j->total, t, nt, &lo, &hi);
     for (int s = 0; s < j->n_spans && base < hi; base += j->spans[s++].n) {
         const size_t n = j->spans[s].n;
         const size_t a = lo > base ? lo - base : 0, b = hi - base < n ? hi - base : n;
@@ -190,8 +189,5 @@ void optim_step(optim *o, float *params, const float *grads, const param_span *s
     step_job j = {o, params, grads, spans, n_spans, first, lr, 0};
     for (int s = 0; s < n_spans; s++) j.total += spans[s].n;
     // Memory-bound: a second thread pays from about a hundred thousand parameters.
-    const size_t per_thread = (size_t)1 << 17;
-    const int nt = j.total / per_thread < (size_t)cpu_threads() ? (int)(j.total / per_thread) + 1
-                                                                 : cpu_threads();
-    cpu_parallel(step_task, &j, nt);
+    cpu_parallel(step_task, &j, cpu_threads_for(j.total, (size_t)1 << 16));
 }
