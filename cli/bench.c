@@ -63,6 +63,7 @@ int cmd_bench(int argc, char **argv) {
         if (rc) return rc;
         if (!strcmp(a, "--train")) { train = 1; continue; }
         if (!strcmp(a, "--layers")) { layers = 1; continue; }
+        if (!strcmp(a, "--bf16")) { cpu_bf16_set(1); continue; }
         if (!v) return cli_usage("unknown option '%s' for 'bench', or it needs a value", a);
         if (!strcmp(a, "--batch")) rc = cli_int(a, v, 1, 1 << 16, &batch);
         else if (!strcmp(a, "--threads")) rc = cli_int(a, v, 1, 256, &threads);
@@ -132,9 +133,10 @@ int cmd_bench(int argc, char **argv) {
         double peak = cpu_fma_peak_gflops(cpu_isa()) * cpu_threads();
         struct rusage ru;
         getrusage(RUSAGE_SELF, &ru);
-        printf("%s %s batch %d input %dx%dx%d, %d thread%s, %s kernels\n", cfg.name,
+        printf("%s %s batch %d input %dx%dx%d, %d thread%s, %s kernels%s\n", cfg.name,
                train ? "training step" : "inference", batch, cfg.in_channels, cfg.H, cfg.W,
-               cpu_threads(), cpu_threads() > 1 ? "s" : "", m.reference ? "reference" : cpu_isa_name(cpu_isa()));
+               cpu_threads(), cpu_threads() > 1 ? "s" : "", m.reference ? "reference" : cpu_isa_name(cpu_isa()),
+               !cpu_bf16() ? "" : cpu_amx() ? ", bfloat16 products on AMX" : ", bfloat16 products (float32 kernels)");
         printf("median %.2f ms per batch (min %.2f, max %.2f over %d runs), %.1f img/s\n",
                med * 1e3, times[2] * 1e3, times[iters + 1] * 1e3, iters, batch / med);
         printf("%.1f GFLOP/s = %.0f %% of the measured FMA peak (%.0f GFLOP/s), peak RSS %.1f MiB\n",

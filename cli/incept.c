@@ -15,7 +15,7 @@ static const char *USAGE =
     "  init MODEL --output W.safetensors [--seed S]\n"
     "  forward MODEL --weights W --input X --output Y [--train] [--seed S]\n"
     "  gradients MODEL --weights W --input X --output G [--label-smoothing E] [--seed S]\n"
-    "  bench MODEL [--batch N] [--input CxHxW] [--train] [--threads T] [--iters I] [--layers]\n"
+    "  bench MODEL [--batch N] [--input CxHxW] [--train] [--threads T] [--iters I] [--layers] [--bf16]\n"
     "  train MODEL --data SOURCE [options]      train, evaluating every epoch (train --help)\n"
     "  train --resume RUN_DIR [--epochs N]      continue a run exactly where it stopped\n"
     "  eval MODEL --weights W --data SOURCE [--output CSV] [--batch-size N] [--limit-test N]\n"

@@ -302,12 +302,104 @@ static void test_level(cpu_isa_level level) {
     result(n_wino_din >= 3, "conv_fast %s: %d shapes took Winograd for din", name, n_wino_din);
 }
 
+// bfloat16 mode (cpu_bf16_set): no Winograd; every product of a convolution rounds its two
+// operands, so out, din and dw must match the double loop run on rounded in, w and dout
+// (db sums dout as it is: against the unrounded loop). Bit-identical for 1, 2, 3 threads.
+static float bf16_ref(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+static float *rounded(const float *x, size_t n) {
+    float *y = malloc((n + 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) y[i] = bf16_ref(x[i]);
+    y[n] = x[n];
+    return y;
+}
+
+static void test_bf16(cpu_isa_level level, int amx) {
+    char name[64];
+    snprintf(name, sizeof name, "%s%s", cpu_isa_name(level), amx ? " + AMX" : "");
+    if (level > cpu_isa_detected() || (amx && !cpu_amx_detected())) {
+        result(1, "conv_fast bf16 %s (skipped: cpu lacks it)", name);
+        return;
+    }
+    cpu_isa_set(level);
+    cpu_amx_allow(amx);
+    cpu_bf16_set(1);
+    rng r;
+    rng_seed(&r, 199 + level);
+    double worst = 0, unrounded = 0;
+    char at[128] = "", at_same[160] = "";
+    int same = 1, ws_ok = 1;
+    for (int i = 0; i < N_FIXED + N_RANDOM; i++) {
+        cshape s = shape_at(i, &r);
+        int OH = osize(s.H, s.k, s.stride, s.pad), OW = osize(s.W, s.k, s.stride, s.pad);
+        size_t no = (size_t)s.N * s.K * OH * OW, ni = (size_t)s.N * s.C * s.H * s.W;
+        size_t nw = (size_t)s.K * s.C * s.k * s.k;
+        float *in = rand_buf(ni, &r), *w = rand_buf(nw, &r), *b = rand_buf(s.K, &r);
+        float *dout = rand_buf(no, &r), *din0 = rand_buf(ni, &r), *dw0 = rand_buf(nw, &r);
+        float *db0 = rand_buf(s.K, &r);
+        float *rin = rounded(in, ni), *rw = rounded(w, nw), *rdout = rounded(dout, no);
+        int relu = i % 3 == 1;
+        const float *bias = i % 2 ? b : NULL;
+        exact e, er;
+        exact_compute(&e, &s, in, w, bias, relu, dout, din0, dw0, db0);
+        exact_compute(&er, &s, rin, rw, bias, relu, rdout, din0, dw0, db0);
+        cpu_threads_set(1);
+        fast_result f = fast_run(&s, in, w, bias, relu, dout, din0, dw0, db0);
+        ws_ok &= f.ws_ok;
+        double err = fmax(fmax(err_vs_double(f.out, er.out, er.out_mag, no, 777.0f),
+                               err_vs_double(f.din, er.din, er.din_mag, ni, din0[ni])),
+                          fmax(err_vs_double(f.dw, er.dw, er.dw_mag, nw, dw0[nw]),
+                               err_vs_double(f.db, e.db, e.db_mag, s.K, db0[s.K])));
+        unrounded = fmax(unrounded, fmax(err_vs_double(f.out, e.out, e.out_mag, no, 777.0f),
+                                         err_vs_double(f.dw, e.dw, e.dw_mag, nw, dw0[nw])));
+        if (!(err <= worst)) {
+            worst = err;
+            snprintf(at, sizeof at, "N%d C%d %dx%d K%d k%d s%d p%d", s.N, s.C, s.H, s.W, s.K, s.k,
+                     s.stride, s.pad);
+        }
+        for (int t = 2; t <= 3; t++) {
+            cpu_threads_set(t);
+            fast_result g = fast_run(&s, in, w, bias, relu, dout, din0, dw0, db0);
+            ws_ok &= g.ws_ok;
+            if (same && !fast_equal(&f, &g, no, ni, nw, s.K)) {
+                same = 0;
+                snprintf(at_same, sizeof at_same, ": differs at shape %d, %d threads", i, t);
+            }
+            fast_free(&g);
+        }
+        fast_free(&f);
+        exact_free(&e), exact_free(&er);
+        free(in), free(w), free(b), free(dout), free(din0), free(dw0), free(db0);
+        free(rin), free(rw), free(rdout);
+    }
+    int on_amx = cpu_amx();
+    cpu_bf16_set(0);
+    cpu_amx_allow(1);
+    int n = N_FIXED + N_RANDOM;
+    result(on_amx == amx, "conv_fast bf16 %s: %s AMX", name, on_amx ? "runs on" : "does not use");
+    result(worst <= TOL_EXACT,
+           "conv_fast bf16 %s forward and backward vs double loop on rounded operands, %d shapes "
+           "(worst %.2g at %s)", name, n, worst, at);
+    result(unrounded > 1e-4, "conv_fast bf16 %s rounds: worst err vs unrounded operands %.2g", name,
+           unrounded);
+    result(same, "conv_fast bf16 %s bit-identical for 1, 2, 3 threads%s", name, at_same);
+    result(ws_ok, "conv_fast bf16 %s stays inside conv2d_fast_workspace_size()", name);
+}
+
 int main(void) {
     cpu_isa_level det = cpu_isa_detected();
     int threads = cpu_threads();
     test_level(CPU_ISA_SCALAR);
     test_level(CPU_ISA_AVX2);
     test_level(CPU_ISA_AVX512);
+    test_bf16(CPU_ISA_AVX2, 0);
+    test_bf16(CPU_ISA_AVX512, 1);
     cpu_isa_set(det);
     cpu_threads_set(threads);
     cpu_threads_set(1);  // joins the workers

@@ -77,9 +77,20 @@ static float *problem_run(const problem *p, int *ws_ok) {
     return C;
 }
 
-// Worst error ratio of C against the double-precision reference; also checks that the padding
-// columns of C were left alone (ratio = INFINITY if not).
-static double problem_check(const problem *p, const float *C) {
+// x rounded to bfloat16 (nearest, ties to even), written here independently of gemm_amx.c.
+static double bf16_ref(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;  // (no NaN among the test inputs)
+    float y;
+    memcpy(&y, &u, sizeof y);
+    return y;
+}
+
+// Worst error ratio of C against the double-precision reference (on A and B rounded to
+// bfloat16 first if `bf16`); also checks that the padding columns of C were left alone
+// (ratio = INFINITY if not).
+static double problem_check_as(const problem *p, const float *C, int bf16) {
     const shape s = p->s;
     double worst = 0.0;
     for (int i = 0; i < s.M; i++) {
@@ -96,6 +107,7 @@ static double problem_check(const problem *p, const float *C) {
                                                    : p->A[(size_t)i * p->lda + k];
                 double b = p->flags & GEMM_TRANS_B ? p->B[(size_t)j * p->ldb + k]
                                                    : p->B[(size_t)k * p->ldb + j];
+                if (bf16) a = bf16_ref((float)a), b = bf16_ref((float)b);
                 sum += a * b;
                 mag += fabs(a * b);
             }
@@ -109,6 +121,8 @@ static double problem_check(const problem *p, const float *C) {
     }
     return worst;
 }
+
+static double problem_check(const problem *p, const float *C) { return problem_check_as(p, C, 0); }
 
 static const shape shapes[] = {
     {1, 1, 1},    {1, 1, 7},     {1, 37, 1},     {5, 1, 3},       {7, 13, 5},
@@ -187,13 +201,15 @@ static void test_level(cpu_isa_level level) {
     // NaN passes through the fused ReLU (as torch.relu), in full and in edge tiles
     {
         enum { M = 11, N = 53, K = 5 };
-        float A[M * K], B[K * N], C[M * N], ws_nan[4096];
+        float A[M * K], B[K * N], C[M * N];
         for (int i = 0; i < M * K; i++) A[i] = (float)(i % 7) - 3.0f;
         for (int i = 0; i < K * N; i++) B[i] = (float)(i % 5) - 2.0f;
         A[0] = NAN;      // row 0: all NaN
         A[9 * K] = NAN;  // row 9 lies in an edge tile for MR 4, 6 and 8
-        int ok = gemm_workspace_size(M, N, K) <= 4096;
-        if (ok) gemm(C, N, A, K, B, N, NULL, M, N, K, GEMM_RELU, ws_nan);
+        guarded ws = guarded_new(gemm_workspace_size(M, N, K));
+        gemm(C, N, A, K, B, N, NULL, M, N, K, GEMM_RELU, ws.p);
+        int ok = guarded_intact(&ws);
+        guarded_free(&ws);
         for (int j = 0; j < N && ok; j++)
             ok = isnan(C[j]) && isnan(C[9 * N + j]) && C[N + j] >= 0.0f;
         result(ok, "gemm %s: ReLU keeps NaN", name);
@@ -204,6 +220,85 @@ static void test_level(cpu_isa_level level) {
     result(same, "gemm %s bit-identical for 1, 2, 3 threads%s%s", name, same ? "" : ": differs at ",
            diff_case);
     result(ws_ok, "gemm %s stays inside gemm_workspace_size()", name);
+}
+
+// bfloat16 mode (cpu_bf16_set): on AMX, or the float32 kernels of `level` on rounded operands.
+// Against the double loop on rounded A and B within TOL; against the unrounded one the error
+// must be bfloat16's (> 1e-4 somewhere), which shows the rounding happens; bit-identical for
+// 1, 2, 3 threads; workspace; ReLU keeps NaN.
+static void test_bf16(cpu_isa_level level, int amx) {
+    char name[64];
+    snprintf(name, sizeof name, "%s%s", cpu_isa_name(level), amx ? " + AMX" : "");
+    if (level > cpu_isa_detected() || (amx && !cpu_amx_detected())) {
+        result(1, "gemm bf16 %s (skipped: cpu lacks it)", name);
+        return;
+    }
+    cpu_isa_set(level);
+    cpu_amx_allow(amx);
+    cpu_bf16_set(1);
+    rng r;
+    rng_seed(&r, 4321 + level);
+    double worst = 0.0, unrounded = 0.0;
+    char worst_case[160] = "", diff_case[160] = "";
+    int ws_ok = 1, same = 1, n_cases = 0, on_amx = cpu_amx();
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        shape s = shapes[si];
+        for (int t = 0; t < 4; t++) {
+            int flags = flag_sets[(si + t) % 4] | (t & 1 ? GEMM_TRANS_A : 0) | (t & 2 ? GEMM_TRANS_B : 0);
+            problem p = problem_make(s, flags, &r);
+            float *ref_C = NULL;
+            for (int threads = 1; threads <= 3; threads++) {
+                cpu_threads_set(threads);
+                int ok;
+                float *C = problem_run(&p, &ok);
+                ws_ok &= ok;
+                if (threads == 1) {
+                    double e = problem_check_as(&p, C, 1), u = problem_check_as(&p, C, 0);
+                    n_cases++;
+                    if (u > unrounded) unrounded = u;
+                    if (!(e <= worst)) {
+                        worst = e;
+                        snprintf(worst_case, sizeof worst_case, "M=%d N=%d K=%d flags=%d", s.M,
+                                 s.N, s.K, flags);
+                    }
+                    ref_C = C;
+                    continue;
+                }
+                if (same && memcmp(C, ref_C, ((size_t)p.ldc * s.M + 1) * sizeof(float)) != 0) {
+                    same = 0;
+                    snprintf(diff_case, sizeof diff_case, ": differs at M=%d N=%d K=%d flags=%d threads=%d",
+                             s.M, s.N, s.K, flags, threads);
+                }
+                free(C);
+            }
+            free(ref_C);
+            problem_free(&p);
+        }
+    }
+    {
+        enum { M = 35, N = 53, K = 5 };
+        float A[M * K], B[K * N], C[M * N];
+        for (int i = 0; i < M * K; i++) A[i] = (float)(i % 7) - 3.0f;
+        for (int i = 0; i < K * N; i++) B[i] = (float)(i % 5) - 2.0f;
+        A[0] = NAN, A[33 * K] = NAN;   // row 33: in the edge tile for MR 32
+        guarded ws = guarded_new(gemm_workspace_size(M, N, K));
+        gemm(C, N, A, K, B, N, NULL, M, N, K, GEMM_RELU, ws.p);
+        int ok = guarded_intact(&ws);
+        for (int j = 0; j < N && ok; j++)
+            ok = isnan(C[j]) && isnan(C[33 * N + j]) && C[N + j] >= 0.0f;
+        guarded_free(&ws);
+        result(ok, "gemm bf16 %s: ReLU keeps NaN", name);
+    }
+    cpu_threads_set(2);
+    cpu_bf16_set(0);
+    cpu_amx_allow(1);
+    result(on_amx == amx, "gemm bf16 %s: %s AMX", name, on_amx ? "runs on" : "does not use");
+    result(worst <= TOL, "gemm bf16 %s vs double loop on rounded operands, %d cases (worst err %.2g at %s)",
+           name, n_cases, worst, worst_case);
+    result(unrounded > 1e-4, "gemm bf16 %s rounds: worst err vs unrounded operands %.2g", name,
+           unrounded);
+    result(same, "gemm bf16 %s bit-identical for 1, 2, 3 threads%s", name, diff_case);
+    result(ws_ok, "gemm bf16 %s stays inside gemm_workspace_size()", name);
 }
 
 // Pre-packed A gives the same bits as gemm() packing A itself; the header is checked.
@@ -426,7 +521,14 @@ int main(void) {
         rng r;
         rng_seed(&r, 7);
         for (int l = CPU_ISA_SCALAR; l <= (int)det; l++) test_groups((cpu_isa_level)l, &r);
+        // the same in bfloat16 mode, on AMX where there is AMX
+        cpu_bf16_set(1);
+        test_groups(det, &r);
+        cpu_bf16_set(0);
     }
+    test_bf16(CPU_ISA_SCALAR, 0);
+    test_bf16(CPU_ISA_AVX512, 0);
+    test_bf16(CPU_ISA_AVX512, 1);
     cpu_isa_set(det);
     cpu_threads_set(1);  // joins the workers, so leak checkers see a clean exit
     return failed ? 1 : 0;

@@ -17,6 +17,12 @@ static int din_as_conv(int k, int stride, int pad) { return stride == 1 && pad <
 
 static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
+// The Winograd tile to run with (0: the GEMM). Workspaces are sized with winograd_tile()
+// alone, so they fit whether bfloat16 mode, which keeps to the GEMM, is on or off.
+static int winograd_use(int N, int C, int H, int W, int K, int pad) {
+    return cpu_bf16() ? 0 : winograd_tile(N, C, H, W, K, pad);
+}
+
 // ---- maps smaller than the kernel ----
 // GoogLeNet's 3x3 convolutions meet 2x2 and 1x1 maps on 32x32 inputs (4a-5b). There most
 // im2col taps read padding: an output pixel sees at most H*W < k*k inputs per channel. The
@@ -191,7 +197,7 @@ void conv2d_fast_forward_into(float *out, ptrdiff_t out_stride, const float *in,
         dense_forward(out, out_stride, in, w, b, N, C, H, W, K, k, stride, pad, relu, ws);
         return;
     }
-    int m = k == 3 && stride == 1 ? winograd_tile(N, C, H, W, K, pad) : 0;
+    int m = k == 3 && stride == 1 ? winograd_use(N, C, H, W, K, pad) : 0;
     if (m) {
         winograd_forward_ex(out, out_stride, in, w, b, N, C, H, W, K, pad, relu, 0, m, ws);
         return;
@@ -328,7 +334,7 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
                 for (int t = 0; t < kk; t++)
                     wt[((size_t)c * K + o) * kk + t] = w[((size_t)o * C + c) * kk + (kk - 1 - t)];
         // A 3x3 one may go to Winograd like a forward convolution, accumulating into din.
-        int m = k == 3 ? winograd_tile(N, K, OH, OW, C, k - 1 - pad) : 0;
+        int m = k == 3 ? winograd_use(N, K, OH, OW, C, k - 1 - pad) : 0;
         if (m) {
             winograd_forward_ex(din, 0, dout, wt, NULL, N, K, OH, OW, C, k - 1 - pad, 0, 1, m,
                                 ws + round16((size_t)C * K * kk));

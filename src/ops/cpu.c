@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 // ---------------------------------------------------------------------------------------------
@@ -120,6 +121,48 @@ int cpu_isa_set(cpu_isa_level level) {
                        isa_names[level], isa_names[isa_detected]);
     atomic_store(&isa_current, level);
     return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 mode and AMX
+
+static _Atomic int bf16_on;
+
+void cpu_bf16_set(int on) { atomic_store(&bf16_on, on != 0); }
+int cpu_bf16(void) { return atomic_load(&bf16_on); }
+
+static int amx_usable;
+static _Atomic int amx_allowed = 1;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+
+// cpuid leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18 the tile state. Linux
+// also wants each process to ask for the (large) tile data state before using it.
+static void amx_probe(void) {
+    const char *s = getenv("INCEPT_AMX");
+    if (s && !strcmp(s, "0")) atomic_store(&amx_allowed, 0);
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, NULL) < 7) return;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return;
+    if ((xgetbv0() & 0x60000) != 0x60000) return;
+    enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return;
+    amx_usable = 1;
+}
+
+int cpu_amx(void) {
+    pthread_once(&amx_once, amx_probe);
+    return amx_usable && atomic_load(&amx_allowed) && cpu_isa() == CPU_ISA_AVX512;
+}
+
+int cpu_amx_detected(void) {
+    pthread_once(&amx_once, amx_probe);
+    return amx_usable;
+}
+
+void cpu_amx_allow(int on) {
+    pthread_once(&amx_once, amx_probe);
+    atomic_store(&amx_allowed, on != 0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -31,6 +31,25 @@ const char *cpu_isa_name(cpu_isa_level level);
 // Parses a level name as above; -1 (err_set) if unknown.
 int cpu_isa_parse(const char *name, cpu_isa_level *level);
 
+// ---- bfloat16 products (opt-in mixed precision) ----
+// Off by default. On, gemm_ex() (every convolution and linear layer of the fast path) rounds
+// both operands to bfloat16 (to nearest even) and accumulates in float32, like PyTorch's
+// torch.set_float32_matmul_precision("medium"); Winograd is then not used (its transforms would
+// magnify bfloat16's error). Weights, gradients, activations and everything outside the
+// products stay float32. The products run on AMX tiles where the CPU and the OS offer them
+// (cpu_amx()), else on the float32 kernels fed the rounded operands: the same rounding of the
+// inputs (sums may round differently), but no faster.
+void cpu_bf16_set(int on);
+int cpu_bf16(void);
+// 1 if the bfloat16 products run on AMX now: cpu_amx_detected(), the ISA level is avx512 and
+// AMX is allowed (the default; INCEPT_AMX=0 or cpu_amx_allow(0) forbid it, to exercise the
+// fallback).
+int cpu_amx(void);
+// AMX-BF16 usable: cpuid, XCR0's tile state and the kernel's permission (arch_prctl
+// ARCH_REQ_XCOMP_PERM, asked for on the first call).
+int cpu_amx_detected(void);
+void cpu_amx_allow(int on);
+
 // Measures this CPU's single-core FMA peak in GFLOP/s (2 flops per FMA lane) at the given
 // level, with a ~50 ms loop of independent FMAs; the best of a few short runs, so a briefly
 // busy machine does not lower it much. For benchmarks that report % of peak.

@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MR_MAX 8
+#define MR_MAX 32  // the AMX kernel's; 8 for the float32 ones
 #define NR_MAX 48
 #define PACK_HEADER 16  // floats before the panels of a pre-packed A (64 bytes)
 
@@ -45,6 +45,7 @@ typedef struct {
     im2col_rows_fn *im2col_rows;
     im2col_line_fn *im2col_line;
     dense_rows_fn *dense_rows;
+    int amx;         // bfloat16 on AMX tiles: A packed by pack_a_amx, B converted after pack_b
 } gemm_config;
 
 static void transpose16_c(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, int rows) {
@@ -62,6 +63,11 @@ static const gemm_config configs[3] = {
                         gemm_pack_a8_avx512, copy_avx512, gemm_transpose16_avx512,
                         im2col_rows_avx512, im2col_line_avx512, dense_rows_avx512},
 };
+
+// bfloat16 mode with AMX (cpu_amx()): B is packed in float32 as for AVX-512, then converted.
+static const gemm_config amx_config = {32, 32, 512, 512, 512, gemm_kernel_amx, NULL, copy_avx512,
+                                       gemm_transpose16_avx512, im2col_rows_avx512,
+                                       im2col_line_avx512, dense_rows_avx512, 1};
 
 // ---------------------------------------------------------------------------------------------
 // Plain-C micro-kernel (4 x 16). ISO C mode keeps a*b+c as two roundings (no contraction).
@@ -579,13 +585,13 @@ static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, in
     switch (b->kind) {
     case GEMM_DENSE: pack_b_dense(dst, b, k0, kc, j0, nc, cfg); break;
     case GEMM_IM2COL:
-        if (cfg->kernel == gemm_kernel_avx512 && im2col_small_ok(b, j0, nc))
+        if (cfg->im2col_rows == im2col_rows_avx512 && im2col_small_ok(b, j0, nc))
             pack_b_im2col_small(dst, b, k0, kc, j0, nc, cfg->NR);
         else
             pack_b_im2col(dst, b, k0, kc, j0, nc, cfg);
         break;
     case GEMM_IM2COL_T:
-        if (cfg->kernel == gemm_kernel_avx512 && im2col_small_ok(b, k0, kc))
+        if (cfg->im2col_rows == im2col_rows_avx512 && im2col_small_ok(b, k0, kc))
             pack_b_im2col_t_small(dst, b, k0, kc, j0, nc, cfg->NR);
         else
             pack_b_im2col_t(dst, b, k0, kc, j0, nc, cfg);
@@ -605,6 +611,7 @@ typedef struct {
     int M, N, K, flags;
     int nkb, kcb;     // K blocks: nkb blocks of kcb (the last may be shorter)
     int split_rows;   // threads split the rows of C (else the columns)
+    int bf16;         // round the packed operands to bfloat16 (cpu_bf16() without AMX)
     float *ws;
     size_t ws_thread; // floats per thread
 } gemm_job;
@@ -701,7 +708,7 @@ static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, 
         g->cfg->kernel(kc, a, b, base, c->ldc, mr, nr, e);
         return;
     }
-    if (g->cfg->kernel == gemm_kernel_avx512 && c->fold < 16 &&
+    if ((g->cfg->kernel == gemm_kernel_avx512 || g->cfg->amx) && c->fold < 16 &&
         (size_t)(nr / c->fold + 2) * (size_t)c->fold_stride < (size_t)INT32_MAX / 2) {
         tile_folded_avx512(g, c, kc, a, b, base, r, mr, nr, e);
         return;
@@ -761,14 +768,22 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
             int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
             int last = kb == g->nkb - 1;
             const float *a_panels = ap;
-            if (g->a->kind == GEMM_PACKED)  // K block kb, rows from ic: see gemm_pack_a()
+            size_t a_floats = round_up((size_t)mc, MR) * kc;
+            if (g->a->kind == GEMM_PACKED) {  // K block kb, rows from ic: see gemm_pack_a()
                 a_panels = g->a->p + PACK_HEADER + (size_t)pc * round_up(g->M, MR) +
                            (size_t)ic * kc;
-            else
+                if (g->bf16) {   // rounded in a copy: the packed weights stay as they are
+                    memcpy(ap, a_panels, a_floats * sizeof(float));
+                    a_panels = ap;
+                }
+            } else
                 pack_a(ap, g->a, g->M, ic, mc, pc, kc, cfg);
+            if (g->bf16) gemm_bf16_round(ap, a_floats, cfg->copy == copy_avx512);
             for (int jc = n0; jc < n1; jc += cfg->NC) {
                 int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
                 pack_b(bp, g->b, pc, kc, jc, nc, cfg);
+                if (g->bf16)
+                    gemm_bf16_round(bp, round_up((size_t)nc, NR) * kc, cfg->copy == copy_avx512);
                 for (int ir = 0; ir < mc; ir += MR) {
                     int mr = mc - ir < MR ? mc - ir : MR;
                     for (int jr = 0; jr < nc; jr += NR) {
@@ -795,6 +810,102 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
             }
         }
     }
+}
+
+// ---- bfloat16 on AMX ----
+// A rows i0..i0+mc-1, columns k0..k0+kc-1 -> 32-row panels of kcp / 32 steps of two 16 x 32
+// A tiles: d[((p*steps + s)*2 + h)*512 + r*32 + t] = bf16(A(i0 + 32p + 16h + r, k0 + 32s + t)),
+// zero for rows past the block and for k >= kc.
+static void pack_a_amx(unsigned short *d, const gemm_operand *a, int M, int i0, int mc, int k0,
+                       int kc, int kcp) {
+    int steps = kcp / 32;
+    for (int p = 0; p < ceil_div(mc, 32); p++)
+        for (int ii = 0; ii < 32; ii++) {
+            int r = i0 + 32 * p + ii;
+            unsigned short *row = d + ((size_t)p * steps * 2 + ii / 16) * 512 + (ii % 16) * 32;
+            if (r >= M || r >= i0 + mc) {
+                for (int s = 0; s < steps; s++) memset(row + (size_t)s * 1024, 0, 64);
+                continue;
+            }
+            if (kc < kcp) memset(row + (size_t)(steps - 1) * 1024, 0, 64);
+            for (int k = 0; k < kc;) {  // pieces within one fold of A and one 32-step
+                int n = dense_run(a, k0 + k, kc - k);
+                if (n > 32 - k % 32) n = 32 - k % 32;
+                const float *src = dense_at(a, r, k0 + k);
+                unsigned short *dst = row + (size_t)(k / 32) * 1024 + k % 32;
+                if (a->cs == 1) gemm_amx_cvt(dst, src, n);
+                else
+                    for (int t = 0; t < n; t++) dst[t] = gemm_bf16_of(src[t * a->cs]);
+                k += n;
+            }
+        }
+}
+
+// B rows k0..k0+kc-1, columns j0..j0+nc-1 of a dense B with contiguous rows (cs 1) straight
+// into B tiles (as gemm_amx_pack_b lays them out), in pieces of at most 16 columns that stay
+// within one fold and one tile; the columns past nc in the last sliver are zero.
+static void pack_b_dense_amx(unsigned short *d, const gemm_operand *b, int k0, int kc, int kcp,
+                             int j0, int nc) {
+    if (nc % 32) memset(d + (size_t)(nc / 32) * kcp * 32, 0, (size_t)kcp * 32 * sizeof *d);
+    for (int j = 0; j < nc;) {
+        int n = dense_run(b, j0 + j, nc - j);
+        if (n > 16 - j % 16) n = 16 - j % 16;
+        gemm_amx_pack_b_rows(d + (size_t)(j / 32) * kcp * 32 + (j % 32 / 16) * 512 + (j % 16) * 2,
+                             dense_at(b, k0, j0 + j), b->rs, kc, kcp, n);
+        j += n;
+    }
+}
+
+// Sizes of the AMX workspace parts (floats): the float32 B block, its bf16 tiles, A's tiles.
+static size_t amx_b_floats(const gemm_config *cfg, int N, int kcb) {
+    return round_up((size_t)kcb, 32) * round_up((size_t)(N < cfg->NC ? N : cfg->NC), 32) / 2;
+}
+
+static size_t amx_a_floats(const gemm_config *cfg, int M, int kcb) {
+    return round_up((size_t)kcb, 32) * round_up((size_t)(M < cfg->MC ? M : cfg->MC), 32) / 2;
+}
+
+static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0, int n1) {
+    const gemm_config *cfg = g->cfg;
+    float *bp = align64(ws);
+    unsigned short *bb = (unsigned short *)align64(bp + bp_floats(cfg, g->N, g->kcb));
+    unsigned short *ab =
+        (unsigned short *)align64((float *)bb + amx_b_floats(cfg, g->N, g->kcb));
+    gemm_amx_begin();
+    for (int ic = m0; ic < m1; ic += cfg->MC) {
+        int mc = m1 - ic < cfg->MC ? m1 - ic : cfg->MC;
+        for (int kb = 0; kb < g->nkb; kb++) {
+            int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
+            int kcp = (int)round_up((size_t)kc, 32), last = kb == g->nkb - 1;
+            pack_a_amx(ab, g->a, g->M, ic, mc, pc, kc, kcp);
+            for (int jc = n0; jc < n1; jc += cfg->NC) {
+                int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
+                if (g->b->kind == GEMM_DENSE && g->b->cs == 1)
+                    pack_b_dense_amx(bb, g->b, pc, kc, kcp, jc, nc);
+                else {  // float32 slivers first (im2col, transposed B), then their tiles
+                    pack_b(bp, g->b, pc, kc, jc, nc, cfg);
+                    for (int jr = 0; jr < nc; jr += 32)
+                        gemm_amx_pack_b(bb + (size_t)jr * kcp, bp + (size_t)jr * kc, kc, kcp);
+                }
+                for (int ir = 0; ir < mc; ir += 32) {
+                    int mr = mc - ir < 32 ? mc - ir : 32;
+                    for (int jr = 0; jr < nc; jr += 32) {
+                        int nr = nc - jr < 32 ? nc - jr : 32;
+                        gemm_epilogue e = {
+                            .load_c = kb > 0 || (g->flags & GEMM_ACCUMULATE),
+                            .bias_row = last && (g->flags & GEMM_BIAS_ROW) ? g->bias + ic + ir : NULL,
+                            .bias_col = last && (g->flags & GEMM_BIAS_COL) ? g->bias + jc + jr : NULL,
+                            .relu = last && (g->flags & GEMM_RELU),
+                        };
+                        run_tile(g, kcp, (const float *)(const void *)(ab + (size_t)ir * kcp),
+                                 (const float *)(const void *)(bb + (size_t)jr * kcp), ic + ir,
+                                 jc + jr, mr, nr, &e);
+                    }
+                }
+            }
+        }
+    }
+    gemm_amx_end();
 }
 
 // ---- pre-packed A: a header, then for each K block (as k_blocks() cuts K) the panels of all
@@ -852,12 +963,12 @@ static void gemm_task(void *ctx, int t, int n) {
         int MR = g->cfg->MR, units = ceil_div(g->M, MR);
         int u0 = (int)((long)units * t / n), u1 = (int)((long)units * (t + 1) / n);
         int m1 = u1 * MR < g->M ? u1 * MR : g->M;
-        if (u0 < u1) gemm_block(g, ws, u0 * MR, m1, 0, g->N);
+        if (u0 < u1) (g->cfg->amx ? gemm_block_amx : gemm_block)(g, ws, u0 * MR, m1, 0, g->N);
     } else {
         int NR = g->cfg->NR, units = ceil_div(g->N, NR);
         int u0 = (int)((long)units * t / n), u1 = (int)((long)units * (t + 1) / n);
         int n1 = u1 * NR < g->N ? u1 * NR : g->N;
-        if (u0 < u1) gemm_block(g, ws, 0, g->M, u0 * NR, n1);
+        if (u0 < u1) (g->cfg->amx ? gemm_block_amx : gemm_block)(g, ws, 0, g->M, u0 * NR, n1);
     }
 }
 
@@ -875,18 +986,25 @@ static size_t bp_floats(const gemm_config *cfg, int N, int kcb) {
 static size_t ws_per_thread(const gemm_config *cfg, int M, int N, int K) {
     int nkb, kcb;
     k_blocks(cfg, K, &nkb, &kcb);
+    if (cfg->amx)
+        return bp_floats(cfg, N, kcb) + amx_b_floats(cfg, N, kcb) + amx_a_floats(cfg, M, kcb) +
+               4 * 16;
     size_t mc = round_up((size_t)(M < cfg->MC ? M : cfg->MC), cfg->MR);
     return bp_floats(cfg, N, kcb) + mc * kcb + 3 * 16;  // + 64-byte alignment of each part
 }
 
-size_t gemm_workspace_size(int M, int N, int K) {
-    size_t best = 0;
+// The largest per-thread workspace of any configuration, so that one sized by
+// gemm_workspace_size() fits whichever gemm_ex() picks at call time.
+static size_t ws_most(int M, int N, int K) {
+    size_t best = ws_per_thread(&amx_config, M, N, K);
     for (int l = 0; l < 3; l++) {
         size_t s = ws_per_thread(&configs[l], M, N, K);
         if (s > best) best = s;
     }
-    return best * (size_t)cpu_threads();
+    return best;
 }
+
+size_t gemm_workspace_size(int M, int N, int K) { return ws_most(M, N, K) * (size_t)cpu_threads(); }
 
 // K = 0: C = (C or 0) + bias, then ReLU.
 static void gemm_no_k(const gemm_output *c, const float *bias, int M, int N, int flags) {
@@ -973,20 +1091,17 @@ void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
         gemm_no_k(c, bias, M, N, flags);
         return;
     }
-    if (small_m_fits(c, a, b, M)) {
+    int bf16 = cpu_bf16();
+    if (!bf16 && small_m_fits(c, a, b, M)) {
         small_m(c, a, b, bias, M, N, K, flags);
         return;
     }
     gemm_job g = {.cfg = &configs[cpu_isa()], .c = c, .a = a, .b = b, .bias = bias,
                   .M = M, .N = N, .K = K, .flags = flags, .ws = ws};
+    if (bf16 && a->kind != GEMM_PACKED && cpu_amx()) g.cfg = &amx_config;
+    else g.bf16 = bf16;
     k_blocks(g.cfg, K, &g.nkb, &g.kcb);
-    // Same layout as gemm_workspace_size() so a workspace sized for any level fits.
-    size_t per = 0;
-    for (int l = 0; l < 3; l++) {
-        size_t s = ws_per_thread(&configs[l], M, N, K);
-        if (s > per) per = s;
-    }
-    g.ws_thread = per;
+    g.ws_thread = ws_most(M, N, K);  // the layout of gemm_workspace_size()
 
     // Thread split: compare the estimated per-thread time of splitting rows or columns
     // (tiles computed, plus the packing each thread repeats). Small problems stay on one thread.

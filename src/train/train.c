@@ -1,5 +1,6 @@
 // The training loop, evaluation and the run directory (see train.h).
 #include "train/train.h"
+#include "ops/cpu.h"
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
@@ -297,6 +298,7 @@ static int setup(trainer *t, const preprocess *pre, int resize) {
         t->resize = strcmp(t->train.name, "folder") ? 0
                   : (int)lround(c->image_size / (double)t->pre.eval_crop);
     }
+    cpu_bf16_set(c->bf16);
     if (model_build(&t->m, &c->model)) return -1;
     t->spans = calloc((size_t)t->m.n_tensors, sizeof *t->spans);
     if (!t->spans) return err_set("out of memory");
