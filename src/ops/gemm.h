@@ -4,6 +4,9 @@
 // columns wide, A into panels MR rows tall (one panel stays in L1 while the slivers stream
 // past it), and a register-blocked micro-kernel computes MR x NR tiles of C with broadcast-FMA:
 //   avx512: 8 x 48 (24 zmm accumulators),  avx2: 6 x 16 (12 ymm),  scalar: 4 x 16.
+// In bfloat16 mode (cpu_bf16_set(), off by default) the operands are rounded to bfloat16 and
+// the products run on AMX as 32 x 32 tiles (4 accumulator tiles) where the CPU has AMX, else on
+// the kernels above fed the rounded values.
 // The kernel follows cpu_isa() at call time. Work is split over cpu_threads() threads by
 // blocks of rows or of columns of C; every element of C is computed by one thread with the
 // same sequence of operations whatever the thread count, so results are bit-identical for any

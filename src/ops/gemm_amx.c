@@ -118,10 +118,20 @@ AMX void gemm_amx_end(void) { _tile_release(); }
 AMX void gemm_kernel_amx(int kcp, const float *af, const float *bf, float *c, ptrdiff_t ldc,
                          int mr, int nr, const gemm_epilogue *e) {
     const uint16_t *a = (const uint16_t *)(const void *)af, *b = (const uint16_t *)(const void *)bf;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    // A full tile with nothing but C (+)= A*B to do accumulates in C itself, through the tiles.
+    const int direct = mr == 32 && nr == 32 && !e->bias_row && !e->bias_col && !e->relu;
+    const size_t ld = (size_t)ldc * sizeof(float);
+    if (direct && e->load_c) {
+        _tile_loadd(0, c, ld);
+        _tile_loadd(1, c + 16, ld);
+        _tile_loadd(2, c + 16 * ldc, ld);
+        _tile_loadd(3, c + 16 * ldc + 16, ld);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
     for (int s = 0; s < kcp; s += 32, a += 1024, b += 1024) {
         _tile_loadd(4, a, 64);
         _tile_loadd(5, a + 512, 64);
@@ -131,6 +141,13 @@ AMX void gemm_kernel_amx(int kcp, const float *af, const float *bf, float *c, pt
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
+    }
+    if (direct) {
+        _tile_stored(0, c, ld);
+        _tile_stored(1, c + 16, ld);
+        _tile_stored(2, c + 16 * ldc, ld);
+        _tile_stored(3, c + 16 * ldc + 16, ld);
+        return;
     }
     float acc[32 * 32] __attribute__((aligned(64)));
     _tile_stored(0, acc, 128);
