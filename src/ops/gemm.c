@@ -56,12 +56,12 @@ static void transpose16_c(float *d, ptrdiff_t ld, const float *s, ptrdiff_t ls, 
 // Block sizes measured on a Zen 5 core (48 KiB L1d, 1 MiB L2); see bench/kernels.c.
 static const gemm_config configs[3] = {
     [CPU_ISA_SCALAR] = {GEMM_SCALAR_MR, GEMM_SCALAR_NR, 256, 512, 512, gemm_kernel_scalar, NULL,
-                        copy_c, transpose16_c, im2col_rows_c, im2col_line_c, dense_rows_c},
+                        copy_c, transpose16_c, im2col_rows_c, im2col_line_c, dense_rows_c, 0},
     [CPU_ISA_AVX2] = {GEMM_AVX2_MR, GEMM_AVX2_NR, 256, 516, 1024, gemm_kernel_avx2, NULL,
-                      copy_c, transpose16_c, im2col_rows_c, im2col_line_c, dense_rows_c},
+                      copy_c, transpose16_c, im2col_rows_c, im2col_line_c, dense_rows_c, 0},
     [CPU_ISA_AVX512] = {GEMM_AVX512_MR, GEMM_AVX512_NR, 384, 512, 480, gemm_kernel_avx512,
                         gemm_pack_a8_avx512, copy_avx512, gemm_transpose16_avx512,
-                        im2col_rows_avx512, im2col_line_avx512, dense_rows_avx512},
+                        im2col_rows_avx512, im2col_line_avx512, dense_rows_avx512, 0},
 };
 
 // bfloat16 mode with AMX (cpu_amx()). A and dense B go straight into tiles; im2col B is packed
