@@ -1,5 +1,6 @@
 // Helpers shared by the C kernel tests: workspaces with a canary after them, random buffers.
 #pragma once
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "util/rng.h"
@@ -42,4 +43,14 @@ static inline float *copy_buf(const float *x, size_t n) {
     float *y = malloc((n + 1) * sizeof(float));
     memcpy(y, x, (n + 1) * sizeof(float));
     return y;
+}
+
+// x rounded to bfloat16 (nearest, ties to even; no NaN among the test inputs), written here
+// independently of the library's gemm_amx.c.
+static inline float bf16_ref(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&x, &u, sizeof x);
+    return x;
 }

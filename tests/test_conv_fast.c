@@ -305,14 +305,6 @@ static void test_level(cpu_isa_level level) {
 // bfloat16 mode (cpu_bf16_set): no Winograd; every product of a convolution rounds its two
 // operands, so out, din and dw must match the double loop run on rounded in, w and dout
 // (db sums dout as it is: against the unrounded loop). Bit-identical for 1, 2, 3 threads.
-static float bf16_ref(float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
 static float *rounded(const float *x, size_t n) {
     float *y = malloc((n + 1) * sizeof(float));
     for (size_t i = 0; i < n; i++) y[i] = bf16_ref(x[i]);

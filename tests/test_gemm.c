@@ -77,16 +77,6 @@ static float *problem_run(const problem *p, int *ws_ok) {
     return C;
 }
 
-// x rounded to bfloat16 (nearest, ties to even), written here independently of gemm_amx.c.
-static double bf16_ref(float x) {
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;  // (no NaN among the test inputs)
-    float y;
-    memcpy(&y, &u, sizeof y);
-    return y;
-}
-
 // Worst error ratio of C against the double-precision reference (on A and B rounded to
 // bfloat16 first if `bf16`); also checks that the padding columns of C were left alone
 // (ratio = INFINITY if not).
