@@ -844,7 +844,7 @@ static void pack_a_amx(unsigned short *d, const gemm_operand *a, int M, int i0, 
 }
 
 // B rows k0..k0+kc-1, columns j0..j0+nc-1 of a dense B with contiguous rows (cs 1) straight
-// into B tiles (as gemm_amx_pack_b lays them out), in pieces of at most 16 columns that stay
+// into B tiles (the layout in gemm.h), in pieces of at most 16 columns that stay
 // within one fold and one tile; the columns past nc in the last sliver are zero.
 static void pack_b_dense_amx(unsigned short *d, const gemm_operand *b, int k0, int kc, int kcp,
                              int j0, int nc) {
@@ -886,8 +886,10 @@ static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0,
                     pack_b_dense_amx(bb, g->b, pc, kc, kcp, jc, nc);
                 else {  // float32 slivers first (im2col, transposed B), then their tiles
                     pack_b(bp, g->b, pc, kc, jc, nc, cfg);
-                    for (int jr = 0; jr < nc; jr += 32)
-                        gemm_amx_pack_b(bb + (size_t)jr * kcp, bp + (size_t)jr * kc, kc, kcp);
+                    for (int jr = 0; jr < (int)round_up((size_t)nc, 32); jr += 16)  // 2 halves a sliver
+                        gemm_amx_pack_b_rows(bb + (size_t)(jr / 32) * kcp * 32 + (jr % 32 / 16) * 512,
+                                             bp + (size_t)(jr / 32) * 32 * kc + jr % 32, 32, kc,
+                                             kcp, 16);
                 }
                 for (int ir = 0; ir < mc; ir += 32) {
                     int mr = mc - ir < 32 ? mc - ir : 32;

@@ -114,13 +114,13 @@ void gemm_transpose16_avx512(float *d, ptrdiff_t ld, const float *s, ptrdiff_t l
 gemm_kernel_fn gemm_kernel_avx2;    // MR 6, NR 16
 // bfloat16 mode (cpu_bf16_set(), gemm_amx.c): rounding in place for the float32 fallback
 // (avx512: use the AVX-512 version), one value's bfloat16 bits, and the AMX pieces: a 32 x 32
-// kernel on operands laid out by gemm_amx_cvt (rows of A tiles) and gemm_amx_pack_b (a 32-column
-// float32 sliver -> B tiles, kc rounded up to kcp, a multiple of 32, with zeros), used between
-// gemm_amx_begin() and gemm_amx_end() on the same thread.
+// kernel on operands laid out by gemm_amx_cvt (rows of A tiles) and gemm_amx_pack_b_rows
+// (columns of B -> B tiles: step s, half h (columns 16h..16h+15), pair row r, column j at
+// ((s*2 + h)*16 + r)*32 + 2j + e for row 32s + 2r + e; kc rounded up to kcp, a multiple of 32,
+// with zeros), used between gemm_amx_begin() and gemm_amx_end() on the same thread.
 void gemm_bf16_round(float *x, size_t n, int avx512);
 unsigned short gemm_bf16_of(float x);
 void gemm_amx_cvt(unsigned short *d, const float *s, int n);
-void gemm_amx_pack_b(unsigned short *d, const float *b, int kc, int kcp);
 // n <= 16 columns of B rows 0..kc-1 (row k at b + k*rs) into their place in B tiles (d: the
 // first column's pair slot in step 0); rows kc..kcp-1 are zero.
 void gemm_amx_pack_b_rows(unsigned short *d, const float *b, ptrdiff_t rs, int kc, int kcp, int n);

@@ -31,25 +31,23 @@ static inline AVX512 __m512i bf16_bits(__m512 x) {
     return _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
 }
 
-static AVX512 void round_avx512(float *x, size_t n) {
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(x + i, _mm512_castsi512_ps(bf16_bits(_mm512_loadu_ps(x + i))));
-    for (; i < n; i++) {
+static void round_c(float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
         uint32_t b = bf16_bits_c(x[i]);
         memcpy(x + i, &b, sizeof b);
     }
 }
 
+static AVX512 void round_avx512(float *x, size_t n) {
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(x + i, _mm512_castsi512_ps(bf16_bits(_mm512_loadu_ps(x + i))));
+    round_c(x + i, n - i);
+}
+
 void gemm_bf16_round(float *x, size_t n, int avx512) {
-    if (avx512) {
-        round_avx512(x, n);
-        return;
-    }
-    for (size_t i = 0; i < n; i++) {
-        uint32_t b = bf16_bits_c(x[i]);
-        memcpy(x + i, &b, sizeof b);
-    }
+    if (avx512) round_avx512(x, n);
+    else round_c(x, n);
 }
 
 unsigned short gemm_bf16_of(float x) { return (uint16_t)(bf16_bits_c(x) >> 16); }
@@ -64,22 +62,6 @@ AVX512 void gemm_amx_cvt(unsigned short *d, const float *s, int n) {
         __mmask16 m = (__mmask16)((1u << (n - t)) - 1);
         __m512i v = _mm512_srli_epi32(bf16_bits(_mm512_maskz_loadu_ps(m, s + t)), 16);
         _mm512_mask_cvtepi32_storeu_epi16(d + t, m, v);
-    }
-}
-
-// One float32 sliver (kc rows of 32 columns, as pack_b makes it) -> the B tiles of kcp / 32
-// steps: step s, half h (columns 16h..16h+15), pair row r, column j:
-//   d[((s*2 + h)*16 + r)*32 + 2j + e] = bf16(b[(32s + 2r + e)*32 + 16h + j]); 0 for k >= kc.
-AVX512 void gemm_amx_pack_b(unsigned short *d, const float *b, int kc, int kcp) {
-    for (int k = 0; k < kcp; k += 2) {
-        int s = k / 32, r = k % 32 / 2;
-        for (int h = 0; h < 2; h++) {
-            __m512 x = k < kc ? _mm512_loadu_ps(b + (size_t)k * 32 + 16 * h) : _mm512_setzero_ps();
-            __m512 y = k + 1 < kc ? _mm512_loadu_ps(b + (size_t)(k + 1) * 32 + 16 * h)
-                                  : _mm512_setzero_ps();
-            __m512i v = _mm512_or_si512(bf16_bits(y), _mm512_srli_epi32(bf16_bits(x), 16));
-            _mm512_storeu_si512((__m512i *)(d + ((size_t)(s * 2 + h) * 16 + r) * 32), v);
-        }
     }
 }
 
