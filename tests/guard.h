@@ -1,5 +1,6 @@
 // Helpers shared by the C kernel tests: workspaces with a canary after them, random buffers.
 #pragma once
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,12 +46,14 @@ static inline float *copy_buf(const float *x, size_t n) {
     return y;
 }
 
-// x rounded to bfloat16 (nearest, ties to even; no NaN among the test inputs), written here
-// independently of the library's gemm_amx.c.
+// x rounded to bfloat16 (nearest, ties to even; denormals to zero of their sign, as the CPU's
+// VCVTNEPS2BF16 does; no NaN among the test inputs), written here independently of the
+// library's gemm_amx.c.
 static inline float bf16_ref(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
-    u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    if (fpclassify(x) == FP_SUBNORMAL) u &= 0x80000000u;
+    else u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
     memcpy(&x, &u, sizeof x);
     return x;
 }

@@ -279,6 +279,29 @@ static void test_bf16(cpu_isa_level level, int amx) {
         guarded_free(&ws);
         result(ok, "gemm bf16 %s: ReLU keeps NaN", name);
     }
+    {   // denormal operands become zero (as VCVTNEPS2BF16 makes them): rows of A and columns
+        // of B that are all denormal meet 1e30 on the other side, 1.6e-9 per term if kept
+        enum { M = 35, N = 53, K = 37 };
+        float A[M * K], B[K * N], At[K * M], Bt[N * K], C[M * N];
+        for (int i = 0; i < M; i++)
+            for (int k = 0; k < K; k++) A[i * K + k] = At[k * M + i] = i % 2 ? 1.0f : 1.6e-39f;
+        for (int k = 0; k < K; k++)
+            for (int j = 0; j < N; j++) B[k * N + j] = Bt[j * K + k] = j % 3 ? 1e30f : -1.6e-39f;
+        float big = 0.0f;
+        for (int k = 0; k < K; k++) big += bf16_ref(1e30f);
+        guarded ws = guarded_new(gemm_workspace_size(M, N, K));
+        int ok = 1;
+        for (int tr = 0; tr < 2; tr++) {
+            gemm(C, N, tr ? At : A, tr ? M : K, tr ? Bt : B, tr ? K : N, NULL, M, N, K,
+                 tr ? GEMM_TRANS_A | GEMM_TRANS_B : 0, ws.p);
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++)
+                    ok &= C[i * N + j] == (i % 2 && j % 3 ? big : 0.0f);
+        }
+        ok &= guarded_intact(&ws);
+        guarded_free(&ws);
+        result(ok, "gemm bf16 %s: denormal operands round to zero", name);
+    }
     cpu_threads_set(2);
     cpu_bf16_set(0);
     cpu_amx_allow(1);

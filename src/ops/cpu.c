@@ -135,7 +135,8 @@ static int amx_usable;
 static _Atomic int amx_allowed = 1;
 static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
 
-// cpuid leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; XCR0 bits 17-18 the tile state. Linux
+// cpuid leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE, and (subleaf 1) EAX bit 5 AVX512_BF16
+// for the conversions that feed the tiles; XCR0 bits 17-18 the tile state. Linux
 // also wants each process to ask for the (large) tile data state before using it.
 static void amx_probe(void) {
     const char *s = getenv("INCEPT_AMX");
@@ -144,6 +145,8 @@ static void amx_probe(void) {
     if (__get_cpuid_max(0, NULL) < 7) return;
     __cpuid_count(7, 0, a, b, c, d);
     if (!((d >> 22) & 1) || !((d >> 24) & 1)) return;
+    __cpuid_count(7, 1, a, b, c, d);
+    if (!((a >> 5) & 1)) return;
     if ((xgetbv0() & 0x60000) != 0x60000) return;
     enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
     if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return;

@@ -12,12 +12,17 @@
 
 #define AVX512 __attribute__((target("avx512f")))
 #define AMX __attribute__((target("avx512f,amx-tile,amx-bf16")))
+// VCVTNE(2)PS2BF16: every AMX-BF16 CPU has AVX512_BF16 (cpu_amx() checks it)
+#define BF16CVT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// ---- rounding to bfloat16 (to nearest, ties to even; NaN stays a quiet NaN) ----
+// ---- rounding to bfloat16 (to nearest, ties to even; NaN stays a quiet NaN; denormals
+// become zero of their sign), exactly what VCVTNEPS2BF16 does, so that the AMX path and the
+// float32 fallback round alike ----
 static uint32_t bf16_bits_c(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (u | 0x00400000u) & 0xffff0000u;
+    if (!(u & 0x7f800000u)) return u & 0x80000000u;
     return (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
 }
 
@@ -28,6 +33,8 @@ static inline AVX512 __m512i bf16_bits(__m512 x) {
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
     __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+    __mmask16 tiny = _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_and_epi32(r, tiny, u, _mm512_set1_epi32((int)0x80000000u));
     return _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
 }
 
@@ -53,26 +60,29 @@ void gemm_bf16_round(float *x, size_t n, int avx512) {
 unsigned short gemm_bf16_of(float x) { return (uint16_t)(bf16_bits_c(x) >> 16); }
 
 // d[t] = bf16(s[t]), t < n.
-AVX512 void gemm_amx_cvt(unsigned short *d, const float *s, int n) {
+BF16CVT void gemm_amx_cvt(unsigned short *d, const float *s, int n) {
     int t = 0;
     for (; t + 16 <= n; t += 16)
-        _mm256_storeu_si256((__m256i *)(d + t),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(_mm512_loadu_ps(s + t)), 16)));
+        _mm256_storeu_si256((__m256i *)(d + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t)));
     if (t < n) {
         __mmask16 m = (__mmask16)((1u << (n - t)) - 1);
-        __m512i v = _mm512_srli_epi32(bf16_bits(_mm512_maskz_loadu_ps(m, s + t)), 16);
-        _mm512_mask_cvtepi32_storeu_epi16(d + t, m, v);
+        __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + t));
+        _mm256_mask_storeu_epi16(d + t, m, v);
     }
 }
 
-AVX512 void gemm_amx_pack_b_rows(unsigned short *d, const float *b, ptrdiff_t rs, int kc,
-                                 int kcp, int n) {
+BF16CVT void gemm_amx_pack_b_rows(unsigned short *d, const float *b, ptrdiff_t rs, int kc,
+                                  int kcp, int n) {
+    // (k, k+1) word pairs: cvtne2ps gives row k in words 0-15 and row k+1 in 16-31
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                           16, 0);
     __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
     for (int k = 0; k < kcp; k += 2) {
         __m512 x = k < kc ? _mm512_maskz_loadu_ps(m, b + (ptrdiff_t)k * rs) : _mm512_setzero_ps();
         __m512 y = k + 1 < kc ? _mm512_maskz_loadu_ps(m, b + (ptrdiff_t)(k + 1) * rs)
                               : _mm512_setzero_ps();
-        __m512i v = _mm512_or_si512(bf16_bits(y), _mm512_srli_epi32(bf16_bits(x), 16));
+        __m512i v = _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(y, x));
         _mm512_mask_storeu_epi32(d + (size_t)(k / 32) * 1024 + (k % 32 / 2) * 32, m, v);
     }
 }
