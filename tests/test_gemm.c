@@ -121,6 +121,9 @@ static const shape shapes[] = {
     {20, 1100, 30}, {13, 1031, 9},
     // big enough (>= 4M multiply-adds) to be split over threads, by rows and by columns
     {130, 700, 50}, {1000, 30, 200}, {37, 1500, 100},
+    // long K (a weight gradient), split by columns: AMX makes A's tiles once for all threads,
+    // over several K blocks, and over several row blocks
+    {70, 600, 1100}, {600, 700, 120},
     // few rows (a linear layer at a small batch): B read in place when transposed, by columns
     {1, 1000, 4100}, {8, 600, 1200}, {9, 500, 1000},
 };

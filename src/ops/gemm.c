@@ -616,6 +616,8 @@ typedef struct {
     int bf16;         // round the packed operands to bfloat16 (cpu_bf16() without AMX)
     float *ws;
     size_t ws_thread; // floats per thread
+    unsigned short *a_tiles;  // AMX, split by columns: all of A's tiles, packed once for all
+                              // threads (amx_a_shared) instead of by each; else NULL
 } gemm_job;
 
 static void k_blocks(const gemm_config *cfg, int K, int *nkb, int *kcb);
@@ -867,6 +869,29 @@ static size_t amx_a_floats(const gemm_config *cfg, int M, int kcb) {
     return round_up((size_t)kcb, 32) * round_up((size_t)(M < cfg->MC ? M : cfg->MC), 32) / 2;
 }
 
+// Shared A tiles: block (ic / MC, kb) of A at ((ic / MC) * nkb + kb) * amx_a_floats() floats.
+static size_t amx_a_shared_floats(const gemm_config *cfg, int M, int K) {
+    int nkb, kcb;
+    k_blocks(cfg, K, &nkb, &kcb);
+    return (size_t)ceil_div(M, cfg->MC) * nkb * amx_a_floats(cfg, M, kcb);
+}
+
+static unsigned short *amx_a_block(const gemm_job *g, int ic, int kb) {
+    return g->a_tiles + ((size_t)(ic / g->cfg->MC) * g->nkb + kb) * amx_a_floats(g->cfg, g->M, g->kcb) * 2;
+}
+
+// Part t of n of the shared A tiles: every n-th (row block, K block).
+static void amx_a_shared_task(void *ctx, int t, int n) {
+    const gemm_job *g = ctx;
+    int blocks = ceil_div(g->M, g->cfg->MC) * g->nkb;
+    for (int b = t; b < blocks; b += n) {
+        int ic = b / g->nkb * g->cfg->MC, kb = b % g->nkb;
+        int mc = g->M - ic < g->cfg->MC ? g->M - ic : g->cfg->MC;
+        int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
+        pack_a_amx(amx_a_block(g, ic, kb), g->a, g->M, ic, mc, pc, kc, (int)round_up((size_t)kc, 32));
+    }
+}
+
 static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0, int n1) {
     const gemm_config *cfg = g->cfg;
     float *bp = align64(ws);
@@ -879,7 +904,8 @@ static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0,
         for (int kb = 0; kb < g->nkb; kb++) {
             int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
             int kcp = (int)round_up((size_t)kc, 32), last = kb == g->nkb - 1;
-            pack_a_amx(ab, g->a, g->M, ic, mc, pc, kc, kcp);
+            if (g->a_tiles) ab = amx_a_block(g, ic, kb);  // m0 is 0 when they are shared
+            else pack_a_amx(ab, g->a, g->M, ic, mc, pc, kc, kcp);
             for (int jc = n0; jc < n1; jc += cfg->NC) {
                 int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
                 if (g->b->kind == GEMM_DENSE && g->b->cs == 1)
@@ -1008,7 +1034,11 @@ static size_t ws_most(int M, int N, int K) {
     return best;
 }
 
-size_t gemm_workspace_size(int M, int N, int K) { return ws_most(M, N, K) * (size_t)cpu_threads(); }
+// Per-thread parts, then (where AMX may run) room for the shared A tiles.
+size_t gemm_workspace_size(int M, int N, int K) {
+    size_t shared = cpu_amx_detected() ? amx_a_shared_floats(&amx_config, M, K) + 16 : 0;
+    return ws_most(M, N, K) * (size_t)cpu_threads() + shared;
+}
 
 // K = 0: C = (C or 0) + bias, then ReLU.
 static void gemm_no_k(const gemm_output *c, const float *bias, int M, int N, int flags) {
@@ -1122,6 +1152,13 @@ void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
     g.split_rows = by_rows < by_cols;
     int units = g.split_rows ? mp : sp;
     if (T > units) T = units;
+    // Threads that split the columns each need all of A: on AMX its tiles are made once, in
+    // parallel, when that is worth a second hand-over (the same bytes either way). The shared
+    // region follows cpu_threads() parts, where gemm_workspace_size() put it.
+    if (g.cfg->amx && !g.split_rows && T > 1 && (double)M * K >= 65536) {
+        g.a_tiles = (unsigned short *)align64(ws + g.ws_thread * (size_t)cpu_threads());
+        cpu_parallel(amx_a_shared_task, &g, T);
+    }
     cpu_parallel(gemm_task, &g, T);
 }
 
