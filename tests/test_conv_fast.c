@@ -157,6 +157,10 @@ static const cshape fixed[] = {
     {5, 20, 1, 1, 12, 3, 1, 1},  {3, 7, 1, 1, 5, 3, 2, 1},    {9, 11, 1, 1, 30, 5, 1, 2},
     {6, 13, 2, 2, 17, 3, 1, 1},  {3, 9, 2, 3, 11, 5, 1, 2},   {4, 5, 1, 2, 7, 3, 2, 1},
     {2, 4, 3, 2, 6, 5, 2, 4},    {16, 160, 2, 2, 320, 3, 1, 1},
+    // output rows of 16 and 32 at stride 1 (bf16 on AMX: im2col rows loaded straight into
+    // tiles), padded and not, a K block boundary inside a channel's taps
+    {3, 5, 16, 16, 7, 3, 1, 1},  {2, 3, 18, 18, 6, 3, 1, 0},   {1, 4, 32, 32, 5, 5, 1, 2},
+    {2, 60, 16, 16, 70, 3, 1, 1},
     // big enough (>= 4M multiply-adds) to be split over threads
     {7, 24, 20, 20, 40, 3, 1, 1}, {2, 300, 9, 9, 200, 1, 1, 0},
 };

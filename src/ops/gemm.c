@@ -582,6 +582,119 @@ static AVX512 void pack_b_im2col_t_small(float *dst, const gemm_operand *b, int 
     pack_b_pad(dst, kc, nc, NR);
 }
 
+// ---- im2col straight into AMX B tiles ----
+// Where every 16 columns of a GEMM_IM2COL block are one output row of a stride-1 convolution
+// (OW a multiple of 16: one masked load per row of B) or pixels of a small image (the tap
+// tables above: permutes or gathers), rows of B are made in registers and converted pairwise
+// into the tiles, with no float32 block in between. Tiles as in pack_b_dense_amx().
+#define BF16CVT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+static int im2col_amx_ok(const gemm_operand *b, int j0, int nc) {
+    if (b->kind != GEMM_IM2COL || b->k * b->k > SMALL_TAPS_MAX) return 0;
+    if (b->stride == 1 && b->OW % 16 == 0 && j0 % 16 == 0) return 1;
+    return im2col_small_ok(b, j0, nc);
+}
+
+// Rows (q, q+1) of 16 columns, bf16 pairs side by side, at pair-row k of a tile column group.
+static inline BF16CVT void tile_pair(unsigned short *d, int k, __m512 x, __m512 y) {
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
+                                           16, 0);
+    __m512i v = _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(y, x));
+    _mm512_storeu_si512(d + (size_t)(k / 32) * 1024 + (k % 32 / 2) * 32, v);
+}
+
+// Rows k0.. of pixels p..p+n-1, one output row (stride 1): row (c, dy, dx) is input row
+// oy + dy - pad of channel c from x = ox + dx - pad, lanes outside [0, W) masked off.
+static BF16CVT void im2col_amx_row(unsigned short *d, const gemm_operand *b, int k0, int kc,
+                                   int kcp, int p, int n) {
+    int kk = b->k * b->k, ohw = b->OH * b->OW, img = p / ohw;
+    int oy = p % ohw / b->OW, ox = p % ohw % b->OW;
+    size_t plane = (size_t)b->H * b->W;
+    __mmask16 ok[SMALL_TAPS_MAX], lanes = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    ptrdiff_t off[SMALL_TAPS_MAX];
+    for (int t = 0; t < kk; t++) {
+        int y = oy + t / b->k - b->pad, x = ox + t % b->k - b->pad;
+        unsigned m = 0;
+        if (y >= 0 && y < b->H)
+            for (int l = 0; l < 16; l++) m |= (unsigned)(x + l >= 0 && x + l < b->W) << l;
+        ok[t] = (__mmask16)m & lanes;
+        off[t] = (ptrdiff_t)y * b->W + x;   // may point before the plane: masked lanes only
+    }
+    uintptr_t base = (uintptr_t)(b->p + ((size_t)img * b->C + (size_t)(k0 / kk)) * plane);
+    int t = k0 % kk;
+    __m512 v[2];
+    for (int k = 0; k < kcp; k += 2) {
+        for (int h = 0; h < 2; h++) {
+            v[h] = _mm512_setzero_ps();
+            if (k + h >= kc) continue;
+            v[h] = _mm512_maskz_loadu_ps(ok[t], (const float *)(base + (uintptr_t)(off[t] * 4)));
+            if (++t == kk) t = 0, base += plane * sizeof(float);
+        }
+        tile_pair(d, k, v[0], v[1]);
+    }
+}
+
+// The same for pixels p..p+n-1 of small images, through their tap table (as in
+// pack_b_im2col_small: one permute of a channel's 32 floats, else a gather).
+static BF16CVT void im2col_amx_small(unsigned short *d, const gemm_operand *b, int k0, int kc,
+                                     int kcp, int p, int n) {
+    int kk = b->k * b->k, img0 = p / (b->OH * b->OW);
+    size_t plane = (size_t)b->H * b->W;
+    tap_table t;
+    tap_table_fill(&t, b, p, n, img0);
+    int lo = INT32_MAX, hi = -1;
+    for (int q = 0; q < kk; q++) {
+        if (!t.ok[q]) continue;
+        __m512i big = _mm512_set1_epi32(INT32_MAX), none = _mm512_set1_epi32(-1);
+        int a = _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(big, t.ok[q], t.off[q]));
+        int z = _mm512_reduce_max_epi32(_mm512_mask_mov_epi32(none, t.ok[q], t.off[q]));
+        if (a < lo) lo = a;
+        if (z > hi) hi = z;
+    }
+    const int permute = hi >= 0 && hi - lo < 32;
+    if (!permute) lo = 0;
+    int span = hi - lo + 1;
+    __mmask16 m0 = span >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << span) - 1);
+    __mmask16 m1 = span > 16 ? (__mmask16)((1u << (span - 16)) - 1) : 0;
+    for (int q = 0; q < kk; q++) t.off[q] = _mm512_sub_epi32(t.off[q], _mm512_set1_epi32(lo));
+    const float *src = b->p + ((size_t)img0 * b->C + (size_t)(k0 / kk)) * plane + lo;
+    int tap = k0 % kk;
+    __m512 w0 = _mm512_setzero_ps(), w1 = w0, v[2];
+    if (permute) w0 = _mm512_maskz_loadu_ps(m0, src), w1 = _mm512_maskz_loadu_ps(m1, src + 16);
+    for (int k = 0; k < kcp; k += 2) {
+        for (int h = 0; h < 2; h++) {
+            v[h] = _mm512_setzero_ps();
+            if (k + h >= kc) continue;
+            v[h] = permute ? _mm512_maskz_permutex2var_ps(t.ok[tap], w0, t.off[tap], w1)
+                           : _mm512_mask_i32gather_ps(v[h], t.ok[tap], t.off[tap], src, 4);
+            if (++tap == kk && k + h + 1 < kc) {
+                tap = 0, src += plane;
+                if (permute)
+                    w0 = _mm512_maskz_loadu_ps(m0, src), w1 = _mm512_maskz_loadu_ps(m1, src + 16);
+            }
+        }
+        tile_pair(d, k, v[0], v[1]);
+    }
+}
+
+// B rows k0..k0+kc-1, columns j0..j0+nc-1 of GEMM_IM2COL (im2col_amx_ok) into B tiles; the
+// columns past nc in the last sliver are zero.
+static BF16CVT void pack_b_im2col_amx(unsigned short *d, const gemm_operand *b, int k0, int kc,
+                                      int kcp, int j0, int nc) {
+    const int row = b->stride == 1 && b->OW % 16 == 0;
+    for (int g = 0; g < (int)round_up((size_t)nc, 32); g += 16) {
+        unsigned short *dg = d + (size_t)(g / 32) * kcp * 32 + (g % 32 / 16) * 512;
+        if (g >= nc) {
+            for (int s = 0; s < kcp / 32; s++) memset(dg + (size_t)s * 1024, 0, 1024);
+            continue;
+        }
+        int n = nc - g < 16 ? nc - g : 16;
+        if (row) im2col_amx_row(dg, b, k0, kc, kcp, j0 + g, n);
+        else im2col_amx_small(dg, b, k0, kc, kcp, j0 + g, n);
+    }
+}
+
 static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
                    const gemm_config *cfg) {
     switch (b->kind) {
@@ -910,6 +1023,8 @@ static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0,
                 int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
                 if (g->b->kind == GEMM_DENSE && g->b->cs == 1)
                     pack_b_dense_amx(bb, g->b, pc, kc, kcp, jc, nc);
+                else if (im2col_amx_ok(g->b, jc, nc))
+                    pack_b_im2col_amx(bb, g->b, pc, kc, kcp, jc, nc);
                 else {  // float32 slivers first (im2col, transposed B), then their tiles
                     pack_b(bp, g->b, pc, kc, jc, nc, cfg);
                     for (int jr = 0; jr < (int)round_up((size_t)nc, 32); jr += 16)  // 2 halves a sliver
