@@ -695,6 +695,44 @@ static BF16CVT void pack_b_im2col_amx(unsigned short *d, const gemm_operand *b, 
     }
 }
 
+// GEMM_IM2COL_T of large images (not im2col_small_ok) into B tiles: as pack_b_im2col_t, each
+// of 16 columns' pixels becomes a line (long runs along output rows); 32 pixels of a line
+// convert to 16 bf16 pairs, and a 16 x 16 transpose of those pairs is 16 pair-rows of a tile.
+// Small images keep the float32 path (gathers), which is faster there.
+static BF16CVT void pack_b_im2col_t_amx(unsigned short *d, const gemm_operand *b, int k0, int kc,
+                                        int kcp, int j0, int nc) {
+    pixel_run runs[RUNS_MAX];
+    float lines[16 * LINE_MAX];
+    float pairs[16 * 16] __attribute__((aligned(64)));
+    for (int rb = 0; rb < kc;) {  // pixels in batches of 512 (whole tile steps), one run each
+        int want = kc - rb < 512 ? kc - rb : 512, len;  // at most 512 runs: covers all of want
+        int nruns = pixel_runs(runs, RUNS_MAX, b, k0 + rb, want, 0, 0, &len);
+        int padded = (len + 31) / 32 * 32;
+        for (int jc = 0; jc < (int)round_up((size_t)nc, 32); jc += 16) {
+            unsigned short *dg = d + (size_t)(jc / 32) * kcp * 32 + (jc % 32 / 16) * 512;
+            for (int c = 0; c < 16; c++) {
+                float *line = lines + c * LINE_MAX;
+                if (jc + c >= nc) {  // past the last column: zeros
+                    memset(line, 0, (size_t)padded * sizeof(float));
+                    continue;
+                }
+                im2col_line_avx512(line, b, j0 + jc + c, runs, nruns);
+                for (int t = len; t < padded; t++) line[t] = 0.0f;
+            }
+            for (int s = 0; s < padded; s += 32) {
+                for (int c = 0; c < 16; c++) {
+                    const float *line = lines + c * LINE_MAX + s;
+                    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(line + 16), _mm512_loadu_ps(line));
+                    _mm512_store_si512(pairs + c * 16, (__m512i)v);
+                }
+                gemm_transpose16_avx512((float *)(void *)(dg + (size_t)((rb + s) / 32) * 1024), 16,
+                                        pairs, 16, 16);
+            }
+        }
+        rb += len;
+    }
+}
+
 static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
                    const gemm_config *cfg) {
     switch (b->kind) {
@@ -1025,6 +1063,8 @@ static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0,
                     pack_b_dense_amx(bb, g->b, pc, kc, kcp, jc, nc);
                 else if (im2col_amx_ok(g->b, jc, nc))
                     pack_b_im2col_amx(bb, g->b, pc, kc, kcp, jc, nc);
+                else if (g->b->kind == GEMM_IM2COL_T && !im2col_small_ok(g->b, pc, kc))
+                    pack_b_im2col_t_amx(bb, g->b, pc, kc, kcp, jc, nc);
                 else {  // float32 slivers first (im2col, transposed B), then their tiles
                     pack_b(bp, g->b, pc, kc, jc, nc, cfg);
                     for (int jr = 0; jr < (int)round_up((size_t)nc, 32); jr += 16)  // 2 halves a sliver
