@@ -193,7 +193,8 @@ static int check_all_configs(run_fn run, void *ctx, const outputs *ref, const ch
 // ---- batchnorm (+ relu) ----
 
 typedef struct {
-    int N, C, HW, relu, affine, nan, eval, null_din;
+    int N, C, HW, relu, affine, nan, eval;
+    int din_mode;   // 0: din += gradient; 1: din NULL; 2: BN_DIN_OVERWRITE (train), din not zeroed
     float *x, *gamma, *beta, *rmean, *rvar, *dout, *din0, *dg0, *db0;
 } bn_case;
 
@@ -202,7 +203,9 @@ static void bn_run_fast(outputs *o, void *ctx) {
     const size_t n = (size_t)c->N * c->C * c->HW, C = c->C;
     float *out = buf_new(n), *mean = buf_new(C), *invstd = buf_new(C);
     float *rm = buf_copy(c->rmean, C), *rv = buf_copy(c->rvar, C);
-    float *din = c->null_din ? NULL : buf_copy(c->din0, n);
+    float *din = c->din_mode == 1 ? NULL : buf_copy(c->din0, n);
+    if (c->din_mode == 2)   // overwritten: what was there must not matter
+        for (size_t i = 0; i < n; i++) din[i] = NAN;
     float *dg = c->affine ? buf_copy(c->dg0, C) : NULL, *db = c->affine ? buf_copy(c->db0, C) : NULL;
     const float *g = c->affine ? c->gamma : NULL, *b = c->affine ? c->beta : NULL;
     if (c->eval) {
@@ -214,7 +217,8 @@ static void bn_run_fast(outputs *o, void *ctx) {
         batchnorm2d_fast_forward_train(out, mean, invstd, affine, rm, rv, c->x, g, b, c->N, c->C,
                                        c->HW, 1e-3f, 0.1f, c->relu);
         batchnorm2d_fast_backward_train(din, dg, db, c->dout, c->x, g, mean, invstd, affine, c->N,
-                                        c->C, c->HW, c->relu);
+                                        c->C, c->HW, (c->relu ? BN_FUSED_RELU : 0) |
+                                        (c->din_mode == 2 ? BN_DIN_OVERWRITE : 0));
         free(affine);
     }
     outputs_add(o, "out", out, n, c->eval);
@@ -243,7 +247,8 @@ static void bn_run_ref(outputs *o, const bn_case *c) {
     const size_t n = (size_t)c->N * c->C * c->HW, C = c->C;
     float *bn = buf_new(n), *out = buf_new(n), *mean = buf_new(C), *invstd = buf_new(C);
     float *rm = buf_copy(c->rmean, C), *rv = buf_copy(c->rvar, C);
-    float *din = c->null_din ? NULL : buf_copy(c->din0, n);
+    float *din = c->din_mode == 1 ? NULL : buf_copy(c->din0, n);
+    if (c->din_mode == 2) memset(din, 0, n * sizeof(float));   // overwrite = add to zeros
     float *dg = c->affine ? buf_copy(c->dg0, C) : NULL, *db = c->affine ? buf_copy(c->db0, C) : NULL;
     const float *g = c->affine ? c->gamma : NULL, *b = c->affine ? c->beta : NULL;
     if (c->eval) batchnorm2d_forward_eval(bn, c->x, g, b, rm, rv, c->N, c->C, c->HW, 1e-3f);
@@ -282,11 +287,11 @@ static void bn_run_ref(outputs *o, const bn_case *c) {
     }
 }
 
-static int bn_test(int N, int C, int HW, int relu, int affine, int nan, int eval, int null_din,
+static int bn_test(int N, int C, int HW, int relu, int affine, int nan, int eval, int din_mode,
                    rng *r) {
     const size_t n = (size_t)N * C * HW;
     bn_case c = {.N = N, .C = C, .HW = HW, .relu = relu, .affine = affine, .nan = nan,
-                 .eval = eval, .null_din = null_din};
+                 .eval = eval, .din_mode = din_mode};
     // Channels with an offset (the mean matters) and different spreads.
     c.x = buf_new(n);
     for (int ch = 0; ch < C; ch++) {
@@ -320,7 +325,7 @@ static int bn_test(int N, int C, int HW, int relu, int affine, int nan, int eval
     char what[160];
     snprintf(what, sizeof what, "batchnorm %s%s N=%d C=%d HW=%d%s%s%s", eval ? "eval" : "train",
              relu ? "+relu" : "", N, C, HW, affine ? "" : " no-affine", nan ? " NaN" : "",
-             null_din ? " din=NULL" : "");
+             din_mode == 1 ? " din=NULL" : din_mode == 2 ? " din overwritten" : "");
     int ok = check_all_configs(bn_run_fast, &c, &ref, what);
     outputs_free(&ref);
     free(c.x), free(c.gamma), free(c.beta), free(c.rmean), free(c.rvar), free(c.dout);
@@ -356,6 +361,13 @@ static void test_batchnorm(rng *r) {
             ok &= bn_test(7, 19, 49, relu, 1, 1, eval, 0, r);
             count += 3;
         }
+    // Training backward writing din whole (BN_DIN_OVERWRITE) over NaN: small and large planes.
+    for (int relu = 0; relu < 2; relu++) {
+        ok &= bn_test(7, 19, 49, relu, 1, 0, 0, 2, r);
+        ok &= bn_test(3, 5, 1000, relu, 1, 0, 0, 2, r);
+        ok &= bn_test(64, 300, 4, relu, 1, 0, 0, 2, r);
+        count += 3;
+    }
     result(ok, "batchnorm2d_fast (train/eval, +relu): %d cases x %d configs vs reference, worst "
                "relative error %.2g", count, n_configs, worst_rel);
 }

@@ -114,14 +114,17 @@ AI void bnb_bwd_apply_body(float *restrict dx, const float *restrict g,
                            const float *restrict x, int N, size_t stride, int L,
                            const float *restrict gmean, const float *restrict proj,
                            const float *restrict mean, const float *restrict a,
-                           const float *restrict ra, const float *restrict rb, int relu) {
+                           const float *restrict ra, const float *restrict rb, int relu,
+                           int overwrite) {
     for (int n = 0; n < N; n++) {
         const size_t off = (size_t)n * stride;
         const float *gp = g + off, *xp = x + off;
         float *d = dx + off;
-        for (int q = 0; q < L; q++)
-            d[q] += (bn_grad(gp, xp, ra, rb, q, relu) - gmean[q] - (xp[q] - mean[q]) * proj[q]) *
-                    a[q];
+        for (int q = 0; q < L; q++) {
+            const float v =
+                (bn_grad(gp, xp, ra, rb, q, relu) - gmean[q] - (xp[q] - mean[q]) * proj[q]) * a[q];
+            d[q] = overwrite ? v : d[q] + v;
+        }
     }
 }
 
@@ -631,9 +634,13 @@ typedef struct {
     ATTR static void bnb_bwd_apply_##SFX(float *dx, const float *g, const float *x, int N,       \
                                          size_t st, int L, const float *gmean,                   \
                                          const float *proj, const float *mean, const float *a,   \
-                                         const float *ra, const float *rb, int relu) {           \
-        if (relu) bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 1);       \
-        else bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 0);            \
+                                         const float *ra, const float *rb, int mode) {           \
+        switch (mode) { /* relu | overwrite << 1 */                                              \
+        case 0: bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 0, 0); break; \
+        case 1: bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 1, 0); break; \
+        case 2: bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 0, 1); break; \
+        default: bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 1, 1);    \
+        }                                                                                        \
     }                                                                                            \
     ATTR static void bnb_bwd_apply_eval_##SFX(float *dx, const float *g, const float *x, int N,  \
                                               size_t st, int L, const float *a,                  \
@@ -701,6 +708,7 @@ typedef struct {
     float *din, *dgamma, *dbeta;
     const float *in, *gamma, *beta, *dout, *mean_in, *invstd_in, *rvar_in, *affine_in;
     int N, C, HW, relu;
+    int overwrite;   // backward (train): din = gradient, not din += gradient
     float eps, momentum;
 } bn_job;
 
@@ -811,7 +819,7 @@ static void bn_group_bwd_apply(const bn_job *j, int c, int nc, const float *gmea
         bn_expand_f(aq, a, j, L);
         if (j->relu) { bn_expand_f(raq, ra, j, L); bn_expand_f(rbq, rb, j, L); }
         j->K->bnb_bwd_apply(j->din + off, j->dout + off, j->in + off, j->N, stride, L, gq, pq, mq,
-                            aq, raq, rbq, j->relu);
+                            aq, raq, rbq, j->relu | j->overwrite << 1);
     }
 }
 
@@ -918,11 +926,12 @@ static void bn_bwd_train_task(void *ctx, int t, int nt) {
 void batchnorm2d_fast_backward_train(float *din, float *dgamma, float *dbeta, const float *dout,
                                      const float *in, const float *gamma,
                                      const float *save_mean, const float *save_invstd,
-                                     const float *save_affine, int N, int C, int HW, int relu) {
+                                     const float *save_affine, int N, int C, int HW, int flags) {
     if ((!din && !dgamma && !dbeta) || bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
                 .in = in, .gamma = gamma, .mean_in = save_mean, .invstd_in = save_invstd,
-                .affine_in = save_affine, .N = N, .C = C, .HW = HW, .relu = relu};
+                .affine_in = save_affine, .N = N, .C = C, .HW = HW,
+                .relu = (flags & BN_FUSED_RELU) != 0, .overwrite = (flags & BN_DIN_OVERWRITE) != 0};
     cpu_parallel(bn_bwd_train_task, &j, bn_threads(N, C, HW));
 }
 

@@ -31,10 +31,13 @@ void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_in
                                     float *save_affine, float *running_mean, float *running_var,
                                     const float *in, const float *gamma, const float *beta,
                                     int N, int C, int HW, float eps, float momentum, int relu);
+// flags: BN_FUSED_RELU as relu above; BN_DIN_OVERWRITE: din = the gradient instead of
+// din += it (din's old contents are never read: the caller need not zero it).
+enum { BN_FUSED_RELU = 1, BN_DIN_OVERWRITE = 2 };
 void batchnorm2d_fast_backward_train(float *din, float *dgamma, float *dbeta, const float *dout,
                                      const float *in, const float *gamma,
                                      const float *save_mean, const float *save_invstd,
-                                     const float *save_affine, int N, int C, int HW, int relu);
+                                     const float *save_affine, int N, int C, int HW, int flags);
 // Eval mode (running statistics): an affine map per channel, then the optional ReLU, whose
 // mask backward recomputes from the input (hence beta).
 void batchnorm2d_fast_forward_eval(float *out, const float *in, const float *gamma,
