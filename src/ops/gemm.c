@@ -653,7 +653,7 @@ static BF16CVT void im2col_amx_small(unsigned short *d, const gemm_operand *b, i
         if (z > hi) hi = z;
     }
     const int permute = hi >= 0 && hi - lo < 32;
-    if (!permute) lo = 0;
+    if (!permute) lo = 0, hi = 0;   // gathers: offsets as they are; the masks go unused
     int span = hi - lo + 1;
     __mmask16 m0 = span >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << span) - 1);
     __mmask16 m1 = span > 16 ? (__mmask16)((1u << (span - 16)) - 1) : 0;
