@@ -503,6 +503,19 @@ static AVX512 void tap_table_fill(tap_table *t, const gemm_operand *o, int j, in
     }
 }
 
+// The least and greatest offset in use over the first kk taps (hi -1: none in use).
+static AVX512 void tap_span(const tap_table *t, int kk, int *lo, int *hi) {
+    *lo = INT32_MAX, *hi = -1;
+    for (int q = 0; q < kk; q++) {
+        if (!t->ok[q]) continue;
+        __m512i big = _mm512_set1_epi32(INT32_MAX), none = _mm512_set1_epi32(-1);
+        int a = _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(big, t->ok[q], t->off[q]));
+        int z = _mm512_reduce_max_epi32(_mm512_mask_mov_epi32(none, t->ok[q], t->off[q]));
+        if (a < *lo) *lo = a;
+        if (z > *hi) *hi = z;
+    }
+}
+
 // pack_b_im2col for small images: rows q = k0.. (channel, tap), 16 columns at a time.
 static AVX512 void pack_b_im2col_small(float *dst, const gemm_operand *b, int k0, int kc, int j0,
                                        int nc, int NR) {
@@ -517,15 +530,8 @@ static AVX512 void pack_b_im2col_small(float *dst, const gemm_operand *b, int k0
         const float *src = from + (size_t)(k0 / kk) * plane;
         // The offsets in use of all taps within 32 floats (16 pixels of one image, e.g. 4x4
         // or two rows of 8x8): load them once per channel and permute instead of gathering.
-        int lo = INT32_MAX, hi = -1;
-        for (int q = 0; q < kk; q++) {
-            if (!t.ok[q]) continue;
-            __m512i big = _mm512_set1_epi32(INT32_MAX), none = _mm512_set1_epi32(-1);
-            int a = _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(big, t.ok[q], t.off[q]));
-            int z = _mm512_reduce_max_epi32(_mm512_mask_mov_epi32(none, t.ok[q], t.off[q]));
-            if (a < lo) lo = a;
-            if (z > hi) hi = z;
-        }
+        int lo, hi;
+        tap_span(&t, kk, &lo, &hi);
         if (hi >= 0 && hi - lo < 32) {
             int span = hi - lo + 1;
             __mmask16 m0 = span >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << span) - 1);
@@ -643,15 +649,8 @@ static BF16CVT void im2col_amx_small(unsigned short *d, const gemm_operand *b, i
     size_t plane = (size_t)b->H * b->W;
     tap_table t;
     tap_table_fill(&t, b, p, n, img0);
-    int lo = INT32_MAX, hi = -1;
-    for (int q = 0; q < kk; q++) {
-        if (!t.ok[q]) continue;
-        __m512i big = _mm512_set1_epi32(INT32_MAX), none = _mm512_set1_epi32(-1);
-        int a = _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(big, t.ok[q], t.off[q]));
-        int z = _mm512_reduce_max_epi32(_mm512_mask_mov_epi32(none, t.ok[q], t.off[q]));
-        if (a < lo) lo = a;
-        if (z > hi) hi = z;
-    }
+    int lo, hi;
+    tap_span(&t, kk, &lo, &hi);
     const int permute = hi >= 0 && hi - lo < 32;
     if (!permute) lo = 0, hi = 0;   // gathers: offsets as they are; the masks go unused
     int span = hi - lo + 1;
