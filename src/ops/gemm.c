@@ -516,6 +516,13 @@ static AVX512 void tap_span(const tap_table *t, int kk, int *lo, int *hi) {
     }
 }
 
+// Load masks of the 32 floats from lo (hi - lo < 32): the first and second 16 in use.
+static void span_masks(int lo, int hi, __mmask16 *m0, __mmask16 *m1) {
+    int span = hi - lo + 1;
+    *m0 = span >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << span) - 1);
+    *m1 = span > 16 ? (__mmask16)((1u << (span - 16)) - 1) : 0;
+}
+
 // pack_b_im2col for small images: rows q = k0.. (channel, tap), 16 columns at a time.
 static AVX512 void pack_b_im2col_small(float *dst, const gemm_operand *b, int k0, int kc, int j0,
                                        int nc, int NR) {
@@ -533,9 +540,8 @@ static AVX512 void pack_b_im2col_small(float *dst, const gemm_operand *b, int k0
         int lo, hi;
         tap_span(&t, kk, &lo, &hi);
         if (hi >= 0 && hi - lo < 32) {
-            int span = hi - lo + 1;
-            __mmask16 m0 = span >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << span) - 1);
-            __mmask16 m1 = span > 16 ? (__mmask16)((1u << (span - 16)) - 1) : 0;
+            __mmask16 m0, m1;
+            span_masks(lo, hi, &m0, &m1);
             __m512i idx[SMALL_TAPS_MAX];
             for (int q = 0; q < kk; q++)
                 idx[q] = _mm512_sub_epi32(t.off[q], _mm512_set1_epi32(lo));
@@ -652,10 +658,9 @@ static BF16CVT void im2col_amx_small(unsigned short *d, const gemm_operand *b, i
     int lo, hi;
     tap_span(&t, kk, &lo, &hi);
     const int permute = hi >= 0 && hi - lo < 32;
-    if (!permute) lo = 0, hi = 0;   // gathers: offsets as they are; the masks go unused
-    int span = hi - lo + 1;
-    __mmask16 m0 = span >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << span) - 1);
-    __mmask16 m1 = span > 16 ? (__mmask16)((1u << (span - 16)) - 1) : 0;
+    __mmask16 m0 = 0, m1 = 0;
+    if (permute) span_masks(lo, hi, &m0, &m1);
+    else lo = 0;   // gathers: the offsets as they are
     for (int q = 0; q < kk; q++) t.off[q] = _mm512_sub_epi32(t.off[q], _mm512_set1_epi32(lo));
     const float *src = b->p + ((size_t)img0 * b->C + (size_t)(k0 / kk)) * plane + lo;
     int tap = k0 % kk;
