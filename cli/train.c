@@ -325,11 +325,12 @@ int cmd_train(int argc, char **argv) {
     printf("%s lr %g, %s schedule, batch %d (%d steps/epoch, last partial batch dropped), "
            "%d epochs, %d threads\n", optim_kind_name(c->optim.kind), c->sched.base_lr,
            schedule_kind_name(c->sched.kind), c->batch_size, t.steps_per_epoch, c->epochs, cpu_threads());
-    if (c->bf16)  // the mode only pays on AMX; elsewhere it costs time (rounding, no Winograd)
-        printf(cpu_amx() ? "bfloat16 products on AMX tiles\n"
-                         : "bfloat16 products on the float32 kernels: this CPU offers no AMX-BF16, "
-                           "so --bf16 is slower here than float32 (same rounding, for "
-                           "reproducing an AMX run)\n");
+    if (c->bf16 && cpu_amx()) printf("bfloat16 products on AMX tiles\n");
+    else if (c->bf16)  // the mode only pays on AMX; elsewhere it costs time (rounding, no Winograd)
+        printf("bfloat16 products on the float32 kernels (%s): --bf16 is slower here than float32 "
+               "(same rounding, for reproducing an AMX run)\n",
+               cpu_amx_detected() ? "AMX turned off by INCEPT_AMX=0 or INCEPT_ISA"
+                                  : "this CPU offers no AMX-BF16");
     fflush(stdout);
     progress_view view = {.tty = isatty(STDERR_FILENO)};
     rc = 0;
