@@ -288,6 +288,180 @@ INLINE void output_body(const wplan *p, float *out, const float *M, size_t mpos,
 }
 
 // ---------------------------------------------------------------------------------------------
+// One tile per lane (AVX-512): for maps whose tile rows hold at most LANES_TW_MAX tiles, where
+// the runs above are short (8x8 maps with F(4x4): runs of 2, scalar lane loops; 16x16: 4 tiles
+// in a vector of 16). Sixteen consecutive tiles of any images, rows and columns form one
+// vector: each element of their patches comes in with one gather (padding masked to zero), the
+// transforms are the same 1-D forms on whole vectors, and V's slivers take the results with
+// plain stores. The output side loads M's rows of 16 tiles the same way and writes each lane's
+// tile with scalar stores. Measured (2-core AVX-512 Intel, GoogLeNet): 64-px training step
+// 500 -> 460 ms (transforms 15 % -> 7 % of it); conv3 at 16x16 forward 17 -> 12 ms; at 224 px
+// 3a's 28x28 maps (7 tiles a row) a little faster, conv3's 56x56 (14 a row) ~5 % slower.
+
+enum { TL = 16, LANES_TW_MAX = 8 };  // tiles per vector; the widest tile rows it takes
+typedef float v16 __attribute__((vector_size(64)));
+
+INLINE void bt_1d_v(v16 *v, const v16 *d, const int m) {  // bt_1d, a tile per lane
+    if (m == 2) {
+        v[0] = d[0] - d[2];
+        v[1] = d[1] + d[2];
+        v[2] = d[2] - d[1];
+        v[3] = d[1] - d[3];
+    } else {
+        v16 d13 = d[3] - d[1], d42 = d[4] - d[2];
+        v[0] = (4.0f * d[0] - 5.0f * d[2]) + d[4];
+        v[1] = (d[3] + d[4]) - 4.0f * (d[1] + d[2]);
+        v[2] = (d[4] - d[3]) + 4.0f * (d[1] - d[2]);
+        v[3] = d42 + 2.0f * d13;
+        v[4] = d42 - 2.0f * d13;
+        v[5] = (4.0f * d[1] - 5.0f * d[3]) + d[5];
+    }
+}
+
+INLINE void at_1d_v(v16 *y, const v16 *x, const int m) {  // at_1d, a tile per lane
+    if (m == 2) {
+        y[0] = (x[0] + x[1]) + x[2];
+        y[1] = (x[1] - x[2]) - x[3];
+    } else {
+        v16 s12 = x[1] + x[2], d12 = x[1] - x[2], s34 = x[3] + x[4], d34 = x[3] - x[4];
+        y[0] = (x[0] + s12) + s34;
+        y[1] = d12 + 2.0f * d34;
+        y[2] = s12 + 4.0f * s34;
+        y[3] = (d12 + 8.0f * d34) + x[5];
+    }
+}
+
+// The tiles that the lanes path handles: every one's patch offset fits in 32 bits.
+static int lanes_fit(const wplan *p) {
+    return p->tw <= LANES_TW_MAX && (size_t)p->N * p->C * p->H * p->W < ((size_t)1 << 31);
+}
+
+INLINE TARGET_AVX512 void input_lanes_body(const wplan *p, float *V, const float *in, int t0,
+                                           int nt, int c0, int c1, const int m) {
+    enum { A = 6 };
+    const int a = m + 2, C = p->C, NR = p->NR, H = p->H, W = p->W;
+    const size_t vpos = p->vpos, plane = (size_t)H * W;
+    int32_t idx[A * A][TL];  // lane j's element (i, x): offset from channel c's plane of image 0
+    __mmask16 inside[A * A];
+    for (int q = 0; q < nt;) {
+        int len = nt - q < TL ? nt - q : TL;
+        if (len > NR - q % NR) len = NR - q % NR;  // one sliver
+        for (int e = 0; e < a * a; e++) inside[e] = 0;
+        for (int j = 0; j < TL; j++) {
+            int t = t0 + q + (j < len ? j : 0);
+            int n = t / (p->th * p->tw), y0 = t / p->tw % p->th * m - p->pad,
+                x0 = t % p->tw * m - p->pad;
+            for (int i = 0; i < a; i++)
+                for (int x = 0; x < a; x++) {
+                    int y = y0 + i, xx = x0 + x, ok = j < len && y >= 0 && y < H && xx >= 0 && xx < W;
+                    idx[i * a + x][j] = ok ? (int32_t)(n * C * plane + (size_t)y * W + xx) : 0;
+                    inside[i * a + x] |= (__mmask16)(ok << j);
+                }
+        }
+        const __mmask16 store = (__mmask16)((1u << len) - 1);
+        float *dst = V + (size_t)(q / NR) * C * NR + q % NR;
+        for (int c = c0; c < c1; c++) {
+            const float *src = in + c * plane;
+            v16 tv[A][A];  // tv[i][x]: the column pass, B^T d
+            for (int x = 0; x < a; x++) {
+                v16 d[A], v[A];
+                for (int i = 0; i < a; i++)
+                    d[i] = (v16)_mm512_mask_i32gather_ps(
+                        _mm512_setzero_ps(), inside[i * a + x],
+                        _mm512_loadu_si512((const void *)idx[i * a + x]), src, 4);
+                bt_1d_v(v, d, m);
+                for (int i = 0; i < a; i++) tv[i][x] = v[i];
+            }
+            float *dc = dst + (size_t)c * NR;
+            for (int xi = 0; xi < a; xi++) {  // the row pass: (B^T d) B
+                v16 v[A];
+                bt_1d_v(v, tv[xi], m);
+                for (int nu = 0; nu < a; nu++)
+                    _mm512_mask_storeu_ps(dc + (xi * a + nu) * vpos, store, (__m512)v[nu]);
+            }
+        }
+        q += len;
+    }
+    int lane = nt % NR, upto = (lane + 15) / 16 * 16 < NR ? (lane + 15) / 16 * 16 : NR;
+    if (lane)  // as input_body: zeros up to the next 16 lanes of a narrow last sliver
+        for (int pos = 0; pos < a * a; pos++)
+            for (int c = c0; c < c1; c++)
+                memset(V + pos * vpos + ((size_t)(nt / NR) * C + c) * NR + lane, 0,
+                       (size_t)(upto - lane) * sizeof(float));
+}
+
+INLINE TARGET_AVX512 void output_lanes_body(const wplan *p, float *out, const float *M,
+                                            size_t mpos, const float *bias, int t0, int nt,
+                                            int k0, int k1, const int m) {
+    enum { A = 6 };
+    const int a = m + 2, TB = p->TB, OH = p->OH, OW = p->OW;
+    ptrdiff_t base[TL];
+    int rows[TL], cols[TL];
+    float y[4][4][TL];
+    for (int q = 0; q < nt;) {
+        const int len = nt - q < TL ? nt - q : TL;
+        for (int j = 0; j < len; j++) {
+            int t = t0 + q + j, n = t / (p->th * p->tw), oy0 = t / p->tw % p->th * m,
+                ox0 = t % p->tw * m;
+            base[j] = (ptrdiff_t)n * p->ostride + (ptrdiff_t)oy0 * OW + ox0;
+            rows[j] = OH - oy0 < m ? OH - oy0 : m;
+            cols[j] = OW - ox0 < m ? OW - ox0 : m;
+        }
+        for (int k = k0; k < k1; k++) {
+            // (lanes past len read M past the chunk's tiles: inside the buffer, as above)
+            const float *mk = M + (size_t)(k - k0) * TB + q;
+            v16 s[4][A];
+            for (int nu = 0; nu < a; nu++) {  // down the columns
+                v16 x[A], v[4];
+                for (int xi = 0; xi < a; xi++)
+                    x[xi] = (v16)_mm512_loadu_ps(mk + (xi * a + nu) * mpos);
+                at_1d_v(v, x, m);
+                for (int i = 0; i < m; i++) s[i][nu] = v[i];
+            }
+            const v16 b = (v16)_mm512_set1_ps(bias ? bias[k] : 0.0f), zero = {0};
+            for (int i = 0; i < m; i++) {  // along the rows, + bias, ReLU
+                v16 v[4];
+                at_1d_v(v, s[i], m);
+                for (int e = 0; e < m; e++) {
+                    v16 o = v[e];
+                    if (!p->accumulate) {
+                        o = o + b;
+                        if (p->relu)  // NaN < 0 is false: NaN stays
+                            o = (v16)_mm512_mask_blend_ps(
+                                _mm512_cmp_ps_mask((__m512)o, (__m512)zero, _CMP_LT_OQ), (__m512)o,
+                                (__m512)zero);
+                    }
+                    _mm512_storeu_ps(y[i][e], (__m512)o);
+                }
+            }
+            float *ok = out + (size_t)k * OH * OW;
+            for (int j = 0; j < len; j++)
+                for (int i = 0; i < rows[j]; i++) {
+                    float *o = ok + base[j] + (ptrdiff_t)i * OW;
+                    if (p->accumulate)
+                        for (int e = 0; e < cols[j]; e++) o[e] += y[i][e][j];
+                    else
+                        for (int e = 0; e < cols[j]; e++) o[e] = y[i][e][j];
+                }
+        }
+        q += len;
+    }
+}
+
+static TARGET_AVX512 void input_lanes_avx512(const wplan *p, float *V, const float *in, int t0,
+                                             int nt, int c0, int c1) {
+    if (p->m == 2) input_lanes_body(p, V, in, t0, nt, c0, c1, 2);
+    else input_lanes_body(p, V, in, t0, nt, c0, c1, 4);
+}
+
+static TARGET_AVX512 void output_lanes_avx512(const wplan *p, float *out, const float *M,
+                                              size_t mpos, const float *bias, int t0, int nt,
+                                              int k0, int k1) {
+    if (p->m == 2) output_lanes_body(p, out, M, mpos, bias, t0, nt, k0, k1, 2);
+    else output_lanes_body(p, out, M, mpos, bias, t0, nt, k0, k1, 4);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Filter transform
 
 // g[i][l] = tap i of filter l's channel: w0[l*ks + i] for l < n, 0 for n <= l < MR.
@@ -402,6 +576,7 @@ static wplan plan_make(int N, int C, int H, int W, int K, int pad, int relu, int
     if (isa == CPU_ISA_AVX512) {
         p.MR = GEMM_AVX512_MR, p.NR = GEMM_AVX512_NR, p.kernel = gemm_kernel_avx512;
         p.input = input_avx512, p.output = output_avx512, p.weight = weight_avx512;
+        if (lanes_fit(&p)) p.input = input_lanes_avx512, p.output = output_lanes_avx512;
     } else if (isa == CPU_ISA_AVX2) {
         p.MR = GEMM_AVX2_MR, p.NR = GEMM_AVX2_NR, p.kernel = gemm_kernel_avx2;
         p.input = input_avx2, p.output = output_avx2, p.weight = weight_avx2;
