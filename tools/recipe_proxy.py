@@ -25,6 +25,8 @@ p.add_argument("--name", required=True)
 p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
 p.add_argument("--epochs", type=int, default=23)
 p.add_argument("--size", type=int, default=64)
+p.add_argument("--sizes", default="", help="progressive resizing: SIZE:EPOCHS,... (overrides --size/--epochs)")
+p.add_argument("--graph", type=int, default=1, help="capture the training step as a CUDA graph")
 p.add_argument("--lr", type=float, default=0.05)
 p.add_argument("--wd", type=float, default=5e-4)
 p.add_argument("--ls", type=float, default=0.1)
@@ -37,6 +39,9 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--limit", type=int, default=0)
 p.add_argument("--out", default=".")
 a = p.parse_args()
+plan = [(int(s.split(":")[0]), int(s.split(":")[1])) for s in a.sizes.split(",")] if a.sizes else [(a.size, a.epochs)]
+a.epochs = sum(e for _, e in plan)
+size_of_epoch = [s for s, e in plan for _ in range(e)]
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 torch.manual_seed(a.seed)
@@ -63,10 +68,10 @@ N = xtr.shape[0]
 MEAN, STD = 0.2860, 0.3530
 
 
-def prep(x8):  # uint8 [B,28,28] -> normalised [B,1,S,S]
+def prep(x8, size):  # uint8 [B,28,28] -> normalised [B,1,S,S]
     x = x8.float().div_(255.0).unsqueeze(1)
-    if a.size != 28:
-        x = F.interpolate(x, size=(a.size, a.size), mode="bilinear", align_corners=False)
+    if size != 28:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return (x - MEAN) / STD
 
 
@@ -89,7 +94,7 @@ def train_batch(ids, epoch):
     else:
         fl = torch.rand(B, device=dev, generator=g) < 0.5
     x = torch.where(fl[:, None, None], x.flip(-1), x)
-    return prep(x)
+    return prep(x, size_of_epoch[epoch])
 
 
 m = torchvision.models.googlenet(weights=None, num_classes=10, aux_logits=True,
@@ -99,12 +104,22 @@ m.conv1.conv = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
 nn.init.trunc_normal_(m.conv1.conv.weight, mean=0.0, std=0.01, a=-2, b=2)
 m = m.to(dev)
 
-decay, no_decay = [], []
+# SGD with Nesterov momentum written out (PyTorch's update rule: d = g + wd p; buf = 0.9 buf + d;
+# d += 0.9 buf; p -= lr d), with lr in a tensor so that the whole step can be one CUDA graph.
+params = []
 for n_, p_ in m.named_parameters():
-    (no_decay if p_.ndim <= 1 else decay).append(p_)
-opt = torch.optim.SGD([{"params": decay, "weight_decay": a.wd},
-                       {"params": no_decay, "weight_decay": 0.0}],
-                      lr=a.lr, momentum=0.9, nesterov=True)
+    params.append((p_, torch.zeros_like(p_), 0.0 if p_.ndim <= 1 else a.wd))
+lr_t = torch.zeros((), device=dev)
+
+
+@torch.no_grad()
+def sgd_step():
+    for p_, buf, wd in params:
+        d = p_.grad.add(p_, alpha=wd) if wd else p_.grad
+        buf.mul_(0.9).add_(d)
+        p_.sub_(d.add(buf, alpha=0.9) * lr_t)
+
+
 spe = N // a.batch
 W = spe
 T = (a.epochs - 1) * spe
@@ -119,32 +134,64 @@ def lr_at(t):
     return a.lr * (1 - u / T) ** a.power
 
 
-ema_decays = [0.999, 0.9997]
-state = [v for v in m.state_dict().values() if v.dtype.is_floating_point]
-emas = [[v.detach().clone() for v in state] for _ in ema_decays]
+def step_eager(x, y):
+    for p_, _, _ in params:
+        p_.grad = None
+    out, aux2, aux1 = m(x)
+    loss = F.cross_entropy(out, y, label_smoothing=a.ls) + 0.3 * (
+        F.cross_entropy(aux1, y, label_smoothing=a.ls) + F.cross_entropy(aux2, y, label_smoothing=a.ls))
+    loss.backward()
+    sgd_step()
+    return out.detach(), loss.detach()
+
+
+graphs = {}  # image size -> {"n": eager warmup steps done, "g": CUDAGraph, static tensors}
+use_graph = bool(a.graph) and dev == "cuda"
+
+
+def train_step(x, y):
+    global use_graph
+    if not use_graph:
+        return step_eager(x, y)
+    G = graphs.setdefault(x.shape[-1], {"n": 0})
+    if "g" not in G:
+        if G["n"] < 3:  # warm up on a side stream (cuDNN autotuning, lazy handles)
+            s_ = torch.cuda.Stream()
+            s_.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s_):
+                r = step_eager(x, y)
+            torch.cuda.current_stream().wait_stream(s_)
+            G["n"] += 1
+            return r
+        try:
+            G["x"], G["y"] = x.clone(), y.clone()
+            for p_, _, _ in params:
+                p_.grad = None
+            g_ = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g_):
+                G["out"], G["loss"] = step_eager(G["x"], G["y"])
+            G["g"] = g_
+        except Exception as e:  # fall back to eager steps
+            say(f"CUDA graph capture failed ({e}); eager steps from here")
+            use_graph = False
+            torch.cuda.synchronize()
+            return step_eager(x, y)
+    G["x"].copy_(x)
+    G["y"].copy_(y)
+    G["g"].replay()
+    return G["out"], G["loss"]
 
 
 @torch.no_grad()
-def evaluate(model):
+def evaluate(model, size):
     model.eval()
     correct, loss = 0, 0.0
     for i in range(0, xte.shape[0], 1000):
-        out = model(prep(xte[i:i + 1000]))
+        out = model(prep(xte[i:i + 1000], size))
         loss += F.cross_entropy(out, yte[i:i + 1000], reduction="sum").item()
         correct += (out.argmax(1) == yte[i:i + 1000]).sum().item()
     model.train()
     return 100.0 * correct / xte.shape[0], loss / xte.shape[0]
-
-
-@torch.no_grad()
-def eval_ema(k):
-    backup = [v.clone() for v in state]
-    for v, e in zip(state, emas[k]):
-        v.copy_(e)
-    r = evaluate(m)
-    for v, b in zip(state, backup):
-        v.copy_(b)
-    return r
 
 
 os.makedirs(a.out, exist_ok=True)
@@ -170,31 +217,13 @@ for ep in range(a.epochs):
         ids = perm[s * a.batch:(s + 1) * a.batch]
         x, y = train_batch(ids, ep), ytr[ids]
         lr = lr_at(t)
-        for gr in opt.param_groups:
-            gr["lr"] = lr
-        out, aux2, aux1 = m(x)
-        loss = F.cross_entropy(out, y, label_smoothing=a.ls) + 0.3 * (
-            F.cross_entropy(aux1, y, label_smoothing=a.ls) + F.cross_entropy(aux2, y, label_smoothing=a.ls))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        lr_t.fill_(lr)
+        out, loss = train_step(x, y)
         t += 1
-        if ep >= 1:  # EMA after the warmup epoch
-            for k, dk in enumerate(ema_decays):
-                torch._foreach_mul_(emas[k], dk)
-                torch._foreach_add_(emas[k], state, alpha=1 - dk)
-        elif ep == 0 and s == spe - 1:
-            for k in range(len(ema_decays)):
-                for e, v in zip(emas[k], state):
-                    e.copy_(v)
-        tl += loss.detach()
+        tl += loss
         tc += (out.argmax(1) == y).sum()
-    acc, tloss = evaluate(m)
+    acc, tloss = evaluate(m, size_of_epoch[ep])
     say(f"epoch {ep + 1} lr {lr:.5f} train_loss {tl.item() / spe:.4f} train_acc {100 * tc.item() / (spe * a.batch):.2f} "
         f"test_acc {acc:.2f} test_loss {tloss:.4f} t {time.time() - t0:.0f}s")
     res = {"acc": acc}
-for k, dk in enumerate(ema_decays):
-    ea, el = eval_ema(k)
-    say(f"ema {dk} test_acc {ea:.2f} test_loss {el:.4f}")
-    res[f"ema{dk}"] = ea
 say("final " + json.dumps(res))
