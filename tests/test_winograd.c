@@ -193,12 +193,126 @@ static void test_level(cpu_isa_level level) {
            name, dispatched, dispatch_ok ? "" : ", not at ", at_dispatch);
 }
 
+// winograd_weight_grad (AVX-512 only) against a double-precision sum over the batch and the
+// output pixels, for F(2x2) and F(4x4) wherever the rows hold at most 8 tiles: dw starts
+// non-zero (the gradient accumulates), bit-identical results for 1, 2 and 3 threads, the
+// workspace never overrun, and batches large enough for several chunks of tiles. The bounds
+// (same measure) are looser than the forward's, the direct path's 1e-5 for F(2x2): the output
+// gradient's terms grow by up to 8 x 8 (F(4x4)) in its transform before the products.
+#define TOL_WG_F2 1e-5
+#define TOL_WG_F4 4e-5
+
+static double wg_error(const float *got, const float *dw0, const wshape *s, const float *in,
+                       const float *dout) {
+    int OH = osize(s->H, s->pad), OW = osize(s->W, s->pad);
+    double worst = 0;
+    for (int o = 0; o < s->K; o++)
+        for (int c = 0; c < s->C; c++)
+            for (int dy = 0; dy < 3; dy++)
+                for (int dx = 0; dx < 3; dx++) {
+                    size_t i = ((size_t)o * s->C + c) * 9 + dy * 3 + dx;
+                    double acc = dw0[i], mag = fabs(dw0[i]);
+                    for (int n = 0; n < s->N; n++)
+                        for (int oy = 0; oy < OH; oy++)
+                            for (int ox = 0; ox < OW; ox++) {
+                                int y = oy + dy - s->pad, x = ox + dx - s->pad;
+                                if (y < 0 || y >= s->H || x < 0 || x >= s->W) continue;
+                                double t = (double)dout[(((size_t)n * s->K + o) * OH + oy) * OW + ox] *
+                                           in[(((size_t)n * s->C + c) * s->H + y) * s->W + x];
+                                acc += t, mag += fabs(t);
+                            }
+                    double e = fabs(got[i] - acc) / (mag > 0 ? mag : 1);
+                    if (!(e <= worst)) worst = isnan(e) ? INFINITY : e;
+                }
+    return worst;
+}
+
+static float *wg_run(const wshape *s, const float *in, const float *dout, const float *dw0,
+                     int m, int *ws_ok) {
+    size_t nw = (size_t)s->K * s->C * 9;
+    float *dw = malloc((nw + 1) * sizeof(float));
+    memcpy(dw, dw0, nw * sizeof(float));
+    dw[nw] = 777.0f;
+    guarded ws = guarded_new(
+        winograd_weight_grad_workspace_size(s->N, s->C, s->H, s->W, s->K, s->pad, m));
+    winograd_weight_grad(dw, in, dout, s->N, s->C, s->H, s->W, s->K, s->pad, m, ws.p);
+    if (!guarded_intact(&ws) || dw[nw] != 777.0f) *ws_ok = 0;
+    guarded_free(&ws);
+    return dw;
+}
+
+static void test_weight_grad(void) {
+    if (cpu_isa_detected() < CPU_ISA_AVX512) {
+        result(1, "winograd weight gradient (skipped: cpu lacks avx512)");
+        return;
+    }
+    cpu_isa_set(CPU_ISA_AVX512);
+    static const wshape extra[] = {
+        {64, 24, 8, 8, 40, 1},   // several chunks of tiles
+        {96, 20, 4, 4, 36, 1},   // one tile per image
+        {40, 16, 16, 16, 24, 1}, // 4 tiles a row
+        {3, 5, 30, 30, 7, 1},    // rows of 8 tiles (F(4x4)), too wide for F(2x2)
+    };
+    enum { N_EXTRA = sizeof extra / sizeof extra[0] };
+    rng r;
+    rng_seed(&r, 4321);
+    double worst[2] = {0};
+    char at[2][100] = {"", ""};
+    int same = 1, ws_ok = 1, tested[2] = {0};
+    char at_same[140] = "";
+    for (int i = 0; i < N_FIXED + N_RANDOM + N_EXTRA; i++) {
+        wshape s = i < N_FIXED + N_RANDOM ? shape_at(i, &r) : extra[i - N_FIXED - N_RANDOM];
+        int OH = osize(s.H, s.pad), OW = osize(s.W, s.pad);
+        size_t ni = (size_t)s.N * s.C * s.H * s.W, nw = (size_t)s.K * s.C * 9;
+        size_t no = (size_t)s.N * s.K * OH * OW;
+        int kind = i % 4 == 3;
+        float *in = make_buf(ni, &r, kind, 1.0), *dout = make_buf(no, &r, 0, 1.0);
+        float *dw0 = make_buf(nw, &r, 0, 1.0);
+        char where[100];
+        snprintf(where, sizeof where, "N%d C%d %dx%d K%d p%d", s.N, s.C, s.H, s.W, s.K, s.pad);
+        for (int mi = 0; mi < 2; mi++) {
+            int m = mi ? 4 : 2;
+            if ((OW + m - 1) / m > 8) continue;  // rows of more than 8 tiles: not this path
+            tested[mi]++;
+            cpu_threads_set(1);
+            float *one = wg_run(&s, in, dout, dw0, m, &ws_ok);
+            double e = wg_error(one, dw0, &s, in, dout);
+            if (!(e <= worst[mi])) {
+                worst[mi] = e;
+                snprintf(at[mi], sizeof at[mi], "%s", where);
+            }
+            for (int t = 2; t <= 3; t++) {
+                cpu_threads_set(t);
+                float *more = wg_run(&s, in, dout, dw0, m, &ws_ok);
+                if (same && memcmp(one, more, nw * sizeof(float)) != 0) {
+                    same = 0;
+                    snprintf(at_same, sizeof at_same, "F%d %s, %d threads", m, where, t);
+                }
+                free(more);
+            }
+            free(one);
+        }
+        free(in), free(dout), free(dw0);
+    }
+    for (int mi = 0; mi < 2; mi++) {
+        double tol = mi ? TOL_WG_F4 : TOL_WG_F2;
+        result(worst[mi] <= tol && tested[mi] > 10,
+               "winograd weight gradient F(%dx%d,3x3) vs double loop, %d shapes (worst %.2g at %s; "
+               "bound %.0e)",
+               mi ? 4 : 2, mi ? 4 : 2, tested[mi], worst[mi], at[mi], tol);
+    }
+    result(same, "winograd weight gradient bit-identical for 1, 2, 3 threads%s%s",
+           same ? "" : ": differs at ", at_same);
+    result(ws_ok, "winograd weight gradient stays inside its workspace and dw");
+}
+
 int main(void) {
     cpu_isa_level det = cpu_isa_detected();
     int threads = cpu_threads();
     test_level(CPU_ISA_SCALAR);
     test_level(CPU_ISA_AVX2);
     test_level(CPU_ISA_AVX512);
+    test_weight_grad();
     cpu_isa_set(det);
     cpu_threads_set(threads);
     cpu_threads_set(1);  // joins the workers

@@ -102,6 +102,11 @@ size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int 
     int ckk = C * k * k, ohw = OH * OW;
     size_t fwd = gemm_workspace_size(K, N * ohw, ckk);
     size_t dw = gemm_workspace_size(K, ckk, N * ohw);
+    int mw = k == 3 && stride == 1 ? winograd_weight_grad_tile(N, C, H, W, K, pad) : 0;
+    if (mw) {
+        size_t wg = winograd_weight_grad_workspace_size(N, C, H, W, K, pad, mw);
+        if (wg > dw) dw = wg;
+    }
     size_t din;
     if (din_as_conv(k, stride, pad)) {
         din = round16((size_t)C * K * k * k) + gemm_workspace_size(C, N * H * W, K * k * k);
@@ -317,7 +322,14 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
         return;
     }
 
-    if (dw) {  // dW[K x ckk] += dout[K x (N*ohw)] * im2col(in)^T
+    // A 3x3 stride-1 one with small maps: Winograd's transforms (a quarter of the products
+    // with F(4x4)); bfloat16 mode keeps to the GEMM, as the forward does.
+    int mw = dw && k == 3 && stride == 1 && !cpu_bf16() && cpu_isa() == CPU_ISA_AVX512
+                 ? winograd_weight_grad_tile(N, C, H, W, K, pad)
+                 : 0;
+    if (mw) {
+        winograd_weight_grad(dw, in, dout, N, C, H, W, K, pad, mw, ws);
+    } else if (dw) {  // dW[K x ckk] += dout[K x (N*ohw)] * im2col(in)^T
         gemm_operand a = batch_cols(dout, K, ohw);
         gemm_operand bm = im2col_of(GEMM_IM2COL_T, in, C, H, W, k, stride, pad);
         gemm_output c = {.p = dw, .ldc = ckk};

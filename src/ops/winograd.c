@@ -336,46 +336,92 @@ static int lanes_fit(const wplan *p) {
     return p->tw <= LANES_TW_MAX && (size_t)p->N * p->C * p->H * p->W < ((size_t)1 << 31);
 }
 
-INLINE TARGET_AVX512 void input_lanes_body(const wplan *p, float *V, const float *in, int t0,
-                                           int nt, int c0, int c1, const int m) {
+// 1-D forms of the weight gradient's transforms (see winograd_weight_grad):
+//   a_1d: A x, an m-vector of output gradients to a positions, the transpose of at_1d:
+//     F(2,3): (x0, x0 + x1, x0 - x1, -x1)
+//     F(4,3): (x0, (x0 + x2) + (x1 + x3), (x0 + x2) - (x1 + x3), (x0 + 4x2) + (2x1 + 8x3),
+//              (x0 + 4x2) - (2x1 + 8x3), x3)
+//   gt_1d: G^T x, a positions back to the 3 taps, the transpose of g_1d.
+INLINE void a_1d_v(v16 *z, const v16 *x, const int m) {
+    if (m == 2) {
+        z[0] = x[0];
+        z[1] = x[0] + x[1];
+        z[2] = x[0] - x[1];
+        z[3] = -x[1];
+    } else {
+        v16 e = x[0] + x[2], o = x[1] + x[3], e4 = x[0] + 4.0f * x[2], o4 = 2.0f * x[1] + 8.0f * x[3];
+        z[0] = x[0];
+        z[1] = e + o;
+        z[2] = e - o;
+        z[3] = e4 + o4;
+        z[4] = e4 - o4;
+        z[5] = x[3];
+    }
+}
+
+INLINE void gt_1d(float *y, const float *x, const int m) {
+    if (m == 2) {
+        y[0] = x[0] + 0.5f * (x[1] + x[2]);
+        y[1] = 0.5f * (x[1] - x[2]);
+        y[2] = 0.5f * (x[1] + x[2]) + x[3];
+    } else {
+        float s12 = x[1] + x[2], d12 = x[1] - x[2], s34 = x[3] + x[4], d34 = x[3] - x[4];
+        y[0] = (x[0] * 0.25f - s12 * (1.0f / 6)) + s34 * (1.0f / 24);
+        y[1] = d12 * (-1.0f / 6) + d34 * (1.0f / 12);
+        y[2] = (s12 * (-1.0f / 6) + s34 * (1.0f / 6)) + x[5];
+    }
+}
+
+// Tiles t0..t0+nt-1 of channels c0..c1-1, a tile per lane, to dst + pos*vpos + (q/NR)*C*NR +
+// c*NR + q%NR (q = t - t0; NR = the sliver width, a multiple of 16). grad = 0: the input
+// transform B^T d B of the (m+2)^2 patch at (ty*m - pad, tx*m - pad) of in [N,C,H,W];
+// grad = 1: A g A^T of the m x m output-gradient tile at (ty*m, tx*m) of in [N,K,OH,OW]
+// (C is then K; past the map: zeros).
+INLINE TARGET_AVX512 void lanes_transform_body(const wplan *p, float *V, size_t vpos, int NR,
+                                               const float *in, int t0, int nt, int c0, int c1,
+                                               const int m, const int grad) {
     enum { A = 6 };
-    const int a = m + 2, C = p->C, NR = p->NR, H = p->H, W = p->W;
-    const size_t vpos = p->vpos, plane = (size_t)H * W;
+    const int a = m + 2, s = grad ? m : a;  // transform size, patch size
+    const int C = grad ? p->K : p->C, H = grad ? p->OH : p->H, W = grad ? p->OW : p->W;
+    const int pad = grad ? 0 : p->pad;
+    const size_t plane = (size_t)H * W;
     int32_t idx[A * A][TL];  // lane j's element (i, x): offset from channel c's plane of image 0
     __mmask16 inside[A * A];
     for (int q = 0; q < nt;) {
         int len = nt - q < TL ? nt - q : TL;
         if (len > NR - q % NR) len = NR - q % NR;  // one sliver
-        for (int e = 0; e < a * a; e++) inside[e] = 0;
+        for (int e = 0; e < s * s; e++) inside[e] = 0;
         for (int j = 0; j < TL; j++) {
             int t = t0 + q + (j < len ? j : 0);
-            int n = t / (p->th * p->tw), y0 = t / p->tw % p->th * m - p->pad,
-                x0 = t % p->tw * m - p->pad;
-            for (int i = 0; i < a; i++)
-                for (int x = 0; x < a; x++) {
+            int n = t / (p->th * p->tw), y0 = t / p->tw % p->th * m - pad,
+                x0 = t % p->tw * m - pad;
+            for (int i = 0; i < s; i++)
+                for (int x = 0; x < s; x++) {
                     int y = y0 + i, xx = x0 + x, ok = j < len && y >= 0 && y < H && xx >= 0 && xx < W;
-                    idx[i * a + x][j] = ok ? (int32_t)(n * C * plane + (size_t)y * W + xx) : 0;
-                    inside[i * a + x] |= (__mmask16)(ok << j);
+                    idx[i * s + x][j] = ok ? (int32_t)(n * C * plane + (size_t)y * W + xx) : 0;
+                    inside[i * s + x] |= (__mmask16)(ok << j);
                 }
         }
         const __mmask16 store = (__mmask16)((1u << len) - 1);
         float *dst = V + (size_t)(q / NR) * C * NR + q % NR;
         for (int c = c0; c < c1; c++) {
             const float *src = in + c * plane;
-            v16 tv[A][A];  // tv[i][x]: the column pass, B^T d
-            for (int x = 0; x < a; x++) {
+            v16 tv[A][A];  // tv[i][x]: the column pass (rows i of the transform, columns x)
+            for (int x = 0; x < s; x++) {
                 v16 d[A], v[A];
-                for (int i = 0; i < a; i++)
+                for (int i = 0; i < s; i++)
                     d[i] = (v16)_mm512_mask_i32gather_ps(
-                        _mm512_setzero_ps(), inside[i * a + x],
-                        _mm512_loadu_si512((const void *)idx[i * a + x]), src, 4);
-                bt_1d_v(v, d, m);
+                        _mm512_setzero_ps(), inside[i * s + x],
+                        _mm512_loadu_si512((const void *)idx[i * s + x]), src, 4);
+                if (grad) a_1d_v(v, d, m);
+                else bt_1d_v(v, d, m);
                 for (int i = 0; i < a; i++) tv[i][x] = v[i];
             }
             float *dc = dst + (size_t)c * NR;
-            for (int xi = 0; xi < a; xi++) {  // the row pass: (B^T d) B
+            for (int xi = 0; xi < a; xi++) {  // the row pass
                 v16 v[A];
-                bt_1d_v(v, tv[xi], m);
+                if (grad) a_1d_v(v, tv[xi], m);
+                else bt_1d_v(v, tv[xi], m);
                 for (int nu = 0; nu < a; nu++)
                     _mm512_mask_storeu_ps(dc + (xi * a + nu) * vpos, store, (__m512)v[nu]);
             }
@@ -450,8 +496,18 @@ INLINE TARGET_AVX512 void output_lanes_body(const wplan *p, float *out, const fl
 
 static TARGET_AVX512 void input_lanes_avx512(const wplan *p, float *V, const float *in, int t0,
                                              int nt, int c0, int c1) {
-    if (p->m == 2) input_lanes_body(p, V, in, t0, nt, c0, c1, 2);
-    else input_lanes_body(p, V, in, t0, nt, c0, c1, 4);
+    if (p->m == 2) lanes_transform_body(p, V, p->vpos, p->NR, in, t0, nt, c0, c1, 2, 0);
+    else lanes_transform_body(p, V, p->vpos, p->NR, in, t0, nt, c0, c1, 4, 0);
+}
+
+// The weight gradient's transforms of a chunk, plain [pos][channel][TB] (sliver = TB).
+static TARGET_AVX512 void grad_lanes_avx512(const wplan *p, float *V, size_t vpos, int TB,
+                                            const float *in, int t0, int nt, int c0, int c1,
+                                            int grad) {
+    if (p->m == 2 && grad) lanes_transform_body(p, V, vpos, TB, in, t0, nt, c0, c1, 2, 1);
+    else if (p->m == 2) lanes_transform_body(p, V, vpos, TB, in, t0, nt, c0, c1, 2, 0);
+    else if (grad) lanes_transform_body(p, V, vpos, TB, in, t0, nt, c0, c1, 4, 1);
+    else lanes_transform_body(p, V, vpos, TB, in, t0, nt, c0, c1, 4, 0);
 }
 
 static TARGET_AVX512 void output_lanes_avx512(const wplan *p, float *out, const float *M,
@@ -815,4 +871,115 @@ void winograd_forward_ex(float *out, ptrdiff_t out_stride, const float *in, cons
         cpu_parallel(gemm_task, &x, threads);
         cpu_parallel(output_task, &x, threads);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The weight gradient (AVX-512, maps with at most LANES_TW_MAX tiles a row). The forward is
+// Y = A^T [U .* V] A with U = G g G^T, so dL/dU = (A dY A^T) .* V and dL/dg = G^T (dL/dU) G;
+// summed over tiles, for each position one GEMM over the tiles:
+//     dU[pos] (K x C) = Y'[pos] (K x tiles) * V[pos]^T (tiles x C),  Y' = A dY A^T,
+// then dW[k][c] += G^T dU[k][c] G. Per chunk of TB tiles the two transforms go to plain
+// [pos][channel][TB] rows (a tile per lane) and the GEMMs accumulate into dU, chunk after
+// chunk: the same sums in the same order for any thread count.
+
+enum { WG_CHUNK_FLOATS = 1 << 20 };  // V + Y' of a chunk: 4 MiB
+
+typedef struct {
+    wplan p;
+    int TB;
+    size_t vpos, ypos, upos;  // floats from one position to the next in V, Y', dU
+} wgplan;
+
+static wgplan wg_make(int N, int C, int H, int W, int K, int pad, int m) {
+    wgplan g = {.p = plan_make(N, C, H, W, K, pad, 0, m, CPU_ISA_AVX512, cpu_threads())};
+    size_t tb = WG_CHUNK_FLOATS / ((size_t)g.p.aa * (C + K)) / 16 * 16;
+    size_t all = round16((size_t)g.p.P);
+    g.TB = tb < 64 ? 64 : tb > all ? (int)all : (int)tb;
+    g.vpos = pos_stride((size_t)C * g.TB);
+    g.ypos = pos_stride((size_t)K * g.TB);
+    g.upos = pos_stride((size_t)K * C);
+    return g;
+}
+
+int winograd_weight_grad_tile(int N, int C, int H, int W, int K, int pad) {
+    int m = winograd_tile(N, C, H, W, K, pad);
+    if (!m) return 0;
+    int OH = H + 2 * pad - 2, OW = W + 2 * pad - 2, tw = ceil_div(OW, m);
+    if (tw > LANES_TW_MAX || (size_t)N * C * H * W >= ((size_t)1 << 31) ||
+        (size_t)N * K * OH * OW >= ((size_t)1 << 31))
+        return 0;
+    return m;
+}
+
+size_t winograd_weight_grad_workspace_size(int N, int C, int H, int W, int K, int pad, int m) {
+    wgplan g = wg_make(N, C, H, W, K, pad, m);
+    int aa = g.p.aa;
+    return 16 + round16(aa * g.vpos) + round16(aa * g.ypos) + round16(aa * g.upos) +
+           gemm_workspace_size(K, C, g.TB);
+}
+
+typedef struct {
+    const wgplan *g;
+    float *V, *Y, *dU, *dw;
+    const float *in, *dout;
+    int t0, nt;
+} wgctx;
+
+static void wg_transform_task(void *ctx, int t, int n) {
+    const wgctx *x = ctx;
+    const wplan *p = &x->g->p;
+    int c0, c1;  // the channels of x, then those of dY
+    split(p->C + p->K, t, n, &c0, &c1);
+    if (c0 < p->C)
+        grad_lanes_avx512(p, x->V, x->g->vpos, x->g->TB, x->in, x->t0, x->nt, c0,
+                          c1 < p->C ? c1 : p->C, 0);
+    if (c1 > p->C)
+        grad_lanes_avx512(p, x->Y, x->g->ypos, x->g->TB, x->dout, x->t0, x->nt,
+                          c0 > p->C ? c0 - p->C : 0, c1 - p->C, 1);
+}
+
+static void wg_filters_task(void *ctx, int t, int n) {
+    const wgctx *x = ctx;
+    const wplan *p = &x->g->p;
+    const int a = p->a, C = p->C;
+    int k0, k1;
+    split(p->K, t, n, &k0, &k1);
+    for (int k = k0; k < k1; k++)
+        for (int c = 0; c < C; c++) {
+            float col[6][3], v[6], y[3];
+            const float *u = x->dU + (size_t)k * C + c;
+            for (int nu = 0; nu < a; nu++) {  // down the columns: G^T dU
+                for (int xi = 0; xi < a; xi++) v[xi] = u[(xi * a + nu) * x->g->upos];
+                gt_1d(y, v, p->m);
+                for (int r = 0; r < 3; r++) col[nu][r] = y[r];
+            }
+            float *d = x->dw + ((size_t)k * C + c) * 9;
+            for (int r = 0; r < 3; r++) {  // along the rows: (G^T dU) G
+                for (int nu = 0; nu < a; nu++) v[nu] = col[nu][r];
+                gt_1d(y, v, p->m);
+                for (int s = 0; s < 3; s++) d[r * 3 + s] += y[s];
+            }
+        }
+}
+
+void winograd_weight_grad(float *dw, const float *in, const float *dout, int N, int C, int H,
+                          int W, int K, int pad, int m, float *ws) {
+    wgplan g = wg_make(N, C, H, W, K, pad, m);
+    const wplan *p = &g.p;
+    if (N <= 0 || K <= 0 || C <= 0 || p->OH <= 0 || p->OW <= 0) return;
+    float *base = ws + (16 - ((uintptr_t)ws / sizeof(float)) % 16) % 16;
+    wgctx x = {.g = &g, .V = base, .dw = dw, .in = in, .dout = dout};
+    x.Y = x.V + round16(p->aa * g.vpos);
+    x.dU = x.Y + round16(p->aa * g.ypos);
+    float *gws = x.dU + round16(p->aa * g.upos);
+    const int threads = cpu_threads();
+    for (x.t0 = 0; x.t0 < p->P; x.t0 += g.TB) {
+        x.nt = p->P - x.t0 < g.TB ? p->P - x.t0 : g.TB;
+        cpu_parallel(wg_transform_task, &x, threads);
+        const int flags = GEMM_TRANS_B | (x.t0 ? GEMM_ACCUMULATE : 0);
+        for (int pos = 0; pos < p->aa; pos++)
+            gemm(x.dU + pos * g.upos, C, x.Y + pos * g.ypos, g.TB, x.V + pos * g.vpos, g.TB, NULL,
+                 K, C, x.nt, flags, gws);
+    }
+    cpu_parallel(wg_filters_task, &x, threads);
 }

@@ -35,3 +35,12 @@ void winograd_forward(float *out, const float *in, const float *w, const float *
 void winograd_forward_ex(float *out, ptrdiff_t out_stride, const float *in, const float *w,
                          const float *b, int N, int C, int H, int W, int K, int pad, int relu,
                          int accumulate, int m, float *ws);
+
+// The weight gradient of the same convolution: dw [K,C,3,3] += the gradient for dout [N,K,OH,OW]
+// and in [N,C,H,W], with Winograd's transforms (AVX-512 only: call it where cpu_isa() is
+// CPU_ISA_AVX512 and winograd_weight_grad_tile() gives m != 0; that tile is the forward's,
+// where the map's rows hold at most 8 tiles). Bit-identical for any thread count.
+int winograd_weight_grad_tile(int N, int C, int H, int W, int K, int pad);
+size_t winograd_weight_grad_workspace_size(int N, int C, int H, int W, int K, int pad, int m);
+void winograd_weight_grad(float *dw, const float *in, const float *dout, int N, int C, int H,
+                          int W, int K, int pad, int m, float *ws);
