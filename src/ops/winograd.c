@@ -500,16 +500,6 @@ static TARGET_AVX512 void input_lanes_avx512(const wplan *p, float *V, const flo
     else lanes_transform_body(p, V, p->vpos, p->NR, in, t0, nt, c0, c1, 4, 0);
 }
 
-// The weight gradient's transforms of a chunk, plain [pos][channel][TB] (sliver = TB).
-static TARGET_AVX512 void grad_lanes_avx512(const wplan *p, float *V, size_t vpos, int TB,
-                                            const float *in, int t0, int nt, int c0, int c1,
-                                            int grad) {
-    if (p->m == 2 && grad) lanes_transform_body(p, V, vpos, TB, in, t0, nt, c0, c1, 2, 1);
-    else if (p->m == 2) lanes_transform_body(p, V, vpos, TB, in, t0, nt, c0, c1, 2, 0);
-    else if (grad) lanes_transform_body(p, V, vpos, TB, in, t0, nt, c0, c1, 4, 1);
-    else lanes_transform_body(p, V, vpos, TB, in, t0, nt, c0, c1, 4, 0);
-}
-
 static TARGET_AVX512 void output_lanes_avx512(const wplan *p, float *out, const float *M,
                                               size_t mpos, const float *bias, int t0, int nt,
                                               int k0, int k1) {
@@ -878,25 +868,30 @@ void winograd_forward_ex(float *out, ptrdiff_t out_stride, const float *in, cons
 // Y = A^T [U .* V] A with U = G g G^T, so dL/dU = (A dY A^T) .* V and dL/dg = G^T (dL/dU) G;
 // summed over tiles, for each position one GEMM over the tiles:
 //     dU[pos] (K x C) = Y'[pos] (K x tiles) * V[pos]^T (tiles x C),  Y' = A dY A^T,
-// then dW[k][c] += G^T dU[k][c] G. Per chunk of TB tiles the two transforms go to plain
-// [pos][channel][TB] rows (a tile per lane) and the GEMMs accumulate into dU, chunk after
-// chunk: the same sums in the same order for any thread count.
+// then dW[k][c] += G^T dU[k][c] G. Per chunk of TB tiles, the transforms (16 channels of one
+// tile per vector) write Y' as the micro-kernel's A panels [K/MR][tile][MR] and V as its B
+// slivers [C/NR][tile][NR]; the kernels then accumulate into dU chunk after chunk: the same
+// sums in the same order for any thread count.
 
 enum { WG_CHUNK_FLOATS = 1 << 20 };  // V + Y' of a chunk: 4 MiB
 
 typedef struct {
     wplan p;
     int TB;
+    int groups_c, groups_k;   // channels and filters in groups of 16
+    int slivers, panels;      // of NR channels, of MR filters (panels past K hold zeros)
     size_t vpos, ypos, upos;  // floats from one position to the next in V, Y', dU
 } wgplan;
 
 static wgplan wg_make(int N, int C, int H, int W, int K, int pad, int m) {
     wgplan g = {.p = plan_make(N, C, H, W, K, pad, 0, m, CPU_ISA_AVX512, cpu_threads())};
-    size_t tb = WG_CHUNK_FLOATS / ((size_t)g.p.aa * (C + K)) / 16 * 16;
-    size_t all = round16((size_t)g.p.P);
-    g.TB = tb < 64 ? 64 : tb > all ? (int)all : (int)tb;
-    g.vpos = pos_stride((size_t)C * g.TB);
-    g.ypos = pos_stride((size_t)K * g.TB);
+    size_t tb = WG_CHUNK_FLOATS / ((size_t)g.p.aa * (C + K));
+    g.TB = tb < 16 ? 16 : tb > (size_t)g.p.P ? g.p.P : (int)tb;
+    if (g.TB < 1) g.TB = 1;
+    g.groups_c = ceil_div(C, 16), g.groups_k = ceil_div(K, 16);
+    g.slivers = ceil_div(C, GEMM_AVX512_NR), g.panels = g.groups_k * 16 / GEMM_AVX512_MR;
+    g.vpos = pos_stride((size_t)g.slivers * g.TB * GEMM_AVX512_NR);
+    g.ypos = pos_stride((size_t)g.panels * g.TB * GEMM_AVX512_MR);
     g.upos = pos_stride((size_t)K * C);
     return g;
 }
@@ -905,8 +900,8 @@ int winograd_weight_grad_tile(int N, int C, int H, int W, int K, int pad) {
     int m = winograd_tile(N, C, H, W, K, pad);
     if (!m) return 0;
     int OH = H + 2 * pad - 2, OW = W + 2 * pad - 2, tw = ceil_div(OW, m);
-    if (tw > LANES_TW_MAX || (size_t)N * C * H * W >= ((size_t)1 << 31) ||
-        (size_t)N * K * OH * OW >= ((size_t)1 << 31))
+    if (tw > LANES_TW_MAX || (size_t)16 * H * W >= ((size_t)1 << 31) ||
+        (size_t)16 * OH * OW >= ((size_t)1 << 31))
         return 0;
     return m;
 }
@@ -914,8 +909,74 @@ int winograd_weight_grad_tile(int N, int C, int H, int W, int K, int pad) {
 size_t winograd_weight_grad_workspace_size(int N, int C, int H, int W, int K, int pad, int m) {
     wgplan g = wg_make(N, C, H, W, K, pad, m);
     int aa = g.p.aa;
-    return 16 + round16(aa * g.vpos) + round16(aa * g.ypos) + round16(aa * g.upos) +
-           gemm_workspace_size(K, C, g.TB);
+    return 16 + round16(aa * g.vpos) + round16(aa * g.ypos) + round16(aa * g.upos);
+}
+
+// Groups gr0..gr1-1 of 16 channels of tiles t0..t0+nt-1, 16 channels per vector (lanes past
+// the channels: zeros). grad = 0: B^T d B of in [N,C,H,W] to V's slivers; grad = 1: A dY A^T
+// of in = dout [N,K,OH,OW] to Y''s panels.
+INLINE TARGET_AVX512 void wg_pack_body(const wgplan *g, float *dst, const float *in, int t0,
+                                       int nt, int gr0, int gr1, const int m, const int grad) {
+    enum { A = 6, NR = GEMM_AVX512_NR, MR = GEMM_AVX512_MR };
+    const wplan *p = &g->p;
+    const int a = m + 2, s = grad ? m : a, TB = g->TB;
+    const int C = grad ? p->K : p->C, H = grad ? p->OH : p->H, W = grad ? p->OW : p->W;
+    const int pad = grad ? 0 : p->pad;
+    const size_t plane = (size_t)H * W, dpos = grad ? g->ypos : g->vpos;
+    const __m512i lane = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)plane));
+    for (int gr = gr0; gr < gr1; gr++) {
+        const int c0 = gr * 16, left = C - c0;
+        const __mmask16 chans = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        for (int q = 0; q < nt; q++) {
+            const int t = t0 + q, n = t / (p->th * p->tw);
+            const int y0 = t / p->tw % p->th * m - pad, x0 = t % p->tw * m - pad;
+            const float *base = in + ((size_t)n * C + c0) * plane;
+            v16 tv[A][A];
+            for (int x = 0; x < s; x++) {  // down the columns
+                v16 d[A], v[A];
+                const int xx = x0 + x, xin = xx >= 0 && xx < W;
+                for (int i = 0; i < s; i++) {
+                    const int y = y0 + i;
+                    d[i] = xin && y >= 0 && y < H
+                               ? (v16)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), chans, lane,
+                                                               base + (size_t)y * W + xx, 4)
+                               : (v16)_mm512_setzero_ps();
+                }
+                if (grad) a_1d_v(v, d, m);
+                else bt_1d_v(v, d, m);
+                for (int i = 0; i < a; i++) tv[i][x] = v[i];
+            }
+            for (int xi = 0; xi < a; xi++) {  // along the rows, then to the packed layouts
+                v16 v[A];
+                if (grad) a_1d_v(v, tv[xi], m);
+                else bt_1d_v(v, tv[xi], m);
+                for (int nu = 0; nu < a; nu++) {
+                    float *d = dst + (xi * a + nu) * dpos;
+                    if (grad) {  // filters c0..c0+7 and c0+8..c0+15: two panels
+                        const int pn = c0 / MR;
+                        _mm256_storeu_ps(d + ((size_t)pn * TB + q) * MR,
+                                         _mm512_castps512_ps256((__m512)v[nu]));
+                        _mm256_storeu_ps(d + ((size_t)(pn + 1) * TB + q) * MR,
+                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                             _mm512_castps_pd((__m512)v[nu]), 1)));
+                    } else {
+                        _mm512_storeu_ps(d + ((size_t)(c0 / NR) * TB + q) * NR + c0 % NR,
+                                         (__m512)v[nu]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static TARGET_AVX512 void wg_pack(const wgplan *g, float *dst, const float *in, int t0, int nt,
+                                  int gr0, int gr1, int grad) {
+    if (g->p.m == 2 && grad) wg_pack_body(g, dst, in, t0, nt, gr0, gr1, 2, 1);
+    else if (g->p.m == 2) wg_pack_body(g, dst, in, t0, nt, gr0, gr1, 2, 0);
+    else if (grad) wg_pack_body(g, dst, in, t0, nt, gr0, gr1, 4, 1);
+    else wg_pack_body(g, dst, in, t0, nt, gr0, gr1, 4, 0);
 }
 
 typedef struct {
@@ -927,15 +988,36 @@ typedef struct {
 
 static void wg_transform_task(void *ctx, int t, int n) {
     const wgctx *x = ctx;
-    const wplan *p = &x->g->p;
-    int c0, c1;  // the channels of x, then those of dY
-    split(p->C + p->K, t, n, &c0, &c1);
-    if (c0 < p->C)
-        grad_lanes_avx512(p, x->V, x->g->vpos, x->g->TB, x->in, x->t0, x->nt, c0,
-                          c1 < p->C ? c1 : p->C, 0);
-    if (c1 > p->C)
-        grad_lanes_avx512(p, x->Y, x->g->ypos, x->g->TB, x->dout, x->t0, x->nt,
-                          c0 > p->C ? c0 - p->C : 0, c1 - p->C, 1);
+    const wgplan *g = x->g;
+    int g0, g1;  // the groups of x's channels, then those of dY's
+    split(g->groups_c + g->groups_k, t, n, &g0, &g1);
+    if (g0 < g->groups_c)
+        wg_pack(g, x->V, x->in, x->t0, x->nt, g0, g1 < g->groups_c ? g1 : g->groups_c, 0);
+    if (g1 > g->groups_c)
+        wg_pack(g, x->Y, x->dout, x->t0, x->nt, g0 > g->groups_c ? g0 - g->groups_c : 0,
+                g1 - g->groups_c, 1);
+}
+
+// Units (position, panel of MR filters): dU rows of those filters, all channels.
+static void wg_gemm_task(void *ctx, int t, int n) {
+    const wgctx *x = ctx;
+    const wgplan *g = x->g;
+    const wplan *p = &g->p;
+    enum { NR = GEMM_AVX512_NR, MR = GEMM_AVX512_MR };
+    const int np = ceil_div(p->K, MR);
+    const gemm_epilogue e = {.load_c = x->t0 > 0};
+    int u0, u1;
+    split(p->aa * np, t, n, &u0, &u1);
+    for (int u = u0; u < u1; u++) {
+        const int pos = u / np, pn = u % np, mr = p->K - pn * MR < MR ? p->K - pn * MR : MR;
+        const float *a = x->Y + pos * g->ypos + (size_t)pn * g->TB * MR;
+        for (int sl = 0; sl < g->slivers; sl++) {
+            const int nr = p->C - sl * NR < NR ? p->C - sl * NR : NR;
+            gemm_kernel_avx512(x->nt, a, x->V + pos * g->vpos + (size_t)sl * g->TB * NR,
+                               x->dU + pos * g->upos + (size_t)pn * MR * p->C + sl * NR, p->C,
+                               mr, nr, &e);
+        }
+    }
 }
 
 static void wg_filters_task(void *ctx, int t, int n) {
@@ -971,15 +1053,11 @@ void winograd_weight_grad(float *dw, const float *in, const float *dout, int N, 
     wgctx x = {.g = &g, .V = base, .dw = dw, .in = in, .dout = dout};
     x.Y = x.V + round16(p->aa * g.vpos);
     x.dU = x.Y + round16(p->aa * g.ypos);
-    float *gws = x.dU + round16(p->aa * g.upos);
     const int threads = cpu_threads();
     for (x.t0 = 0; x.t0 < p->P; x.t0 += g.TB) {
         x.nt = p->P - x.t0 < g.TB ? p->P - x.t0 : g.TB;
         cpu_parallel(wg_transform_task, &x, threads);
-        const int flags = GEMM_TRANS_B | (x.t0 ? GEMM_ACCUMULATE : 0);
-        for (int pos = 0; pos < p->aa; pos++)
-            gemm(x.dU + pos * g.upos, C, x.Y + pos * g.ypos, g.TB, x.V + pos * g.vpos, g.TB, NULL,
-                 K, C, x.nt, flags, gws);
+        cpu_parallel(wg_gemm_task, &x, threads);
     }
     cpu_parallel(wg_filters_task, &x, threads);
 }
