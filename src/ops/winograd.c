@@ -77,22 +77,40 @@ static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 // ---------------------------------------------------------------------------------------------
 // 1-D transforms (constant m after inlining)
 
-INLINE void bt_1d(float *v, const float *d, const int m) {
-    if (m == 2) {
-        v[0] = d[0] - d[2];
-        v[1] = d[1] + d[2];
-        v[2] = d[2] - d[1];
-        v[3] = d[1] - d[3];
-    } else {
-        float d13 = d[3] - d[1], d42 = d[4] - d[2];
-        v[0] = (4.0f * d[0] - 5.0f * d[2]) + d[4];
-        v[1] = (d[3] + d[4]) - 4.0f * (d[1] + d[2]);
-        v[2] = (d[4] - d[3]) + 4.0f * (d[1] - d[2]);
-        v[3] = d42 + 2.0f * d13;
-        v[4] = d42 - 2.0f * d13;
-        v[5] = (4.0f * d[1] - 5.0f * d[3]) + d[5];
+// bt_1d and at_1d for one tile (float) and, as bt_1d_v / at_1d_v, for 16 tiles at once (the
+// lanes path below): the same expressions for both element types.
+typedef float v16 __attribute__((vector_size(64)));
+#define WINO_BT_AT(T, SFX)                                                                    \
+    INLINE void bt_1d##SFX(T *v, const T *d, const int m) {                                   \
+        if (m == 2) {                                                                         \
+            v[0] = d[0] - d[2];                                                               \
+            v[1] = d[1] + d[2];                                                               \
+            v[2] = d[2] - d[1];                                                               \
+            v[3] = d[1] - d[3];                                                               \
+        } else {                                                                              \
+            T d13 = d[3] - d[1], d42 = d[4] - d[2];                                           \
+            v[0] = (4.0f * d[0] - 5.0f * d[2]) + d[4];                                        \
+            v[1] = (d[3] + d[4]) - 4.0f * (d[1] + d[2]);                                      \
+            v[2] = (d[4] - d[3]) + 4.0f * (d[1] - d[2]);                                      \
+            v[3] = d42 + 2.0f * d13;                                                          \
+            v[4] = d42 - 2.0f * d13;                                                          \
+            v[5] = (4.0f * d[1] - 5.0f * d[3]) + d[5];                                        \
+        }                                                                                     \
+    }                                                                                         \
+    INLINE void at_1d##SFX(T *y, const T *x, const int m) {                                   \
+        if (m == 2) {                                                                         \
+            y[0] = (x[0] + x[1]) + x[2];                                                      \
+            y[1] = (x[1] - x[2]) - x[3];                                                      \
+        } else {                                                                              \
+            T s12 = x[1] + x[2], d12 = x[1] - x[2], s34 = x[3] + x[4], d34 = x[3] - x[4];     \
+            y[0] = (x[0] + s12) + s34;                                                        \
+            y[1] = d12 + 2.0f * d34;                                                          \
+            y[2] = s12 + 4.0f * s34;                                                          \
+            y[3] = (d12 + 8.0f * d34) + x[5];                                                 \
+        }                                                                                     \
     }
-}
+WINO_BT_AT(float, )
+WINO_BT_AT(v16, _v)
 
 INLINE void g_1d(float *u, const float *g, const int m) {
     if (m == 2) {
@@ -108,19 +126,6 @@ INLINE void g_1d(float *u, const float *g, const int m) {
         u[3] = q + g[1] * (1.0f / 12);
         u[4] = q - g[1] * (1.0f / 12);
         u[5] = g[2];
-    }
-}
-
-INLINE void at_1d(float *y, const float *x, const int m) {
-    if (m == 2) {
-        y[0] = (x[0] + x[1]) + x[2];
-        y[1] = (x[1] - x[2]) - x[3];
-    } else {
-        float s12 = x[1] + x[2], d12 = x[1] - x[2], s34 = x[3] + x[4], d34 = x[3] - x[4];
-        y[0] = (x[0] + s12) + s34;
-        y[1] = d12 + 2.0f * d34;
-        y[2] = s12 + 4.0f * s34;
-        y[3] = (d12 + 8.0f * d34) + x[5];
     }
 }
 
@@ -299,37 +304,6 @@ INLINE void output_body(const wplan *p, float *out, const float *M, size_t mpos,
 // 3a's 28x28 maps (7 tiles a row) a little faster, conv3's 56x56 (14 a row) ~5 % slower.
 
 enum { TL = 16, LANES_TW_MAX = 8 };  // tiles per vector; the widest tile rows it takes
-typedef float v16 __attribute__((vector_size(64)));
-
-INLINE void bt_1d_v(v16 *v, const v16 *d, const int m) {  // bt_1d, a tile per lane
-    if (m == 2) {
-        v[0] = d[0] - d[2];
-        v[1] = d[1] + d[2];
-        v[2] = d[2] - d[1];
-        v[3] = d[1] - d[3];
-    } else {
-        v16 d13 = d[3] - d[1], d42 = d[4] - d[2];
-        v[0] = (4.0f * d[0] - 5.0f * d[2]) + d[4];
-        v[1] = (d[3] + d[4]) - 4.0f * (d[1] + d[2]);
-        v[2] = (d[4] - d[3]) + 4.0f * (d[1] - d[2]);
-        v[3] = d42 + 2.0f * d13;
-        v[4] = d42 - 2.0f * d13;
-        v[5] = (4.0f * d[1] - 5.0f * d[3]) + d[5];
-    }
-}
-
-INLINE void at_1d_v(v16 *y, const v16 *x, const int m) {  // at_1d, a tile per lane
-    if (m == 2) {
-        y[0] = (x[0] + x[1]) + x[2];
-        y[1] = (x[1] - x[2]) - x[3];
-    } else {
-        v16 s12 = x[1] + x[2], d12 = x[1] - x[2], s34 = x[3] + x[4], d34 = x[3] - x[4];
-        y[0] = (x[0] + s12) + s34;
-        y[1] = d12 + 2.0f * d34;
-        y[2] = s12 + 4.0f * s34;
-        y[3] = (d12 + 8.0f * d34) + x[5];
-    }
-}
 
 // The tiles that the lanes path handles: every one's patch offset fits in 32 bits.
 static int lanes_fit(const wplan *p) {
