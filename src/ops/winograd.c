@@ -136,9 +136,14 @@ typedef struct {
     int n, ty, tx, len;
 } tile_run;
 
+// Tile t's image, tile row and tile column (len 0).
+static tile_run tile_at(const wplan *p, int t) {
+    return (tile_run){t / (p->th * p->tw), t / p->tw % p->th, t % p->tw, 0};
+}
+
 // The run from tile t (chunk-relative q) on, at most max tiles and within one sliver.
 static tile_run run_at(const wplan *p, int t, int q, int max) {
-    tile_run r = {t / (p->th * p->tw), t / p->tw % p->th, t % p->tw, 0};
+    tile_run r = tile_at(p, t);
     r.len = p->tw - r.tx;
     if (r.len > max) r.len = max;
     if (r.len > p->NR - q % p->NR) r.len = p->NR - q % p->NR;
@@ -176,6 +181,18 @@ INLINE TARGET_AVX512 void copy_avx512(float *d, const float *s, int n) {
         __mmask16 mask = (__mmask16)((1u << (n - t)) - 1);
         _mm512_mask_storeu_ps(d + t, mask, _mm512_maskz_loadu_ps(mask, s + t));
     }
+}
+
+// Zeros up to the next 16 lanes past tile nt of V's last sliver, channels c0..c1-1: the
+// micro-kernels read a narrow last sliver one vector (16 or 8 lanes) at a time and never the
+// lanes beyond (49 tiles: 15 floats, not 47).
+static void zero_sliver_tail(const wplan *p, float *V, int nt, int c0, int c1, int NR) {
+    int lane = nt % NR, upto = (lane + 15) / 16 * 16 < NR ? (lane + 15) / 16 * 16 : NR;
+    if (lane)
+        for (int pos = 0; pos < p->aa; pos++)
+            for (int c = c0; c < c1; c++)
+                memset(V + pos * p->vpos + ((size_t)(nt / NR) * p->C + c) * NR + lane, 0,
+                       (size_t)(upto - lane) * sizeof(float));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,14 +249,7 @@ INLINE void input_body(const wplan *p, float *V, const float *in, int t0, int nt
         }
         q += r.len;
     }
-    // Zeros up to the next 16 lanes: the micro-kernels read a narrow last sliver one vector
-    // (16 or 8 lanes) at a time and never the lanes beyond (49 tiles: 15 floats, not 47).
-    int lane = nt % NR, upto = (lane + 15) / 16 * 16 < NR ? (lane + 15) / 16 * 16 : NR;
-    if (lane)
-        for (int pos = 0; pos < a * a; pos++)
-            for (int c = c0; c < c1; c++)
-                memset(V + pos * vpos + ((size_t)(nt / NR) * C + c) * NR + lane, 0,
-                       (size_t)(upto - lane) * sizeof(float));
+    zero_sliver_tail(p, V, nt, c0, c1, NR);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,68 +356,54 @@ INLINE void gt_1d(float *y, const float *x, const int m) {
     }
 }
 
-// Tiles t0..t0+nt-1 of channels c0..c1-1, a tile per lane, to dst + pos*vpos + (q/NR)*C*NR +
-// c*NR + q%NR (q = t - t0; NR = the sliver width, a multiple of 16). grad = 0: the input
-// transform B^T d B of the (m+2)^2 patch at (ty*m - pad, tx*m - pad) of in [N,C,H,W];
-// grad = 1: A g A^T of the m x m output-gradient tile at (ty*m, tx*m) of in [N,K,OH,OW]
-// (C is then K; past the map: zeros).
-INLINE TARGET_AVX512 void lanes_transform_body(const wplan *p, float *V, size_t vpos, int NR,
-                                               const float *in, int t0, int nt, int c0, int c1,
-                                               const int m, const int grad) {
+// Input transform of tiles t0..t0+nt-1, channels c0..c1-1, a tile per lane: V as input_body
+// writes it (the (m+2)^2 patch at (ty*m - pad, tx*m - pad), zeros outside the image).
+INLINE TARGET_AVX512 void input_lanes_body(const wplan *p, float *V, const float *in, int t0,
+                                           int nt, int c0, int c1, const int m) {
     enum { A = 6 };
-    const int a = m + 2, s = grad ? m : a;  // transform size, patch size
-    const int C = grad ? p->K : p->C, H = grad ? p->OH : p->H, W = grad ? p->OW : p->W;
-    const int pad = grad ? 0 : p->pad;
-    const size_t plane = (size_t)H * W;
+    const int a = m + 2, C = p->C, H = p->H, W = p->W, NR = p->NR;
+    const size_t plane = (size_t)H * W, vpos = p->vpos;
     int32_t idx[A * A][TL];  // lane j's element (i, x): offset from channel c's plane of image 0
     __mmask16 inside[A * A];
     for (int q = 0; q < nt;) {
         int len = nt - q < TL ? nt - q : TL;
         if (len > NR - q % NR) len = NR - q % NR;  // one sliver
-        for (int e = 0; e < s * s; e++) inside[e] = 0;
+        for (int e = 0; e < a * a; e++) inside[e] = 0;
         for (int j = 0; j < TL; j++) {
-            int t = t0 + q + (j < len ? j : 0);
-            int n = t / (p->th * p->tw), y0 = t / p->tw % p->th * m - pad,
-                x0 = t % p->tw * m - pad;
-            for (int i = 0; i < s; i++)
-                for (int x = 0; x < s; x++) {
+            tile_run r = tile_at(p, t0 + q + (j < len ? j : 0));
+            int y0 = r.ty * m - p->pad, x0 = r.tx * m - p->pad;
+            for (int i = 0; i < a; i++)
+                for (int x = 0; x < a; x++) {
                     int y = y0 + i, xx = x0 + x, ok = j < len && y >= 0 && y < H && xx >= 0 && xx < W;
-                    idx[i * s + x][j] = ok ? (int32_t)(n * C * plane + (size_t)y * W + xx) : 0;
-                    inside[i * s + x] |= (__mmask16)(ok << j);
+                    idx[i * a + x][j] = ok ? (int32_t)(r.n * C * plane + (size_t)y * W + xx) : 0;
+                    inside[i * a + x] |= (__mmask16)(ok << j);
                 }
         }
         const __mmask16 store = (__mmask16)((1u << len) - 1);
         float *dst = V + (size_t)(q / NR) * C * NR + q % NR;
         for (int c = c0; c < c1; c++) {
             const float *src = in + c * plane;
-            v16 tv[A][A];  // tv[i][x]: the column pass (rows i of the transform, columns x)
-            for (int x = 0; x < s; x++) {
+            v16 tv[A][A];  // tv[i][x]: the column pass, B^T d
+            for (int x = 0; x < a; x++) {
                 v16 d[A], v[A];
-                for (int i = 0; i < s; i++)
+                for (int i = 0; i < a; i++)
                     d[i] = (v16)_mm512_mask_i32gather_ps(
-                        _mm512_setzero_ps(), inside[i * s + x],
-                        _mm512_loadu_si512((const void *)idx[i * s + x]), src, 4);
-                if (grad) a_1d_v(v, d, m);
-                else bt_1d_v(v, d, m);
+                        _mm512_setzero_ps(), inside[i * a + x],
+                        _mm512_loadu_si512((const void *)idx[i * a + x]), src, 4);
+                bt_1d_v(v, d, m);
                 for (int i = 0; i < a; i++) tv[i][x] = v[i];
             }
             float *dc = dst + (size_t)c * NR;
-            for (int xi = 0; xi < a; xi++) {  // the row pass
+            for (int xi = 0; xi < a; xi++) {  // the row pass: (B^T d) B
                 v16 v[A];
-                if (grad) a_1d_v(v, tv[xi], m);
-                else bt_1d_v(v, tv[xi], m);
+                bt_1d_v(v, tv[xi], m);
                 for (int nu = 0; nu < a; nu++)
                     _mm512_mask_storeu_ps(dc + (xi * a + nu) * vpos, store, (__m512)v[nu]);
             }
         }
         q += len;
     }
-    int lane = nt % NR, upto = (lane + 15) / 16 * 16 < NR ? (lane + 15) / 16 * 16 : NR;
-    if (lane)  // as input_body: zeros up to the next 16 lanes of a narrow last sliver
-        for (int pos = 0; pos < a * a; pos++)
-            for (int c = c0; c < c1; c++)
-                memset(V + pos * vpos + ((size_t)(nt / NR) * C + c) * NR + lane, 0,
-                       (size_t)(upto - lane) * sizeof(float));
+    zero_sliver_tail(p, V, nt, c0, c1, NR);
 }
 
 INLINE TARGET_AVX512 void output_lanes_body(const wplan *p, float *out, const float *M,
@@ -421,9 +417,9 @@ INLINE TARGET_AVX512 void output_lanes_body(const wplan *p, float *out, const fl
     for (int q = 0; q < nt;) {
         const int len = nt - q < TL ? nt - q : TL;
         for (int j = 0; j < len; j++) {
-            int t = t0 + q + j, n = t / (p->th * p->tw), oy0 = t / p->tw % p->th * m,
-                ox0 = t % p->tw * m;
-            base[j] = (ptrdiff_t)n * p->ostride + (ptrdiff_t)oy0 * OW + ox0;
+            tile_run r = tile_at(p, t0 + q + j);
+            int oy0 = r.ty * m, ox0 = r.tx * m;
+            base[j] = (ptrdiff_t)r.n * p->ostride + (ptrdiff_t)oy0 * OW + ox0;
             rows[j] = OH - oy0 < m ? OH - oy0 : m;
             cols[j] = OW - ox0 < m ? OW - ox0 : m;
         }
@@ -470,8 +466,8 @@ INLINE TARGET_AVX512 void output_lanes_body(const wplan *p, float *out, const fl
 
 static TARGET_AVX512 void input_lanes_avx512(const wplan *p, float *V, const float *in, int t0,
                                              int nt, int c0, int c1) {
-    if (p->m == 2) lanes_transform_body(p, V, p->vpos, p->NR, in, t0, nt, c0, c1, 2, 0);
-    else lanes_transform_body(p, V, p->vpos, p->NR, in, t0, nt, c0, c1, 4, 0);
+    if (p->m == 2) input_lanes_body(p, V, in, t0, nt, c0, c1, 2);
+    else input_lanes_body(p, V, in, t0, nt, c0, c1, 4);
 }
 
 static TARGET_AVX512 void output_lanes_avx512(const wplan *p, float *out, const float *M,
@@ -904,9 +900,9 @@ INLINE TARGET_AVX512 void wg_pack_body(const wgplan *g, float *dst, const float 
         const int c0 = gr * 16, left = C - c0;
         const __mmask16 chans = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
         for (int q = 0; q < nt; q++) {
-            const int t = t0 + q, n = t / (p->th * p->tw);
-            const int y0 = t / p->tw % p->th * m - pad, x0 = t % p->tw * m - pad;
-            const float *base = in + ((size_t)n * C + c0) * plane;
+            const tile_run r = tile_at(p, t0 + q);
+            const int y0 = r.ty * m - pad, x0 = r.tx * m - pad;
+            const float *base = in + ((size_t)r.n * C + c0) * plane;
             v16 tv[A][A];
             for (int x = 0; x < s; x++) {  // down the columns
                 v16 d[A], v[A];
