@@ -388,6 +388,144 @@ static void test_bf16(cpu_isa_level level, int amx) {
     result(ws_ok, "conv_fast bf16 %s stays inside conv2d_fast_workspace_size()", name);
 }
 
+// ---- 1x1 groups (conv2d_fast_1x1_group_*) against the convolutions one at a time ----
+// Forward, dW and db must be the single convs' bits; din (one GEMM over the stacked depth)
+// within TOL_EXACT of the double sum; 1, 2, 3 threads bit-identical; workspace never overrun.
+
+typedef struct {
+    int N, C, H, W, ng, Ks[4], bias;
+} gshape;
+
+static const gshape groups[] = {
+    {7, 19, 4, 4, 3, {21, 9, 5}, 0},    {3, 40, 8, 8, 3, {16, 24, 4}, 1},
+    {5, 33, 2, 2, 2, {48, 17, 0}, 0},   {1, 64, 5, 3, 4, {8, 8, 8, 40}, 1},
+    {16, 48, 1, 1, 3, {12, 30, 7}, 1},
+};
+
+typedef struct {
+    float *out[4], *din, *dw[4], *db[4];
+    int ws_ok;
+} group_result;
+
+static group_result group_run(const gshape *s, const float *in, float *const *w, float *const *b,
+                              float *const *dout, const float *din0, float *const *dw0,
+                              float *const *db0) {
+    const int hw = s->H * s->W, ng = s->ng;
+    int K = 0;
+    for (int g = 0; g < ng; g++) K += s->Ks[g];
+    group_result r = {.ws_ok = 1};
+    const size_t ni = (size_t)s->N * s->C * hw;
+    for (int g = 0; g < ng; g++) {
+        const size_t nw = (size_t)s->Ks[g] * s->C;
+        r.out[g] = malloc(((size_t)s->N * s->Ks[g] * hw + 1) * sizeof(float));
+        r.dw[g] = copy_buf(dw0[g], nw);
+        r.db[g] = copy_buf(db0[g], s->Ks[g]);
+    }
+    r.din = copy_buf(din0, ni);
+    guarded ws = guarded_new(conv2d_fast_1x1_group_workspace_size(s->N, s->C, s->H, s->W, K));
+    conv2d_fast_1x1_group_forward(r.out, in, (const float *const *)w,
+                                  s->bias ? (const float *const *)b : NULL, s->Ks, ng, s->N, s->C,
+                                  s->H, s->W, ws.p);
+    conv2d_fast_1x1_group_backward(r.din, r.dw, s->bias ? r.db : NULL,
+                                   (const float *const *)dout, in, (const float *const *)w, s->Ks,
+                                   ng, s->N, s->C, s->H, s->W, ws.p);
+    r.ws_ok = guarded_intact(&ws);
+    guarded_free(&ws);
+    return r;
+}
+
+static void group_free(group_result *r, int ng) {
+    for (int g = 0; g < ng; g++) free(r->out[g]), free(r->dw[g]), free(r->db[g]);
+    free(r->din);
+}
+
+static void test_groups(cpu_isa_level level) {
+    const char *name = cpu_isa_name(level);
+    if (level > cpu_isa_detected() || cpu_isa_set(level) != 0) {
+        result(1, "conv_fast 1x1 groups %s (skipped: cpu lacks %s)", name, name);
+        return;
+    }
+    rng r;
+    rng_seed(&r, 7 + level);
+    int same_single = 1, same_threads = 1, ws_ok = 1;
+    double worst_din = 0;
+    char at[160] = "";
+    for (size_t si = 0; si < sizeof groups / sizeof groups[0]; si++) {
+        const gshape *s = &groups[si];
+        const int hw = s->H * s->W, ng = s->ng;
+        const size_t ni = (size_t)s->N * s->C * hw;
+        float *in = rand_buf(ni, &r), *din0 = rand_buf(ni, &r);
+        float *w[4], *b[4], *dout[4], *dw0[4], *db0[4];
+        for (int g = 0; g < ng; g++) {
+            w[g] = rand_buf((size_t)s->Ks[g] * s->C, &r);
+            b[g] = g == 1 ? NULL : rand_buf(s->Ks[g], &r);   // a member without bias
+            dout[g] = rand_buf((size_t)s->N * s->Ks[g] * hw, &r);
+            dw0[g] = rand_buf((size_t)s->Ks[g] * s->C, &r);
+            db0[g] = rand_buf(s->Ks[g], &r);
+        }
+        cpu_threads_set(2);
+        group_result gr = group_run(s, in, w, b, dout, din0, dw0, db0);
+        ws_ok &= gr.ws_ok;
+        // one conv at a time, and the exact din
+        double *exact = malloc(ni * sizeof(double)), *mag = malloc(ni * sizeof(double));
+        for (size_t i = 0; i < ni; i++) exact[i] = din0[i], mag[i] = fabs(din0[i]);
+        for (int g = 0; g < ng; g++) {
+            const int Kg = s->Ks[g];
+            const size_t no = (size_t)s->N * Kg * hw, nw = (size_t)Kg * s->C;
+            float *out = malloc((no + 1) * sizeof(float)), *dw = copy_buf(dw0[g], nw),
+                  *db = copy_buf(db0[g], Kg), *scratch = copy_buf(din0, ni);
+            float *ws = malloc(conv2d_fast_workspace_size(s->N, s->C, s->H, s->W, Kg, 1, 1, 0) *
+                               sizeof(float) + 64);
+            conv2d_fast_forward(out, in, w[g], s->bias ? b[g] : NULL, s->N, s->C, s->H, s->W, Kg,
+                                1, 1, 0, 0, ws);
+            conv2d_fast_backward(scratch, dw, s->bias ? db : NULL, dout[g], in, w[g], s->N, s->C,
+                                 s->H, s->W, Kg, 1, 1, 0, ws);
+            int ok = memcmp(out, gr.out[g], no * sizeof(float)) == 0 &&
+                     memcmp(dw, gr.dw[g], nw * sizeof(float)) == 0 &&
+                     memcmp(db, gr.db[g], Kg * sizeof(float)) == 0;
+            if (!ok && same_single)
+                snprintf(at, sizeof at, " (differs: shape %zu member %d)", si, g);
+            same_single &= ok;
+            for (int n = 0; n < s->N; n++)
+                for (int k = 0; k < Kg; k++)
+                    for (int ch = 0; ch < s->C; ch++)
+                        for (int p = 0; p < hw; p++) {
+                            const double t = (double)w[g][(size_t)k * s->C + ch] *
+                                             dout[g][((size_t)n * Kg + k) * hw + p];
+                            const size_t ii = ((size_t)n * s->C + ch) * hw + p;
+                            exact[ii] += t, mag[ii] += fabs(t);
+                        }
+            free(out), free(dw), free(db), free(scratch), free(ws);
+        }
+        double e = err_vs_double(gr.din, exact, mag, ni, din0[ni]);
+        if (!(e <= worst_din)) worst_din = e;
+        for (int t = 1; t <= 3; t += 2) {
+            cpu_threads_set(t);
+            group_result o = group_run(s, in, w, b, dout, din0, dw0, db0);
+            int ok = memcmp(o.din, gr.din, ni * sizeof(float)) == 0;
+            for (int g = 0; g < ng; g++) {
+                const size_t no = (size_t)s->N * s->Ks[g] * hw, nw = (size_t)s->Ks[g] * s->C;
+                ok &= memcmp(o.out[g], gr.out[g], no * sizeof(float)) == 0 &&
+                      memcmp(o.dw[g], gr.dw[g], nw * sizeof(float)) == 0 &&
+                      memcmp(o.db[g], gr.db[g], s->Ks[g] * sizeof(float)) == 0;
+            }
+            same_threads &= ok;
+            ws_ok &= o.ws_ok;
+            group_free(&o, ng);
+        }
+        group_free(&gr, ng);
+        free(exact), free(mag), free(in), free(din0);
+        for (int g = 0; g < ng; g++) free(w[g]), free(b[g]), free(dout[g]), free(dw0[g]), free(db0[g]);
+    }
+    cpu_threads_set(2);
+    result(same_single, "conv_fast 1x1 groups %s: out, dW, db bit-identical to one conv at a time%s",
+           name, at);
+    result(worst_din <= TOL_EXACT, "conv_fast 1x1 groups %s: din vs double sum (worst %.2g)", name,
+           worst_din);
+    result(same_threads, "conv_fast 1x1 groups %s bit-identical for 1, 2, 3 threads", name);
+    result(ws_ok, "conv_fast 1x1 groups %s stay inside their workspace size", name);
+}
+
 int main(void) {
     cpu_isa_level det = cpu_isa_detected();
     int threads = cpu_threads();
@@ -396,6 +534,9 @@ int main(void) {
     test_level(CPU_ISA_AVX512);
     test_bf16(CPU_ISA_AVX2, 0);
     test_bf16(CPU_ISA_AVX512, 1);
+    test_groups(CPU_ISA_SCALAR);
+    test_groups(CPU_ISA_AVX2);
+    test_groups(CPU_ISA_AVX512);
     cpu_isa_set(det);
     cpu_threads_set(threads);
     cpu_threads_set(1);  // joins the workers

@@ -298,6 +298,113 @@ static void col2im_add(float *din, const float *dcol, int C, int H, int W, int k
             }
 }
 
+// ---- 1x1 convolutions of one input as one GEMM (training) ----
+// Workspace: the stacked weights (their transpose for din), the stacked biases, the stacked
+// output gradient [N, Ktot, H*W], then the GEMM's packing space.
+
+size_t conv2d_fast_1x1_group_workspace_size(int N, int C, int H, int W, int Ktot) {
+    const int cols = N * H * W;
+    size_t g = gemm_workspace_size(Ktot, cols, C), g2 = gemm_workspace_size(Ktot, C, cols),
+           g3 = gemm_workspace_size(C, cols, Ktot);
+    if (g2 > g) g = g2;
+    if (g3 > g) g = g3;
+    return round16((size_t)Ktot * C) + round16((size_t)Ktot) + round16((size_t)Ktot * cols) + g;
+}
+
+// Output rows of the stacked GEMM: group g's start at row0[g] of gp[g], fold stride gfs[g].
+static gemm_output group_rows(float *const *ps, const int *Ks, int ng, ptrdiff_t ldc, int fold,
+                              int hw) {
+    gemm_output c = {.ldc = ldc, .fold = fold, .ngroups = ng};
+    int K = 0;
+    for (int g = 0; g < ng; g++) {
+        c.row0[g] = K;
+        c.gp[g] = ps[g];
+        c.gfs[g] = fold ? (ptrdiff_t)Ks[g] * hw : 0;
+        K += Ks[g];
+    }
+    c.row0[ng] = K;
+    return c;
+}
+
+void conv2d_fast_1x1_group_forward(float *const *outs, const float *in, const float *const *w,
+                                   const float *const *b, const int *Ks, int ng, int N, int C,
+                                   int H, int W, float *ws) {
+    const int hw = H * W;
+    int K = 0, any_bias = 0;
+    for (int g = 0; g < ng; g++) K += Ks[g], any_bias |= b && b[g];
+    if (N <= 0 || K <= 0 || hw <= 0) return;
+    float *wst = ws, *bias = ws + round16((size_t)K * C);
+    float *gws = bias + round16((size_t)K) + round16((size_t)K * N * hw);
+    for (int g = 0, k0 = 0; g < ng; k0 += Ks[g], g++) {   // (conv2d_fast_forward: + b, none + 0)
+        memcpy(wst + (size_t)k0 * C, w[g], sizeof(float) * Ks[g] * C);
+        for (int k = 0; any_bias && k < Ks[g]; k++) bias[k0 + k] = b[g] ? b[g][k] : 0.0f;
+    }
+    gemm_output c = group_rows(outs, Ks, ng, hw, hw, hw);
+    gemm_operand a = {.kind = GEMM_DENSE, .p = wst, .rs = C, .cs = 1};
+    gemm_operand bm = batch_cols(in, C, hw);
+    gemm_ex(&c, &a, &bm, any_bias ? bias : NULL, K, N * hw, C, any_bias ? GEMM_BIAS_ROW : 0, gws);
+}
+
+typedef struct {
+    float *dst;
+    const float *const *src;
+    const int *Ks;
+    int ng, N, K, hw;
+} stack_ctx;
+
+// Images [lo, hi) of the stacked gradient: each image's groups one after another.
+static void stack_task(void *vctx, int t, int nt) {
+    const stack_ctx *s = vctx;
+    size_t lo, hi;
+    cpu_part_range((size_t)s->N, t, nt, &lo, &hi);
+    for (size_t n = lo; n < hi; n++)
+        for (int g = 0, k0 = 0; g < s->ng; k0 += s->Ks[g], g++)
+            memcpy(s->dst + (n * s->K + k0) * s->hw, s->src[g] + n * s->Ks[g] * s->hw,
+                   sizeof(float) * s->Ks[g] * s->hw);
+}
+
+void conv2d_fast_1x1_group_backward(float *din, float *const *dw, float *const *db,
+                                    const float *const *douts, const float *in,
+                                    const float *const *w, const int *Ks, int ng, int N, int C,
+                                    int H, int W, float *ws) {
+    const int hw = H * W;
+    int K = 0;
+    for (int g = 0; g < ng; g++) K += Ks[g];
+    if (N <= 0 || K <= 0 || hw <= 0) return;
+    for (int g = 0; db && g < ng; g++)
+        if (db[g]) bias_grad(db[g], douts[g], N, Ks[g], hw);
+    int any_dw = 0;
+    for (int g = 0; dw && g < ng; g++) any_dw |= dw[g] != NULL;
+    if (!any_dw && !din) return;
+    float *wt = ws, *dys = ws + round16((size_t)K * C) + round16((size_t)K);
+    float *gws = dys + round16((size_t)K * N * hw);
+    stack_ctx s = {dys, douts, Ks, ng, N, K, hw};
+    cpu_parallel(stack_task, &s, cpu_threads_for((size_t)K * N * hw, 1 << 15));
+    gemm_operand dy = batch_cols(dys, K, hw);
+    if (any_dw) {   // dW[g] += dY[g] * in^T: the stacked rows, each group into its own tensor
+        float *dst[GEMM_MAX_GROUPS];
+        int rows[GEMM_MAX_GROUPS], ngo = 0, k0 = 0;
+        // (a group without a gradient still takes its rows: into scratch after the weights)
+        for (int g = 0; g < ng; k0 += Ks[g], g++) {
+            dst[ngo] = dw[g] ? dw[g] : wt + (size_t)k0 * C;
+            rows[ngo++] = Ks[g];
+        }
+        gemm_output c = group_rows(dst, rows, ngo, C, 0, 0);
+        gemm_operand bm = im2col_of(GEMM_IM2COL_T, in, C, H, W, 1, 1, 0);
+        for (int g = 0, k = 0; g < ng; k += Ks[g], g++)
+            if (!dw[g]) memset(wt + (size_t)k * C, 0, sizeof(float) * Ks[g] * C);
+        gemm_ex(&c, &dy, &bm, NULL, K, C, N * hw, GEMM_ACCUMULATE, gws);
+    }
+    if (!din) return;
+    // din += Ws^T dY: Ws^T [C x Ktot] written out once (the GEMM packs rows of A fastest).
+    for (int g = 0, k0 = 0; g < ng; k0 += Ks[g], g++)
+        for (int k = 0; k < Ks[g]; k++)
+            for (int ch = 0; ch < C; ch++) wt[(size_t)ch * K + k0 + k] = w[g][(size_t)k * C + ch];
+    gemm_operand a = {.kind = GEMM_DENSE, .p = wt, .rs = K, .cs = 1};
+    gemm_output c = {.p = din, .ldc = hw, .fold = hw, .fold_stride = (ptrdiff_t)C * hw};
+    gemm_ex(&c, &a, &dy, NULL, C, N * hw, K, GEMM_ACCUMULATE, gws);
+}
+
 void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, const float *in,
                           const float *w, int N, int C, int H, int W, int K, int k, int stride,
                           int pad, float *ws) {

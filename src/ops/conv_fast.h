@@ -59,6 +59,23 @@ int conv2d_fast_forward_packed_split(float *const *outs, const ptrdiff_t *out_st
                                      const float *packed, const float *b, int N, int C, int H,
                                      int W, int relu, float *ws);
 
+// Training's counterpart: 1x1 stride-1 convolutions of one input in [N,C,H,W] with weights
+// w[g] [Ks[g],C] and biases b[g] (or NULL; b itself may be NULL), g < ng <= 4, as one GEMM on
+// the stacked weights: one pass over the input and taller tiles than a narrow conv alone gets
+// (an Inception module's 1x1, 3x3-reduce and 5x5-reduce: 16 to 48 rows for the last).
+// Forward: outs[g] [N,Ks[g],H,W] overwritten, bit for bit conv2d_fast_forward's of each conv.
+// Backward: dw[g] and db[g] (NULL: skipped) accumulate as conv2d_fast_backward's would, bit for
+// bit; din (NULL: skipped) += the sum over the group in one GEMM of depth sum(Ks) (rounded
+// differently from one conv at a time). ws: conv2d_fast_1x1_group_workspace_size floats.
+size_t conv2d_fast_1x1_group_workspace_size(int N, int C, int H, int W, int Ktot);
+void conv2d_fast_1x1_group_forward(float *const *outs, const float *in, const float *const *w,
+                                   const float *const *b, const int *Ks, int ng, int N, int C,
+                                   int H, int W, float *ws);
+void conv2d_fast_1x1_group_backward(float *din, float *const *dw, float *const *db,
+                                    const float *const *douts, const float *in,
+                                    const float *const *w, const int *Ks, int ng, int N, int C,
+                                    int H, int W, float *ws);
+
 // Accumulates (+=) into din [N,C,H,W], dw [K,C,k,k] and db [K]; any of them may be NULL.
 void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, const float *in,
                           const float *w, int N, int C, int H, int W, int K, int k, int stride,

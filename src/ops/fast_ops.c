@@ -1055,13 +1055,17 @@ void tensor_fast_add(float *dst, const float *src, size_t n) { ew_run(EW_ADD, ds
 
 void dropout_fast_forward(float *out, float *mask, const float *in, size_t n, float p, rng *r) {
     // The draws are sequential by nature; only the multiply is spread over the threads.
+    // rng_uniform(r) < p, with the state in registers: the uniform is k * 2^-53 for the top 53
+    // bits k of a draw, so the test is k < p * 2^53 (exact in double), i.e. k < its ceiling.
     const float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
-    for (size_t i = 0; i < n; i++) {
-        float m;
-        if (p <= 0.0f) m = 1.0f;
-        else if (p >= 1.0f) m = 0.0f;
-        else m = rng_uniform(r) < p ? 0.0f : scale;
-        mask[i] = m;
+    if (p <= 0.0f || p >= 1.0f) {
+        for (size_t i = 0; i < n; i++) mask[i] = p <= 0.0f ? 1.0f : 0.0f;
+    } else {
+        const uint64_t threshold = (uint64_t)ceil((double)p * 0x1.0p53);
+        rng s = *r;
+        for (size_t i = 0; i < n; i++)   // (branch-free: a kept element is a coin flip)
+            mask[i] = scale * (float)(rng_u64(&s) >> 11 >= threshold);
+        *r = s;
     }
     ew_run(EW_MUL, out, in, mask, n);
 }
