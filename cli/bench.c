@@ -17,7 +17,8 @@ static int cmp_double(const void *a, const void *b) {
 }
 
 // --layers: milliseconds per pass of each node that took time (in inference, a conv's time
-// includes the BN and ReLU folded into it), then totals per kind of op.
+// includes the BN and ReLU folded into it; a merged group's 1x1 convs are timed as their lead),
+// then totals per kind of op.
 static void print_layers(const model *m, const double *prof, int iters) {
     const double *fwd = prof, *bwd = prof + m->n_nodes;
     double total = 0, by_op[OP_COUNT][2] = {{0}};
@@ -31,10 +32,10 @@ static void print_layers(const model *m, const double *prof, int iters) {
         if (fwd[i] + bwd[i] < 1e-3 * total) continue;   // under 0.1 %: folded, fused, trivial
         char shape[32];
         snprintf(shape, sizeof shape, "%dx%dx%d", n->C, n->H, n->W);
-        // forward MACs once, backward twice (input and weight gradients); at inference a
-        // merged 1x1 GEMM's row does the MACs of its whole group
+        // forward MACs once, backward twice (input and weight gradients); a merged 1x1
+        // GEMM's row does the MACs of its whole group (inference folded or not, training)
         double macs = (double)n->macs;
-        if (bwd[i] == 0 && n->merge_lead == i && m->fold && !m->reference)
+        if (n->merge_lead == i && !m->reference)
             for (int j = i + 1; j < m->n_nodes; j++)
                 if (m->nodes[j].merge_lead == i) macs += (double)m->nodes[j].macs;
         const double flops = 2.0 * macs * m->N * (bwd[i] > 0 ? 3 : 1) * iters;

@@ -192,17 +192,22 @@ static void node_uses_raw(const model *m, int i, int flags, node_uses *u) {
             u->fwd_extra[u->n_fwd_extra++] = slot_of(m, m->nodes[ids[g]].fold_to);
         return;
     }
-    // Fast kernels: a BN fused with its ReLU writes the ReLU's output and, in backward, reads
-    // the ReLU's gradient (and recomputes its mask from the BN input); the ReLU does nothing.
+    // Fast kernels: a merged 1x1 conv is computed, forward and backward, by its group's lead.
+    if (!ref && merged_member(m, i)) return;
+    // A BN fused with its ReLU writes the ReLU's output and, in backward, reads the ReLU's
+    // gradient (and recomputes its mask from the BN input); the ReLU does nothing.
     const int fused_bn = !ref && n->fused_relu;
     const int fused_relu = !ref && n->op == OP_RELU && m->nodes[n->in[0]].fused_relu;
     if (!fused_relu) {
         for (int j = 0; j < n->n_in; j++) u->fwd_in[u->n_fwd_in++] = n->in[j];
         u->fwd_out = fused_bn ? i + 1 : i;
     }
+    int ids[MODEL_MAX_MERGE], ng = !ref && n->op == OP_CONV ? merge_group(m, i, ids) : 1;
+    for (int k = 1; k < ng; k++) u->fwd_extra[u->n_fwd_extra++] = ids[k];
     if (!(flags & MODEL_GRAD) || n->op == OP_INPUT || fused_relu) return;
     u->argmax = n->op == OP_MAXPOOL && !ref;
     u->bwd_dout = fused_bn ? i + 1 : i;
+    for (int k = 1; k < ng; k++) u->bwd_dout_extra[u->n_bwd_dout_extra++] = ids[k];
     for (int j = 0; j < n->n_in; j++)   // the network input needs no gradient
         if (m->nodes[n->in[j]].op != OP_INPUT) u->bwd_din[u->n_bwd_din++] = n->in[j];
     switch (n->op) {
@@ -255,9 +260,12 @@ static int workspace_ready(model *m) {
         size_t s = 0;
         if (n->op == OP_CONV) {
             s = conv2d_fast_workspace_size(m->N, a->C, a->H, a->W, n->C, n->k, n->stride, n->pad);
-            if (n->merge_lead == i) {   // the merged GEMM at inference
+            if (n->merge_lead == i) {   // the merged GEMM: inference's, training's
                 size_t g = gemm_workspace_size(fold_rows(m, i), m->N * a->H * a->W, a->C);
+                size_t t = conv2d_fast_1x1_group_workspace_size(m->N, a->C, a->H, a->W,
+                                                                fold_rows(m, i));
                 if (g > s) s = g;
+                if (t > s) s = t;
             }
         }
         else if (n->op == OP_LINEAR) {
@@ -293,6 +301,44 @@ static void conv_backward(model *m, const model_node *n, float *din, const float
     else
         conv2d_fast_backward(din, G(n->weight), db, dout, in, P(n->weight), m->N, C, H, W, n->C,
                              n->k, n->stride, n->pad, m->ws);
+}
+
+// A merged group of 1x1 convs (model_node.merge_lead) led by conv `lead`, outside inference's
+// folding: one GEMM on the stacked weights computes every member's output (forward) and, in
+// the lead's backward (after every member's gradient is in), all their gradients.
+typedef struct {
+    int ng, Ks[MODEL_MAX_MERGE];
+    float *outs[MODEL_MAX_MERGE], *dw[MODEL_MAX_MERGE], *db[MODEL_MAX_MERGE];
+    const float *w[MODEL_MAX_MERGE], *b[MODEL_MAX_MERGE], *douts[MODEL_MAX_MERGE];
+} conv_group;
+
+static conv_group conv_group_of(model *m, int lead) {
+    conv_group g;
+    int ids[MODEL_MAX_MERGE];
+    g.ng = merge_group(m, lead, ids);
+    for (int k = 0; k < g.ng; k++) {
+        const model_node *o = &m->nodes[ids[k]];
+        g.Ks[k] = o->C;
+        g.outs[k] = OUT(ids[k]);
+        g.douts[k] = DOUT(ids[k]);
+        g.w[k] = P(o->weight);
+        g.dw[k] = G(o->weight);
+        g.b[k] = o->bias >= 0 ? P(o->bias) : NULL;
+        g.db[k] = o->bias >= 0 ? G(o->bias) : NULL;
+    }
+    return g;
+}
+
+static void conv_group_forward(model *m, int lead, const float *in, int C, int H, int W) {
+    conv_group g = conv_group_of(m, lead);
+    conv2d_fast_1x1_group_forward(g.outs, in, g.w, g.b, g.Ks, g.ng, m->N, C, H, W, m->ws);
+}
+
+static void conv_group_backward(model *m, int lead, float *din, const float *in, int C, int H,
+                                int W) {
+    conv_group g = conv_group_of(m, lead);
+    conv2d_fast_1x1_group_backward(din, g.dw, g.db, g.douts, in, g.w, g.Ks, g.ng, m->N, C, H, W,
+                                   m->ws);
 }
 
 // out [N,OUT] = in [N,IN] * w[OUT,IN]^T + b
@@ -371,6 +417,10 @@ int model_forward(model *m, const float *x, int flags) {
                                                          C, H, W, n->C, n->k, n->stride, n->pad,
                                                          relu, m->ws))
                     return -1;
+            } else if (!ref && merged_member(m, i)) {
+                break;   // its group's lead computed it
+            } else if (!ref && n->merge_lead == i) {
+                conv_group_forward(m, i, in, C, H, W);
             } else {
                 conv_forward(m, n, out, in, C, H, W);
             }
@@ -486,7 +536,9 @@ static void backward_node(model *m, int i, int training) {
     size_t cnt = (size_t)N * numel(n);
     switch (n->op) {
     case OP_CONV:
-        conv_backward(m, n, din, dout, in, C, H, W);
+        if (!ref && merged_member(m, i)) break;   // its group's lead does it
+        if (!ref && n->merge_lead == i) conv_group_backward(m, i, din, in, C, H, W);
+        else conv_backward(m, n, din, dout, in, C, H, W);
         break;
     case OP_BN: {
         const float *g = P(n->weight);

@@ -74,6 +74,7 @@ int model_plan(model *m, int flags) {
         if (u.argmax) { touch(&nd[i].argmax, f); touch(&nd[i].argmax, b); }
         for (int j = 0; j < u.n_bwd_act; j++) touch(&nd[u.bwd_act[j]].act, b);
         if (u.bwd_dout >= 0) touch(&nd[u.bwd_dout].dact, b);
+        for (int j = 0; j < u.n_bwd_dout_extra; j++) touch(&nd[u.bwd_dout_extra[j]].dact, b);
         for (int j = 0; j < u.n_bwd_din; j++) touch(&nd[u.bwd_din[j]].dact, b);
     }
     // Outputs are read by the caller after the pass (and after backward: the trainer's

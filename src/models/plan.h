@@ -16,6 +16,7 @@ typedef struct {
     int argmax;                             // its forward writes an argmax that backward reads
     int bwd_act[2], n_bwd_act;              // nodes whose output its backward reads
     int bwd_dout;                           // node whose gradient its backward reads, or -1
+    int bwd_dout_extra[MODEL_MAX_MERGE], n_bwd_dout_extra;  // further ones (merged convs)
     int bwd_din[NODE_MAX_IN], n_bwd_din;    // nodes whose gradient its backward adds to
 } node_uses;
 
