@@ -39,27 +39,27 @@ typedef struct {
     int C, H, W, K, k, stride, pad, OH, OW;
 } dense_ctx;
 
-// Rows (o, oy, ox) of Weff [K*OH*OW x C*H*W], split by output channel.
+// Rows (o, oy, ox) of Weff [K*OH*OW x C*H*W], split by output channel. Column (c, y, x) is
+// tap (y - oy*stride + pad, x - ox*stride + pad) of W[o][c] where that lies in the kernel, else
+// 0: which one depends on (oy, ox, y, x) only, so the channels go in the inner loop.
 static void dense_weights_task(void *vctx, int t, int nt) {
     const dense_ctx *d = vctx;
-    const int kk = d->k * d->k, ci = d->C * d->H * d->W;
+    const int kk = d->k * d->k, hw = d->H * d->W, ci = d->C * hw;
     for (int o = (int)((long long)d->K * t / nt); o < (int)((long long)d->K * (t + 1) / nt); o++)
         for (int oy = 0; oy < d->OH; oy++)
             for (int ox = 0; ox < d->OW; ox++) {
                 float *row = d->weff + ((size_t)(o * d->OH + oy) * d->OW + ox) * ci;
-                memset(row, 0, sizeof(float) * ci);
-                for (int c = 0; c < d->C; c++) {
-                    const float *wk = d->w + ((size_t)o * d->C + c) * kk;
-                    float *rc = row + (size_t)c * d->H * d->W;
-                    for (int dy = 0; dy < d->k; dy++) {
-                        int y = oy * d->stride - d->pad + dy;
-                        if (y < 0 || y >= d->H) continue;
-                        for (int dx = 0; dx < d->k; dx++) {
-                            int x = ox * d->stride - d->pad + dx;
-                            if (x >= 0 && x < d->W) rc[y * d->W + x] = wk[dy * d->k + dx];
+                for (int y = 0; y < d->H; y++)
+                    for (int x = 0; x < d->W; x++) {
+                        const int dy = y - oy * d->stride + d->pad, dx = x - ox * d->stride + d->pad;
+                        float *dst = row + y * d->W + x;   // channel c at dst[c*hw]
+                        if (dy < 0 || dy >= d->k || dx < 0 || dx >= d->k) {
+                            for (int c = 0; c < d->C; c++) dst[(size_t)c * hw] = 0.0f;
+                            continue;
                         }
+                        const float *src = d->w + (size_t)o * d->C * kk + dy * d->k + dx;
+                        for (int c = 0; c < d->C; c++) dst[(size_t)c * hw] = src[(size_t)c * kk];
                     }
-                }
             }
 }
 
@@ -70,30 +70,38 @@ static void dense_weights(float *weff, const float *w, int C, int H, int W, int 
     cpu_parallel(dense_weights_task, &d, K);
 }
 
-// dw[o][c][dy][dx] += sum over (oy, ox) of g[(o, oy, ox)][(c, y, x)], the taps Weff spread.
+// dw[o][c][dy][dx] += sum over (oy, ox) of g[(o, oy, ox)][(c, y, x)], the taps Weff spread
+// (in (oy, ox) order; only taps some output reaches). Channels in blocks, innermost.
+enum { DENSE_CBLOCK = 256 };
 static void dense_weights_grad_task(void *vctx, int t, int nt) {
     const dense_ctx *d = vctx;
-    const int kk = d->k * d->k, ci = d->C * d->H * d->W;
-    float *dw = d->dw;
+    const int kk = d->k * d->k, hw = d->H * d->W, ci = d->C * hw;
+    float acc[DENSE_CBLOCK];
     for (int o = (int)((long long)d->K * t / nt); o < (int)((long long)d->K * (t + 1) / nt); o++)
-        for (int c = 0; c < d->C; c++)
+        for (int c0 = 0; c0 < d->C; c0 += DENSE_CBLOCK) {
+            const int nc = d->C - c0 < DENSE_CBLOCK ? d->C - c0 : DENSE_CBLOCK;
             for (int dy = 0; dy < d->k; dy++)
                 for (int dx = 0; dx < d->k; dx++) {
-                    float acc = 0.0f;
                     int any = 0;
+                    for (int c = 0; c < nc; c++) acc[c] = 0.0f;
                     for (int oy = 0; oy < d->OH; oy++) {
-                        int y = oy * d->stride - d->pad + dy;
+                        const int y = oy * d->stride - d->pad + dy;
                         if (y < 0 || y >= d->H) continue;
                         for (int ox = 0; ox < d->OW; ox++) {
-                            int x = ox * d->stride - d->pad + dx;
+                            const int x = ox * d->stride - d->pad + dx;
                             if (x < 0 || x >= d->W) continue;
-                            acc += d->weff[((size_t)(o * d->OH + oy) * d->OW + ox) * ci +
-                                           ((size_t)c * d->H + y) * d->W + x];
+                            const float *g = d->weff +
+                                             ((size_t)(o * d->OH + oy) * d->OW + ox) * ci +
+                                             (size_t)c0 * hw + y * d->W + x;
+                            for (int c = 0; c < nc; c++) acc[c] += g[(size_t)c * hw];
                             any = 1;
                         }
                     }
-                    if (any) dw[((size_t)o * d->C + c) * kk + dy * d->k + dx] += acc;
+                    if (!any) continue;
+                    float *dw = d->dw + ((size_t)o * d->C + c0) * kk + dy * d->k + dx;
+                    for (int c = 0; c < nc; c++) dw[(size_t)c * kk] += acc[c];
                 }
+        }
 }
 
 size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int stride, int pad) {
