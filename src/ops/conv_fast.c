@@ -1,6 +1,7 @@
 // Convolution through gemm_ex(): see conv_fast.h.
 #include "ops/conv_fast.h"
 #include "ops/cpu.h"
+#include "ops/fast_ops.h"
 #include "ops/gemm.h"
 #include "ops/winograd.h"
 #include "util/err.h"
@@ -353,24 +354,6 @@ void conv2d_fast_1x1_group_forward(float *const *outs, const float *in, const fl
     gemm_ex(&c, &a, &bm, any_bias ? bias : NULL, K, N * hw, C, any_bias ? GEMM_BIAS_ROW : 0, gws);
 }
 
-typedef struct {
-    float *dst;
-    const float *const *src;
-    const int *Ks;
-    int ng, N, K, hw;
-} stack_ctx;
-
-// Images [lo, hi) of the stacked gradient: each image's groups one after another.
-static void stack_task(void *vctx, int t, int nt) {
-    const stack_ctx *s = vctx;
-    size_t lo, hi;
-    cpu_part_range((size_t)s->N, t, nt, &lo, &hi);
-    for (size_t n = lo; n < hi; n++)
-        for (int g = 0, k0 = 0; g < s->ng; k0 += s->Ks[g], g++)
-            memcpy(s->dst + (n * s->K + k0) * s->hw, s->src[g] + n * s->Ks[g] * s->hw,
-                   sizeof(float) * s->Ks[g] * s->hw);
-}
-
 void conv2d_fast_1x1_group_backward(float *din, float *const *dw, float *const *db,
                                     const float *const *douts, const float *in,
                                     const float *const *w, const int *Ks, int ng, int N, int C,
@@ -386,8 +369,7 @@ void conv2d_fast_1x1_group_backward(float *din, float *const *dw, float *const *
     if (!any_dw && !din) return;
     float *wt = ws, *dys = ws + round16((size_t)K * C) + round16((size_t)K);
     float *gws = dys + round16((size_t)K * N * hw);
-    stack_ctx s = {dys, douts, Ks, ng, N, K, hw};
-    cpu_parallel(stack_task, &s, cpu_threads_for((size_t)K * N * hw, 1 << 15));
+    concat_fast_forward(dys, douts, Ks, ng, N, hw);   // the gradients stacked per image
     gemm_operand dy = batch_cols(dys, K, hw);
     if (any_dw) {   // dW[g] += dY[g] * in^T: the stacked rows, each group into its own tensor
         float *dst[GEMM_MAX_GROUPS];
