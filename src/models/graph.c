@@ -261,9 +261,9 @@ static int workspace_ready(model *m) {
         if (n->op == OP_CONV) {
             s = conv2d_fast_workspace_size(m->N, a->C, a->H, a->W, n->C, n->k, n->stride, n->pad);
             if (n->merge_lead == i) {   // the merged GEMM: inference's, training's
-                size_t g = gemm_workspace_size(fold_rows(m, i), m->N * a->H * a->W, a->C);
-                size_t t = conv2d_fast_1x1_group_workspace_size(m->N, a->C, a->H, a->W,
-                                                                fold_rows(m, i));
+                const int K = fold_rows(m, i);
+                size_t g = gemm_workspace_size(K, m->N * a->H * a->W, a->C);
+                size_t t = conv2d_fast_1x1_group_workspace_size(m->N, a->C, a->H, a->W, K);
                 if (g > s) s = g;
                 if (t > s) s = t;
             }

@@ -243,6 +243,21 @@ int conv2d_fast_forward_packed_into(float *out, ptrdiff_t out_stride, const floa
     return 0;
 }
 
+// Output rows of the stacked GEMM: group g's start at row0[g] of gp[g], fold stride gfs[g].
+static gemm_output group_rows(float *const *ps, const int *Ks, int ng, ptrdiff_t ldc, int fold,
+                              int hw) {
+    gemm_output c = {.ldc = ldc, .fold = fold, .ngroups = ng};
+    int K = 0;
+    for (int g = 0; g < ng; g++) {
+        c.row0[g] = K;
+        c.gp[g] = ps[g];
+        c.gfs[g] = fold ? (ptrdiff_t)Ks[g] * hw : 0;
+        K += Ks[g];
+    }
+    c.row0[ng] = K;
+    return c;
+}
+
 int conv2d_fast_forward_packed_split(float *const *outs, const ptrdiff_t *out_strides,
                                      const int *Ks, int n_outs, const float *in,
                                      const float *packed, const float *b, int N, int C, int H,
@@ -251,15 +266,10 @@ int conv2d_fast_forward_packed_split(float *const *outs, const ptrdiff_t *out_st
         return err_set("conv2d_fast_forward_packed_split: %d outputs (1 to %d)", n_outs,
                        GEMM_MAX_GROUPS);
     const int hw = H * W;
-    gemm_output c = {.ldc = hw, .fold = hw, .ngroups = n_outs};
-    int K = 0;
-    for (int g = 0; g < n_outs; g++) {
-        c.row0[g] = K;
-        c.gp[g] = outs[g];
-        c.gfs[g] = out_strides && out_strides[g] ? out_strides[g] : (ptrdiff_t)Ks[g] * hw;
-        K += Ks[g];
-    }
-    c.row0[n_outs] = K;
+    gemm_output c = group_rows(outs, Ks, n_outs, hw, hw, hw);
+    for (int g = 0; out_strides && g < n_outs; g++)
+        if (out_strides[g]) c.gfs[g] = out_strides[g];
+    const int K = c.row0[n_outs];
     if (gemm_pack_a_check(packed, K, C) != 0) return -1;
     if (N <= 0 || K <= 0 || hw <= 0) return 0;
     gemm_operand a = {.kind = GEMM_PACKED, .p = packed};
@@ -320,21 +330,6 @@ size_t conv2d_fast_1x1_group_workspace_size(int N, int C, int H, int W, int Ktot
     return round16((size_t)Ktot * C) + round16((size_t)Ktot) + round16((size_t)Ktot * cols) + g;
 }
 
-// Output rows of the stacked GEMM: group g's start at row0[g] of gp[g], fold stride gfs[g].
-static gemm_output group_rows(float *const *ps, const int *Ks, int ng, ptrdiff_t ldc, int fold,
-                              int hw) {
-    gemm_output c = {.ldc = ldc, .fold = fold, .ngroups = ng};
-    int K = 0;
-    for (int g = 0; g < ng; g++) {
-        c.row0[g] = K;
-        c.gp[g] = ps[g];
-        c.gfs[g] = fold ? (ptrdiff_t)Ks[g] * hw : 0;
-        K += Ks[g];
-    }
-    c.row0[ng] = K;
-    return c;
-}
-
 void conv2d_fast_1x1_group_forward(float *const *outs, const float *in, const float *const *w,
                                    const float *const *b, const int *Ks, int ng, int N, int C,
                                    int H, int W, float *ws) {
@@ -373,16 +368,13 @@ void conv2d_fast_1x1_group_backward(float *din, float *const *dw, float *const *
     gemm_operand dy = batch_cols(dys, K, hw);
     if (any_dw) {   // dW[g] += dY[g] * in^T: the stacked rows, each group into its own tensor
         float *dst[GEMM_MAX_GROUPS];
-        int rows[GEMM_MAX_GROUPS], ngo = 0, k0 = 0;
-        // (a group without a gradient still takes its rows: into scratch after the weights)
-        for (int g = 0; g < ng; k0 += Ks[g], g++) {
-            dst[ngo] = dw[g] ? dw[g] : wt + (size_t)k0 * C;
-            rows[ngo++] = Ks[g];
+        // (a group without a gradient still takes its rows: into zeroed scratch, wt's rows)
+        for (int g = 0, k0 = 0; g < ng; k0 += Ks[g], g++) {
+            dst[g] = dw[g] ? dw[g] : wt + (size_t)k0 * C;
+            if (!dw[g]) memset(dst[g], 0, sizeof(float) * Ks[g] * C);
         }
-        gemm_output c = group_rows(dst, rows, ngo, C, 0, 0);
+        gemm_output c = group_rows(dst, Ks, ng, C, 0, 0);
         gemm_operand bm = im2col_of(GEMM_IM2COL_T, in, C, H, W, 1, 1, 0);
-        for (int g = 0, k = 0; g < ng; k += Ks[g], g++)
-            if (!dw[g]) memset(wt + (size_t)k * C, 0, sizeof(float) * Ks[g] * C);
         gemm_ex(&c, &dy, &bm, NULL, K, C, N * hw, GEMM_ACCUMULATE, gws);
     }
     if (!din) return;
