@@ -129,7 +129,7 @@ static void conv_bwd_call(void *p) {
     conv_ctx *c = p;
     const layer *l = c->l;
     conv2d_fast_backward(c->din, c->dw, NULL, c->dout, c->in, c->w, c->N, l->C, l->H, l->H, l->K,
-                         l->k, l->stride, l->pad, c->ws);
+                         l->k, l->stride, l->pad, 0, c->ws);
 }
 
 int main(int argc, char **argv) {

@@ -131,13 +131,34 @@ static fast_result fast_run(const cshape *s, const float *in, const float *w, co
     conv2d_fast_forward(r.out, in, w, b, s->N, s->C, s->H, s->W, s->K, s->k, s->stride, s->pad,
                         relu, ws.p);
     conv2d_fast_backward(r.din, r.dw, r.db, dout, in, w, s->N, s->C, s->H, s->W, s->K, s->k,
-                         s->stride, s->pad, ws.p);
+                         s->stride, s->pad, 0, ws.p);
     r.ws_ok = guarded_intact(&ws);
     guarded_free(&ws);
     return r;
 }
 
 static void fast_free(fast_result *r) { free(r->out), free(r->din), free(r->dw), free(r->db); }
+
+// din_overwrite: din = the gradient whatever it held (NaN here), as adding it to zeros gives;
+// dw alongside unchanged.
+static int overwrite_same(const cshape *s, const float *in, const float *w, const float *dout,
+                          const float *dw0) {
+    const size_t ni = (size_t)s->N * s->C * s->H * s->W, nw = (size_t)s->K * s->C * s->k * s->k;
+    float *a = calloc(ni, sizeof(float)), *b = malloc(ni * sizeof(float));
+    float *dwa = copy_buf(dw0, nw), *dwb = copy_buf(dw0, nw);
+    for (size_t i = 0; i < ni; i++) b[i] = NAN;
+    float *ws = malloc(
+        conv2d_fast_workspace_size(s->N, s->C, s->H, s->W, s->K, s->k, s->stride, s->pad) *
+        sizeof(float));
+    conv2d_fast_backward(a, dwa, NULL, dout, in, w, s->N, s->C, s->H, s->W, s->K, s->k,
+                         s->stride, s->pad, 0, ws);
+    conv2d_fast_backward(b, dwb, NULL, dout, in, w, s->N, s->C, s->H, s->W, s->K, s->k,
+                         s->stride, s->pad, 1, ws);
+    int ok = memcmp(dwa, dwb, nw * sizeof(float)) == 0;
+    for (size_t i = 0; i < ni; i++) ok &= a[i] == b[i];
+    free(a), free(b), free(dwa), free(dwb), free(ws);
+    return ok;
+}
 
 static int fast_equal(const fast_result *a, const fast_result *b, size_t no, size_t ni,
                       size_t nw, size_t nb) {
@@ -198,8 +219,8 @@ static void test_level(cpu_isa_level level) {
     rng_seed(&r, 99 + level);
     double worst_fwd = 0, worst_bwd = 0, worst_ref_fwd = 0, worst_ref_bwd = 0;
     char at_fwd[128] = "", at_bwd[128] = "", at_same[160] = "";
-    int same = 1, ws_ok = 1, packed_ok = 1, n_dense = 0, n_wino_din = 0;
-    char at_packed[160] = "";
+    int same = 1, ws_ok = 1, packed_ok = 1, n_dense = 0, n_wino_din = 0, overwrite_ok = 1;
+    char at_packed[160] = "", at_overwrite[128] = "";
     for (int i = 0; i < N_FIXED + N_RANDOM; i++) {
         cshape s = shape_at(i, &r);
         int OH = osize(s.H, s.k, s.stride, s.pad), OW = osize(s.W, s.k, s.stride, s.pad);
@@ -239,6 +260,10 @@ static void test_level(cpu_isa_level level) {
                                   fmax(err_vs_float(f.dw, rdw, e.dw_mag, nw),
                                        err_vs_float(f.db, rdb, e.db_mag, s.K))));
         free(rout), free(rdin), free(rdw), free(rdb);
+        if (overwrite_ok && !overwrite_same(&s, in, w, dout, dw0)) {
+            overwrite_ok = 0;
+            snprintf(at_overwrite, sizeof at_overwrite, " (differs at %s)", where);
+        }
 
         // pre-packed weights: the same bits as conv2d_fast_forward, except where that takes the
         // dense path (the packed forward never does): there within the tolerance
@@ -302,6 +327,8 @@ static void test_level(cpu_isa_level level) {
            "conv_fast %s forward with packed weights bit-identical (direct where the unpacked one "
            "is dense or Winograd)%s%s",
            name, packed_ok ? "" : ", not at ", at_packed);
+    result(overwrite_ok, "conv_fast %s backward with din_overwrite = adding to zeros%s", name,
+           at_overwrite);
     result(n_dense >= 8, "conv_fast %s: %d shapes took the dense path", name, n_dense);
     result(n_wino_din >= 3, "conv_fast %s: %d shapes took Winograd for din", name, n_wino_din);
 }
@@ -428,7 +455,7 @@ static group_result group_run(const gshape *s, const float *in, float *const *w,
                                   s->H, s->W, ws.p);
     conv2d_fast_1x1_group_backward(r.din, r.dw, s->bias ? r.db : NULL,
                                    (const float *const *)dout, in, (const float *const *)w, s->Ks,
-                                   ng, s->N, s->C, s->H, s->W, ws.p);
+                                   ng, s->N, s->C, s->H, s->W, 0, ws.p);
     r.ws_ok = guarded_intact(&ws);
     guarded_free(&ws);
     return r;
@@ -447,7 +474,7 @@ static void test_groups(cpu_isa_level level) {
     }
     rng r;
     rng_seed(&r, 7 + level);
-    int same_single = 1, same_threads = 1, ws_ok = 1;
+    int same_single = 1, same_threads = 1, ws_ok = 1, overwrite_ok = 1;
     double worst_din = 0;
     char at[160] = "";
     for (size_t si = 0; si < sizeof groups / sizeof groups[0]; si++) {
@@ -479,7 +506,7 @@ static void test_groups(cpu_isa_level level) {
             conv2d_fast_forward(out, in, w[g], s->bias ? b[g] : NULL, s->N, s->C, s->H, s->W, Kg,
                                 1, 1, 0, 0, ws);
             conv2d_fast_backward(scratch, dw, s->bias ? db : NULL, dout[g], in, w[g], s->N, s->C,
-                                 s->H, s->W, Kg, 1, 1, 0, ws);
+                                 s->H, s->W, Kg, 1, 1, 0, 0, ws);
             int ok = memcmp(out, gr.out[g], no * sizeof(float)) == 0 &&
                      memcmp(dw, gr.dw[g], nw * sizeof(float)) == 0 &&
                      memcmp(db, gr.db[g], Kg * sizeof(float)) == 0;
@@ -513,6 +540,22 @@ static void test_groups(cpu_isa_level level) {
             ws_ok &= o.ws_ok;
             group_free(&o, ng);
         }
+        {   // din_overwrite (NaN before) against adding to zeros
+            float *a = calloc(ni, sizeof(float)), *o = malloc(ni * sizeof(float));
+            for (size_t i = 0; i < ni; i++) o[i] = NAN;
+            int K = 0;
+            for (int g = 0; g < ng; g++) K += s->Ks[g];
+            float *ws = malloc(conv2d_fast_1x1_group_workspace_size(s->N, s->C, s->H, s->W, K) *
+                               sizeof(float));
+            conv2d_fast_1x1_group_backward(a, NULL, NULL, (const float *const *)dout, in,
+                                           (const float *const *)w, s->Ks, ng, s->N, s->C, s->H,
+                                           s->W, 0, ws);
+            conv2d_fast_1x1_group_backward(o, NULL, NULL, (const float *const *)dout, in,
+                                           (const float *const *)w, s->Ks, ng, s->N, s->C, s->H,
+                                           s->W, 1, ws);
+            for (size_t i = 0; i < ni; i++) overwrite_ok &= a[i] == o[i];
+            free(a), free(o), free(ws);
+        }
         group_free(&gr, ng);
         free(exact), free(mag), free(in), free(din0);
         for (int g = 0; g < ng; g++) free(w[g]), free(b[g]), free(dout[g]), free(dw0[g]), free(db0[g]);
@@ -523,6 +566,7 @@ static void test_groups(cpu_isa_level level) {
     result(worst_din <= TOL_EXACT, "conv_fast 1x1 groups %s: din vs double sum (worst %.2g)", name,
            worst_din);
     result(same_threads, "conv_fast 1x1 groups %s bit-identical for 1, 2, 3 threads", name);
+    result(overwrite_ok, "conv_fast 1x1 groups %s: din_overwrite = adding to zeros", name);
     result(ws_ok, "conv_fast 1x1 groups %s stay inside their workspace size", name);
 }
 

@@ -117,8 +117,8 @@ static double rel_err(const float *got, const float *ref, size_t n) {
     return worst;
 }
 
-// Results of one op: up to 8 float arrays compared as a group.
-enum { MAX_OUTS = 8 };
+// Results of one op: up to 12 float arrays compared as a group.
+enum { MAX_OUTS = 12 };
 typedef struct {
     const char *name[MAX_OUTS];
     float *v[MAX_OUTS];
@@ -436,13 +436,19 @@ static void mp_run_fast(outputs *o, void *ctx) {
                          : memcmp(&out[i], &c->x[p * c->H * c->W + a], sizeof(float)) != 0)
             c->argmax_bad = 1;
     }
-    maxpool2d_fast_backward(din, c->dout, arg, c->N, c->C, c->H, c->W, c->k, c->s, c->pad, c->ceil);
+    maxpool2d_fast_backward(din, c->dout, arg, c->N, c->C, c->H, c->W, c->k, c->s, c->pad, c->ceil,
+                            0);
     maxpool2d_fast_backward(NULL, c->dout, arg, c->N, c->C, c->H, c->W, c->k, c->s, c->pad,
-                            c->ceil);
+                            c->ceil, 0);
+    float *dset = buf_new(ni);   // overwrite: whatever din held (NaN) is never read
+    for (size_t i = 0; i < ni; i++) dset[i] = NAN;
+    maxpool2d_fast_backward(dset, c->dout, arg, c->N, c->C, c->H, c->W, c->k, c->s, c->pad,
+                            c->ceil, 1);
     free(arg);
     free(out2);
     outputs_add(o, "out", out, no, 1);
     outputs_add(o, "din", din, ni, 1);
+    outputs_add(o, "din overwritten", dset, ni, 1);
 }
 
 static int mp_test(int N, int C, int H, int W, int k, int s, int pad, int ceil, int nan, rng *r) {
@@ -456,8 +462,11 @@ static int mp_test(int N, int C, int H, int W, int k, int s, int pad, int ceil, 
     float *out = buf_new(no), *din = buf_copy(c.din0, ni);
     maxpool2d_forward(out, c.x, N, C, H, W, k, s, pad, ceil);
     maxpool2d_backward(din, c.dout, c.x, N, C, H, W, k, s, pad, ceil);
+    float *dzero = calloc(ni, sizeof(float));
+    maxpool2d_backward(dzero, c.dout, c.x, N, C, H, W, k, s, pad, ceil);
     outputs_add(&ref, "out", out, no, 1);
     outputs_add(&ref, "din", din, ni, 1);
+    outputs_add(&ref, "din overwritten", dzero, ni, 1);
     char what[128];
     snprintf(what, sizeof what, "maxpool N=%d C=%d %dx%d k=%d s=%d pad=%d ceil=%d%s", N, C, H, W,
              k, s, pad, ceil, nan ? " NaN" : "");
@@ -505,7 +514,8 @@ static void test_maxpool(rng *r) {
         count++;
     }
     result(ok, "maxpool2d_fast with argmax: %d cases x %d configs, out and din bit-identical to "
-               "the reference (ties, -inf planes, NaN, ceil tails)", count, n_configs);
+               "the reference (ties, -inf planes, NaN, ceil tails; din added to and overwritten)", count,
+           n_configs);
 }
 
 // ---- adaptive average pool ----
@@ -569,10 +579,21 @@ static void cat_run_fast(outputs *o, void *ctx) {
     float *dins[4] = {0};
     for (int i = 0; i < c->n_in; i++)
         if (i != c->null_in) dins[i] = buf_copy(c->din0[i], (size_t)c->N * c->Cs[i] * c->HW);
-    concat_fast_backward(dins, c->dout, c->Cs, c->n_in, c->N, c->HW);
+    concat_fast_backward(dins, c->dout, c->Cs, c->n_in, c->N, c->HW, 0);
+    // overwriting inputs 0 and 2 (NaN before), adding into the others
+    float *dset[4] = {0};
+    for (int i = 0; i < c->n_in; i++)
+        if (i != c->null_in) {
+            const size_t len = (size_t)c->N * c->Cs[i] * c->HW;
+            dset[i] = buf_copy(c->din0[i], len);
+            for (size_t e = 0; i % 2 == 0 && e < len; e++) dset[i][e] = NAN;
+        }
+    concat_fast_backward(dset, c->dout, c->Cs, c->n_in, c->N, c->HW, 5u);
     outputs_add(o, "out", out, c->total, 1);
     for (int i = 0; i < c->n_in; i++)
         if (dins[i]) outputs_add(o, "din", dins[i], (size_t)c->N * c->Cs[i] * c->HW, 1);
+    for (int i = 0; i < c->n_in; i++)
+        if (dset[i]) outputs_add(o, "din overwritten", dset[i], (size_t)c->N * c->Cs[i] * c->HW, 1);
 }
 
 static void test_concat(rng *r) {
@@ -597,9 +618,19 @@ static void test_concat(rng *r) {
         for (int i = 0; i < c.n_in; i++)
             if (i != c.null_in) dins[i] = buf_copy(c.din0[i], (size_t)c.N * c.Cs[i] * c.HW);
         concat_backward(dins, c.dout, c.Cs, c.n_in, c.N, c.HW);
+        float *dset[4] = {0};   // inputs 0 and 2 from zeros, the others from din0
+        for (int i = 0; i < c.n_in; i++)
+            if (i != c.null_in) {
+                const size_t len = (size_t)c.N * c.Cs[i] * c.HW;
+                dset[i] = i % 2 == 0 ? calloc(len, sizeof(float)) : buf_copy(c.din0[i], len);
+            }
+        concat_backward(dset, c.dout, c.Cs, c.n_in, c.N, c.HW);
         outputs_add(&ref, "out", out, c.total, 1);
         for (int i = 0; i < c.n_in; i++)
             if (dins[i]) outputs_add(&ref, "din", dins[i], (size_t)c.N * c.Cs[i] * c.HW, 1);
+        for (int i = 0; i < c.n_in; i++)
+            if (dset[i])
+                outputs_add(&ref, "din overwritten", dset[i], (size_t)c.N * c.Cs[i] * c.HW, 1);
         char what[64];
         snprintf(what, sizeof what, "concat of %d, N=%d HW=%d", c.n_in, c.N, c.HW);
         ok &= check_all_configs(cat_run_fast, &c, &ref, what);
@@ -607,7 +638,8 @@ static void test_concat(rng *r) {
         for (int i = 0; i < c.n_in; i++) free(c.ins[i]), free(c.din0[i]);
         free(c.dout);
     }
-    result(ok, "concat_fast forward/backward bit-identical to the reference (NULL gradients too)");
+    result(ok, "concat_fast forward/backward bit-identical to the reference (NULL gradients, "
+               "overwritten ones too)");
 }
 
 // ---- dropout and the buffer helpers ----

@@ -293,14 +293,14 @@ static void conv_forward(model *m, const model_node *n, float *out, const float 
 }
 
 static void conv_backward(model *m, const model_node *n, float *din, const float *dout,
-                          const float *in, int C, int H, int W) {
+                          const float *in, int C, int H, int W, int din_overwrite) {
     float *db = n->bias >= 0 ? G(n->bias) : NULL;
     if (m->reference)
         conv2d_backward(din, G(n->weight), db, dout, in, P(n->weight), m->N, C, H, W, n->C, n->k,
                         n->stride, n->pad);
     else
         conv2d_fast_backward(din, G(n->weight), db, dout, in, P(n->weight), m->N, C, H, W, n->C,
-                             n->k, n->stride, n->pad, m->ws);
+                             n->k, n->stride, n->pad, din_overwrite, m->ws);
 }
 
 // A merged group of 1x1 convs (model_node.merge_lead) led by conv `lead`, outside inference's
@@ -335,10 +335,10 @@ static void conv_group_forward(model *m, int lead, const float *in, int C, int H
 }
 
 static void conv_group_backward(model *m, int lead, float *din, const float *in, int C, int H,
-                                int W) {
+                                int W, int din_overwrite) {
     conv_group g = conv_group_of(m, lead);
     conv2d_fast_1x1_group_backward(din, g.dw, g.db, g.douts, in, g.w, g.Ks, g.ng, m->N, C, H, W,
-                                   m->ws);
+                                   din_overwrite, m->ws);
 }
 
 // out [N,OUT] = in [N,IN] * w[OUT,IN]^T + b
@@ -508,19 +508,23 @@ int model_forward(model *m, const float *x, int flags) {
 
 static int is_output(const model *m, int i) { return i == m->logits || i == m->aux1 || i == m->aux2; }
 
-// Whether node j's gradient needs no zeroing before backward: its one consumer is a batch norm
-// in training on the fast path, which writes that gradient whole (BN_DIN_OVERWRITE) before
-// anything reads it. Most conv outputs: it spares zeroing about half the gradient memory.
-static int dact_overwritten(const model *m, int j, int training) {
-    if (m->reference || !training || is_output(m, j)) return 0;
-    int consumer = -1;
-    for (int i = 0; i < m->n_nodes; i++)
-        for (int t = 0; t < m->nodes[i].n_in; t++)
-            if (m->nodes[i].in[t] == j) {
-                if (consumer >= 0) return 0;
-                consumer = i;
-            }
-    return consumer >= 0 && m->nodes[consumer].op == OP_BN && runs(&m->nodes[consumer], training);
+// Whether node i's backward writes the gradient of its input j whole and is the first to write
+// it (the plan starts that gradient's slot at i's step): then i overwrites it (the fast kernels'
+// overwrite flags) and nothing zeroes it first; consumers that run later add to it. Saves a
+// pass over nearly every activation gradient, and the GEMMs' read of C.
+static int din_overwrites(const model *m, int i, int j, int training) {
+    const model_node *n = &m->nodes[i];
+    const model_slot *s = &m->nodes[j].dact;
+    if (m->reference || is_output(m, j) || !s->floats || s->first != plan_bwd_step(m, i))
+        return 0;
+    int reads = 0;
+    for (int t = 0; t < n->n_in; t++) reads |= n->in[t] == j;
+    if (!reads) return 0;
+    switch (n->op) {
+    case OP_BN: return training;   // (eval mode's backward adds)
+    case OP_CONV: case OP_CONCAT: case OP_MAXPOOL: return 1;
+    default: return 0;
+    }
 }
 
 // Backward of node i (the caller checked that it runs and is not the input).
@@ -532,13 +536,14 @@ static void backward_node(model *m, int i, int training) {
     const float *in = IN(n->in[0]);
     // The network input needs no gradient.
     float *din = a->op == OP_INPUT ? NULL : DOUT(n->in[0]);
+    const int overwrite = din && din_overwrites(m, i, n->in[0], training);
     int C = a->C, H = a->H, W = a->W;
     size_t cnt = (size_t)N * numel(n);
     switch (n->op) {
     case OP_CONV:
         if (!ref && merged_member(m, i)) break;   // its group's lead does it
-        if (!ref && n->merge_lead == i) conv_group_backward(m, i, din, in, C, H, W);
-        else conv_backward(m, n, din, dout, in, C, H, W);
+        if (!ref && n->merge_lead == i) conv_group_backward(m, i, din, in, C, H, W, overwrite);
+        else conv_backward(m, n, din, dout, in, C, H, W, overwrite);
         break;
     case OP_BN: {
         const float *g = P(n->weight);
@@ -553,8 +558,7 @@ static void backward_node(model *m, int i, int training) {
             else
                 batchnorm2d_fast_backward_train(
                     din, G(n->weight), G(n->bias), d, in, g, mean, invstd, affine, N, C, H * W,
-                    (relu ? BN_FUSED_RELU : 0) |
-                        (din && dact_overwritten(m, n->in[0], training) ? BN_DIN_OVERWRITE : 0));
+                    (relu ? BN_FUSED_RELU : 0) | (overwrite ? BN_DIN_OVERWRITE : 0));
         } else if (ref) {
             batchnorm2d_backward_eval(din, G(n->weight), G(n->bias), d, in, g,
                                       P(n->running_mean), P(n->running_var), N, C, H * W,
@@ -572,13 +576,15 @@ static void backward_node(model *m, int i, int training) {
     case OP_CONCAT: {
         float *dins[NODE_MAX_IN];
         int Cs[NODE_MAX_IN];
+        unsigned ow = 0;
         for (int j = 0; j < n->n_in; j++) {
             const model_node *b = &m->nodes[n->in[j]];
             dins[j] = b->op == OP_INPUT ? NULL : DOUT(n->in[j]);
             Cs[j] = b->C;
+            if (dins[j] && din_overwrites(m, i, n->in[j], training)) ow |= 1u << j;
         }
         if (ref) concat_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
-        else concat_fast_backward(dins, dout, Cs, n->n_in, N, n->H * n->W);
+        else concat_fast_backward(dins, dout, Cs, n->n_in, N, n->H * n->W, ow);
         break;
     }
     default:
@@ -594,7 +600,7 @@ static void backward_node(model *m, int i, int training) {
                 maxpool2d_backward(din, dout, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
             else
                 maxpool2d_fast_backward(din, dout, (const int32_t *)OUT_ARGMAX(n), N, C, H, W,
-                                        n->k, n->stride, n->pad, n->ceil_mode);
+                                        n->k, n->stride, n->pad, n->ceil_mode, overwrite);
             break;
         case OP_AVGPOOL:
             avgpool2d_backward(din, dout, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode,
@@ -631,10 +637,11 @@ int model_backward(model *m) {
     const int training = m->ran_flags & MODEL_TRAIN;
     for (int i = m->n_nodes - 1; i >= 0; i--) {
         const int step = plan_bwd_step(m, i);
-        // Gradients coming into use now start at zero (the outputs' hold the caller's).
+        // Gradients coming into use now start at zero (the outputs' hold the caller's), unless
+        // this node writes them whole.
         for (int j = 0; j < m->n_nodes; j++) {
             const model_slot *s = &m->nodes[j].dact;
-            if (!s->floats || s->first != step || is_output(m, j) || dact_overwritten(m, j, training))
+            if (!s->floats || s->first != step || is_output(m, j) || din_overwrites(m, i, j, training))
                 continue;
             if (m->reference) memset(m->arena + s->off, 0, s->floats * sizeof(float));
             else tensor_fast_zero(m->arena + s->off, s->floats);

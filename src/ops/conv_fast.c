@@ -352,7 +352,7 @@ void conv2d_fast_1x1_group_forward(float *const *outs, const float *in, const fl
 void conv2d_fast_1x1_group_backward(float *din, float *const *dw, float *const *db,
                                     const float *const *douts, const float *in,
                                     const float *const *w, const int *Ks, int ng, int N, int C,
-                                    int H, int W, float *ws) {
+                                    int H, int W, int din_overwrite, float *ws) {
     const int hw = H * W;
     int K = 0;
     for (int g = 0; g < ng; g++) K += Ks[g];
@@ -384,15 +384,16 @@ void conv2d_fast_1x1_group_backward(float *din, float *const *dw, float *const *
             for (int ch = 0; ch < C; ch++) wt[(size_t)ch * K + k0 + k] = w[g][(size_t)k * C + ch];
     gemm_operand a = {.kind = GEMM_DENSE, .p = wt, .rs = K, .cs = 1};
     gemm_output c = {.p = din, .ldc = hw, .fold = hw, .fold_stride = (ptrdiff_t)C * hw};
-    gemm_ex(&c, &a, &dy, NULL, C, N * hw, K, GEMM_ACCUMULATE, gws);
+    gemm_ex(&c, &a, &dy, NULL, C, N * hw, K, din_overwrite ? 0 : GEMM_ACCUMULATE, gws);
 }
 
 void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, const float *in,
                           const float *w, int N, int C, int H, int W, int K, int k, int stride,
-                          int pad, float *ws) {
+                          int pad, int din_overwrite, float *ws) {
     int OH = out_size(H, k, stride, pad), OW = out_size(W, k, stride, pad);
     if (N <= 0 || K <= 0 || OH <= 0 || OW <= 0) return;
     int ckk = C * k * k, ohw = OH * OW;
+    const int din_acc = din_overwrite ? 0 : GEMM_ACCUMULATE;
 
     if (db) bias_grad(db, dout, N, K, ohw);
 
@@ -406,7 +407,7 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
         }
         if (din) {  // din += dout * Weff
             dense_weights(g, w, C, H, W, K, k, stride, pad);
-            gemm(din, ci, dout, ko, g, ci, NULL, N, ci, ko, GEMM_ACCUMULATE, gws);
+            gemm(din, ci, dout, ko, g, ci, NULL, N, ci, ko, din_acc, gws);
         }
         return;
     }
@@ -437,8 +438,8 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
         // A 3x3 one may go to Winograd like a forward convolution, accumulating into din.
         int m = k == 3 ? winograd_use(N, K, OH, OW, C, k - 1 - pad) : 0;
         if (m) {
-            winograd_forward_ex(din, 0, dout, wt, NULL, N, K, OH, OW, C, k - 1 - pad, 0, 1, m,
-                                ws + round16((size_t)C * K * kk));
+            winograd_forward_ex(din, 0, dout, wt, NULL, N, K, OH, OW, C, k - 1 - pad, 0,
+                                !din_overwrite, m, ws + round16((size_t)C * K * kk));
             return;
         }
         gemm_operand a = {.kind = GEMM_DENSE, .p = wt, .rs = (ptrdiff_t)K * kk, .cs = 1};
@@ -446,11 +447,12 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
                                  : im2col_of(GEMM_IM2COL, dout, K, OH, OW, k, 1, k - 1 - pad);
         gemm_output c = {.p = din, .ldc = H * W, .fold = H * W,
                          .fold_stride = (ptrdiff_t)C * H * W};
-        gemm_ex(&c, &a, &bm, NULL, C, N * H * W, K * kk, GEMM_ACCUMULATE,
+        gemm_ex(&c, &a, &bm, NULL, C, N * H * W, K * kk, din_acc,
                 ws + round16((size_t)C * K * kk));
     } else {  // per image: dcol = W^T * dout[n], then scatter-add
         float *dcol = ws;
         float *gws = ws + round16((size_t)ckk * ohw);
+        if (din_overwrite) memset(din, 0, sizeof(float) * N * C * H * W);
         for (int n = 0; n < N; n++) {
             gemm(dcol, ohw, w, ckk, dout + (size_t)n * K * ohw, ohw, NULL, ckk, ohw, K,
                  GEMM_TRANS_A, gws);

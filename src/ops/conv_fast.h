@@ -66,7 +66,8 @@ int conv2d_fast_forward_packed_split(float *const *outs, const ptrdiff_t *out_st
 // Forward: outs[g] [N,Ks[g],H,W] overwritten, bit for bit conv2d_fast_forward's of each conv.
 // Backward: dw[g] and db[g] (NULL: skipped) accumulate as conv2d_fast_backward's would, bit for
 // bit; din (NULL: skipped) += the sum over the group in one GEMM of depth sum(Ks) (rounded
-// differently from one conv at a time). ws: conv2d_fast_1x1_group_workspace_size floats.
+// differently from one conv at a time), or = it with din_overwrite.
+// ws: conv2d_fast_1x1_group_workspace_size floats.
 size_t conv2d_fast_1x1_group_workspace_size(int N, int C, int H, int W, int Ktot);
 void conv2d_fast_1x1_group_forward(float *const *outs, const float *in, const float *const *w,
                                    const float *const *b, const int *Ks, int ng, int N, int C,
@@ -74,9 +75,10 @@ void conv2d_fast_1x1_group_forward(float *const *outs, const float *in, const fl
 void conv2d_fast_1x1_group_backward(float *din, float *const *dw, float *const *db,
                                     const float *const *douts, const float *in,
                                     const float *const *w, const int *Ks, int ng, int N, int C,
-                                    int H, int W, float *ws);
+                                    int H, int W, int din_overwrite, float *ws);
 
 // Accumulates (+=) into din [N,C,H,W], dw [K,C,k,k] and db [K]; any of them may be NULL.
+// din_overwrite: din = its gradient instead (its old contents never read: no zeroing needed).
 void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, const float *in,
                           const float *w, int N, int C, int H, int W, int K, int k, int stride,
-                          int pad, float *ws);
+                          int pad, int din_overwrite, float *ws);

@@ -1086,6 +1086,7 @@ typedef struct {
     size_t planes;
     int H, W, OH, OW, k, s, pad;
     const mp_table *table;  // NULL: the row kernel
+    int overwrite;          // max pool backward: out = the gradient (else +=)
 } pool_job;
 
 static void maxpool_fwd_task(void *ctx, int t, int nt) {
@@ -1157,6 +1158,7 @@ static void maxpool_bwd_task(void *ctx, int t, int nt) {
         float *dx = j->out + p * ip;
         const float *g = j->in + p * op;
         const int32_t *a = j->carg + p * op;
+        if (j->overwrite) memset(dx, 0, ip * sizeof(float));   // here, while the plane is hot
         // The unsigned compare also skips -1 (an all-padding window) and keeps a stale or
         // corrupt index from writing outside the plane.
         for (size_t i = 0; i < op; i++)
@@ -1165,10 +1167,11 @@ static void maxpool_bwd_task(void *ctx, int t, int nt) {
 }
 
 void maxpool2d_fast_backward(float *din, const float *dout, const int32_t *argmax, int N, int C,
-                             int H, int W, int k, int stride, int pad, int ceil_mode) {
+                             int H, int W, int k, int stride, int pad, int ceil_mode,
+                             int overwrite) {
     if (!din) return;
     pool_job j = {.out = din, .carg = argmax, .in = dout, .planes = (size_t)N * C, .H = H,
-                  .W = W, .OH = pool_out_size(H, k, stride, pad, ceil_mode),
+                  .W = W, .overwrite = overwrite, .OH = pool_out_size(H, k, stride, pad, ceil_mode),
                   .OW = pool_out_size(W, k, stride, pad, ceil_mode)};
     int nt = threads_for(j.planes * H * W);
     cpu_parallel(maxpool_bwd_task, &j, nt);
@@ -1283,6 +1286,7 @@ typedef struct {
     const float *dout;
     const int *Cs;
     int n_in, N, HW, Ctot;
+    unsigned overwrite;   // backward: bit i set: dins[i] = its slice (else += it)
 } concat_job;
 
 static void concat_task(void *ctx, int t, int nt) {
@@ -1296,6 +1300,8 @@ static void concat_task(void *ctx, int t, int nt) {
         const size_t len = (size_t)j->Cs[i] * j->HW;
         const size_t o = ((size_t)n * j->Ctot + at) * j->HW;
         if (j->out) memcpy(j->out + o, j->ins[i] + (size_t)n * len, len * sizeof(float));
+        else if (j->dins[i] && (j->overwrite >> i & 1))
+            memcpy(j->dins[i] + (size_t)n * len, j->dout + o, len * sizeof(float));
         else if (j->dins[i]) j->K->add(j->dins[i] + (size_t)n * len, j->dout + o, len);
     }
 }
@@ -1309,9 +1315,9 @@ void concat_fast_forward(float *out, const float *const *ins, const int *Cs, int
 }
 
 void concat_fast_backward(float *const *dins, const float *dout, const int *Cs, int n_in, int N,
-                          int HW) {
+                          int HW, unsigned overwrite) {
     concat_job j = {.K = kernels(), .dins = dins, .dout = dout, .Cs = Cs, .n_in = n_in, .N = N,
-                    .HW = HW};
+                    .HW = HW, .overwrite = overwrite};
     for (int i = 0; i < n_in; i++) j.Ctot += Cs[i];
     cpu_parallel(concat_task, &j, threads_for((size_t)N * j.Ctot * HW));
 }

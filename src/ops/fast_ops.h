@@ -61,9 +61,11 @@ void relu_fast_backward(float *din, const float *dout, const float *out, size_t 
 void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N, int C, int H,
                             int W, int k, int stride, int pad, int ceil_mode);
 // din[plane][argmax] += dout, in output order per plane: the same sums as maxpool2d_backward
-// without recomputing the argmax.
+// without recomputing the argmax. overwrite: din = those sums (each plane zeroed first: the
+// caller need not zero din).
 void maxpool2d_fast_backward(float *din, const float *dout, const int32_t *argmax, int N, int C,
-                             int H, int W, int k, int stride, int pad, int ceil_mode);
+                             int H, int W, int k, int stride, int pad, int ceil_mode,
+                             int overwrite);
 
 // ---- adaptive average pool (as adaptive_avgpool2d_forward / _backward) ----
 void adaptive_avgpool2d_fast_forward(float *out, const float *in, int N, int C, int H, int W,
@@ -74,8 +76,9 @@ void adaptive_avgpool2d_fast_backward(float *din, const float *dout, int N, int 
 // ---- channel concat (as concat_forward / concat_backward) ----
 void concat_fast_forward(float *out, const float *const *ins, const int *Cs, int n_in, int N,
                          int HW);
+// Bit i of overwrite: dins[i] = its slice of dout instead of += (a copy; NULL dins skipped).
 void concat_fast_backward(float *const *dins, const float *dout, const int *Cs, int n_in, int N,
-                          int HW);
+                          int HW, unsigned overwrite);
 
 // ---- dropout ----
 // The mask is drawn in element order from one rng stream (as dropout_forward, so the same rng
