@@ -9,6 +9,7 @@
 // Error measure: |got - exact| / (sum of |terms| + |initial value| + |bias|), below 1e-5
 // (against the double loop) and 2e-5 (against the float reference, itself rounded).
 #include "ops/conv_fast.h"
+#include "ops/conv_smallc.h"
 #include "ops/cpu.h"
 #include "ops/ops.h"
 #include "ops/winograd.h"
@@ -184,6 +185,9 @@ static const cshape fixed[] = {
     {2, 60, 16, 16, 70, 3, 1, 1},
     // big enough (>= 4M multiply-adds) to be split over threads
     {7, 24, 20, 20, 40, 3, 1, 1}, {2, 300, 9, 9, 200, 1, 1, 0},
+    // few input channels (conv_smallc.h's weight gradient): a grayscale conv1 over three
+    // chunks of images, output rows of 18 (a masked tail vector), K not a multiple of 4, RGB
+    {19, 1, 40, 36, 22, 7, 2, 3}, {9, 3, 23, 35, 6, 5, 1, 2},  {3, 2, 17, 16, 33, 3, 3, 1},
 };
 #define N_FIXED (int)(sizeof fixed / sizeof fixed[0])
 #define N_RANDOM 14
@@ -220,6 +224,7 @@ static void test_level(cpu_isa_level level) {
     double worst_fwd = 0, worst_bwd = 0, worst_ref_fwd = 0, worst_ref_bwd = 0;
     char at_fwd[128] = "", at_bwd[128] = "", at_same[160] = "";
     int same = 1, ws_ok = 1, packed_ok = 1, n_dense = 0, n_wino_din = 0, overwrite_ok = 1;
+    int n_smallc = 0;
     char at_packed[160] = "", at_overwrite[128] = "";
     for (int i = 0; i < N_FIXED + N_RANDOM; i++) {
         cshape s = shape_at(i, &r);
@@ -286,6 +291,9 @@ static void test_level(cpu_isa_level level) {
                                ? err_vs_double(pout, e.out, e.out_mag, no, pout[no]) <= TOL_EXACT
                                : memcmp(pout, f.out, no * 4) == 0;
             n_dense += dense;
+            n_smallc += !dense && conv2d_smallc_use(s.C, s.H, s.W, s.k, s.stride, s.pad) &&
+                        !(s.k == 3 && s.stride == 1 &&
+                          winograd_weight_grad_tile(s.N, s.C, s.H, s.W, s.K, s.pad));
             // the backward's din of a 3x3 stride-1 convolution: Winograd on dout
             n_wino_din += !dense && s.k == 3 && s.stride == 1 && s.pad <= 2 &&
                           winograd_tile(s.N, s.K, s.H + 2 * s.pad - 2, s.W + 2 * s.pad - 2, s.C,
@@ -330,6 +338,9 @@ static void test_level(cpu_isa_level level) {
     result(overwrite_ok, "conv_fast %s backward with din_overwrite = adding to zeros%s", name,
            at_overwrite);
     result(n_dense >= 8, "conv_fast %s: %d shapes took the dense path", name, n_dense);
+    if (level == CPU_ISA_AVX512)
+        result(n_smallc >= 8, "conv_fast %s: %d shapes took conv_smallc's weight gradient", name,
+               n_smallc);
     result(n_wino_din >= 3, "conv_fast %s: %d shapes took Winograd for din", name, n_wino_din);
 }
 

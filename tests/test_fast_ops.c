@@ -514,8 +514,8 @@ static void test_maxpool(rng *r) {
         count++;
     }
     result(ok, "maxpool2d_fast with argmax: %d cases x %d configs, out and din bit-identical to "
-               "the reference (ties, -inf planes, NaN, ceil tails; din added to and overwritten)", count,
-           n_configs);
+               "the reference (ties, -inf planes, NaN, ceil tails; din added to and overwritten)",
+           count, n_configs);
 }
 
 // ---- adaptive average pool ----

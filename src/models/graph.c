@@ -641,7 +641,8 @@ int model_backward(model *m) {
         // this node writes them whole.
         for (int j = 0; j < m->n_nodes; j++) {
             const model_slot *s = &m->nodes[j].dact;
-            if (!s->floats || s->first != step || is_output(m, j) || din_overwrites(m, i, j, training))
+            if (!s->floats || s->first != step || is_output(m, j) ||
+                din_overwrites(m, i, j, training))
                 continue;
             if (m->reference) memset(m->arena + s->off, 0, s->floats * sizeof(float));
             else tensor_fast_zero(m->arena + s->off, s->floats);

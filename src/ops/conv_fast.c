@@ -1,5 +1,6 @@
 // Convolution through gemm_ex(): see conv_fast.h.
 #include "ops/conv_fast.h"
+#include "ops/conv_smallc.h"
 #include "ops/cpu.h"
 #include "ops/fast_ops.h"
 #include "ops/gemm.h"
@@ -116,6 +117,8 @@ size_t conv2d_fast_workspace_size(int N, int C, int H, int W, int K, int k, int 
         size_t wg = winograd_weight_grad_workspace_size(N, C, H, W, K, pad, mw);
         if (wg > dw) dw = wg;
     }
+    size_t sc = conv2d_smallc_workspace_size(N, C, H, W, K, k, stride, pad);
+    if (sc > dw) dw = sc;
     size_t din;
     if (din_as_conv(k, stride, pad)) {
         din = round16((size_t)C * K * k * k) + gemm_workspace_size(C, N * H * W, K * k * k);
@@ -419,6 +422,8 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
                  : 0;
     if (mw) {
         winograd_weight_grad(dw, in, dout, N, C, H, W, K, pad, mw, ws);
+    } else if (dw && conv2d_smallc_use(C, H, W, k, stride, pad)) {   // few input channels
+        conv2d_smallc_weight_grad(dw, in, dout, N, C, H, W, K, k, stride, pad, ws);
     } else if (dw) {  // dW[K x ckk] += dout[K x (N*ohw)] * im2col(in)^T
         gemm_operand a = batch_cols(dout, K, ohw);
         gemm_operand bm = im2col_of(GEMM_IM2COL_T, in, C, H, W, k, stride, pad);
