@@ -496,6 +496,11 @@ static void test_maxpool(rng *r) {
         // "same" planes whose chunks of 16 straddle rows, GoogLeNet's stem shapes.
         {2, 3, 10, 37, 3, 1, 0, 0}, {2, 3, 33, 35, 3, 2, 1, 1}, {1, 3, 29, 29, 3, 1, 1, 1},
         {1, 4, 112, 112, 3, 2, 0, 1}, {2, 5, 56, 56, 3, 1, 1, 1}, {3, 2, 21, 50, 5, 1, 2, 0},
+        // The "same" stride-1 backward gather: 8x8 and 4x4 planes, 2x2 and 1x1 planes packed
+        // several a vector with a partial last group, 5x5/1, 16x16 (16 vectors a plane)
+        {5, 7, 8, 8, 3, 1, 1, 1},   {3, 11, 4, 4, 3, 1, 1, 1},  {5, 7, 2, 2, 3, 1, 1, 0},
+        {3, 9, 1, 1, 3, 1, 1, 1},   {2, 5, 8, 2, 5, 1, 2, 0},   {2, 3, 16, 16, 3, 1, 1, 1},
+        {4, 7, 4, 4, 5, 1, 2, 1},
     };
     int ok = 1, count = 0;
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)

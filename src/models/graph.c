@@ -517,9 +517,9 @@ static int din_overwrites(const model *m, int i, int j, int training) {
     const model_slot *s = &m->nodes[j].dact;
     if (m->reference || is_output(m, j) || !s->floats || s->first != plan_bwd_step(m, i))
         return 0;
-    int reads = 0;
-    for (int t = 0; t < n->n_in; t++) reads |= n->in[t] == j;
-    if (!reads) return 0;
+    int reads = 0;   // (an input taken twice gets two gradients: the second must add)
+    for (int t = 0; t < n->n_in; t++) reads += n->in[t] == j;
+    if (reads != 1) return 0;
     switch (n->op) {
     case OP_BN: return training;   // (eval mode's backward adds)
     case OP_CONV: case OP_CONCAT: case OP_MAXPOOL: return 1;

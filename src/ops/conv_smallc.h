@@ -4,9 +4,10 @@
 // There dW [K x C*k*k] += dout [K x pixels] * im2col(in)^T has only C*k*k columns (49 or
 // 147): the GEMM's 48-column slivers leave most of a last sliver idle (49 = 48 + 1 costs as much
 // as 96) and its packing re-gathers the image for every block. Here each image is laid out once
-// per thread with its columns split by residue mod stride (D below), so that any tap's values
-// along an output row are contiguous, and dot products run along the output rows: 4 output
-// channels x 6 taps of 16-lane partial sums in registers, fed by 10 loads per 24 FMAs.
+// with its columns split by residue mod stride, so that any tap's values along an output row
+// are contiguous, then copied into its im2col rows (T x OH*OW, in L2), and dot products run
+// along those rows: 4 output channels x 5 taps of 16-lane partial sums in registers, 9 loads
+// per 20 FMAs, the taps' rows staying in L1 while the gradient streams past.
 //
 // Sums: per fixed chunk of images, 16 lanes of float partial sums (over images, rows, columns
 // in order), then the lanes, then the chunks in order: bit-identical for any thread count.

@@ -1154,15 +1154,80 @@ static void maxpool_bwd_task(void *ctx, int t, int nt) {
     size_t p0, p1;
     cpu_part_range(j->planes, t, nt, &p0, &p1);
     const size_t ip = (size_t)j->H * j->W, op = (size_t)j->OH * j->OW;
+    // overwrite: zeroed a few KiB of planes at a time, just before their scatter (hot in cache,
+    // and not one memset call per 2x2 plane)
+    const size_t zb = ip >= 1024 ? 1 : 1024 / ip;
     for (size_t p = p0; p < p1; p++) {
         float *dx = j->out + p * ip;
         const float *g = j->in + p * op;
         const int32_t *a = j->carg + p * op;
-        if (j->overwrite) memset(dx, 0, ip * sizeof(float));   // here, while the plane is hot
+        if (j->overwrite && (p - p0) % zb == 0)
+            memset(dx, 0, (p1 - p < zb ? p1 - p : zb) * ip * sizeof(float));
         // The unsigned compare also skips -1 (an all-padding window) and keeps a stale or
         // corrupt index from writing outside the plane.
         for (size_t i = 0; i < op; i++)
             if ((uint32_t)a[i] < (uint32_t)ip) dx[a[i]] += g[i];
+    }
+}
+
+// Backward of a stride-1 pool that keeps the plane size (k = 2*pad + 1: GoogLeNet's branch-4
+// 3x3/1 pools) on small planes, as a gather: each input position adds the gradients of the
+// outputs whose argmax it is, in output order (the scatter's order, so the same sums), 16
+// positions a vector (several whole planes a vector when a plane is shorter). The outputs seen
+// through one tap are the plane shifted by (pad-ky)*W + (pad-kx): a load, not a gather.
+enum { MPB_MAX_K = 5, MPB_MAX_PLANE = 256 };
+
+static int maxpool_bwd_same_fits(int H, int W, int OH, int OW, int k, int s, int pad) {
+    const int ip = H * W;
+    return cpu_isa() == CPU_ISA_AVX512 && s == 1 && OH == H && OW == W && k == 2 * pad + 1 &&
+           k <= MPB_MAX_K && ip <= MPB_MAX_PLANE && (16 % ip == 0 || ip % 16 == 0);
+}
+
+__attribute__((target("avx512f"))) static void maxpool_bwd_same_task(void *ctx, int t, int nt) {
+    const pool_job *j = ctx;
+    const int H = j->H, W = j->W, k = j->k, pad = j->pad, ip = H * W, kk = k * k;
+    const int group = ip >= 16 ? 1 : 16 / ip;     // planes per vector
+    const int per = ip >= 16 ? ip / 16 : 1;       // vectors per plane
+    // Per vector of a plane (group): each lane's position in its plane, and per tap (in output
+    // order) the lanes whose output lies inside the plane.
+    int32_t pos[MPB_MAX_PLANE];
+    __mmask16 valid[MPB_MAX_PLANE / 16][MPB_MAX_K * MPB_MAX_K];
+    int shift[MPB_MAX_K * MPB_MAX_K];
+    for (int v = 0; v < per; v++)
+        for (int l = 0; l < 16; l++) pos[v * 16 + l] = ip >= 16 ? v * 16 + l : l % ip;
+    for (int ky = k - 1, q = 0; ky >= 0; ky--)
+        for (int kx = k - 1; kx >= 0; kx--, q++) {
+            shift[q] = (pad - ky) * W + (pad - kx);
+            for (int v = 0; v < per; v++) {
+                unsigned m = 0;
+                for (int l = 0; l < 16; l++) {
+                    const int at = pos[v * 16 + l], y = at / W + pad - ky, x = at % W + pad - kx;
+                    if (y >= 0 && y < H && x >= 0 && x < W) m |= 1u << l;
+                }
+                valid[v][q] = (__mmask16)m;
+            }
+        }
+    size_t p0, p1;   // in groups of planes
+    const size_t ngroups = (j->planes + group - 1) / group;
+    cpu_part_range(ngroups, t, nt, &p0, &p1);
+    for (size_t gi = p0; gi < p1; gi++) {
+        const size_t first = gi * group;
+        const size_t np = j->planes - first < (size_t)group ? j->planes - first : (size_t)group;
+        const __mmask16 used = np * ip >= 16 ? 0xFFFF : (__mmask16)((1u << (np * ip)) - 1);
+        for (int v = 0; v < per; v++) {
+            const size_t at = first * ip + (size_t)v * 16;
+            const __m512i pv = _mm512_loadu_si512(pos + v * 16);
+            __m512 acc =
+                j->overwrite ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(used, j->out + at);
+            for (int q = 0; q < kk; q++) {
+                const __mmask16 vm = valid[v][q] & used;
+                const __m512i av = _mm512_maskz_loadu_epi32(vm, j->carg + at + shift[q]);
+                const __mmask16 hit = _mm512_mask_cmpeq_epi32_mask(vm, av, pv);
+                const __m512 gv = _mm512_maskz_loadu_ps(hit, j->in + at + shift[q]);
+                acc = _mm512_mask_add_ps(acc, hit, acc, gv);
+            }
+            _mm512_mask_storeu_ps(j->out + at, used, acc);
+        }
     }
 }
 
@@ -1171,10 +1236,12 @@ void maxpool2d_fast_backward(float *din, const float *dout, const int32_t *argma
                              int overwrite) {
     if (!din) return;
     pool_job j = {.out = din, .carg = argmax, .in = dout, .planes = (size_t)N * C, .H = H,
-                  .W = W, .overwrite = overwrite, .OH = pool_out_size(H, k, stride, pad, ceil_mode),
-                  .OW = pool_out_size(W, k, stride, pad, ceil_mode)};
+                  .W = W, .OH = pool_out_size(H, k, stride, pad, ceil_mode),
+                  .OW = pool_out_size(W, k, stride, pad, ceil_mode), .k = k, .s = stride,
+                  .pad = pad, .overwrite = overwrite};
     int nt = threads_for(j.planes * H * W);
-    cpu_parallel(maxpool_bwd_task, &j, nt);
+    const int same = maxpool_bwd_same_fits(H, W, j.OH, j.OW, k, stride, pad);
+    cpu_parallel(same ? maxpool_bwd_same_task : maxpool_bwd_task, &j, nt);
 }
 
 // The reference loops treat the N*C planes alike, so a range of planes is a smaller problem of
