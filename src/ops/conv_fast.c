@@ -463,7 +463,7 @@ void conv2d_fast_backward(float *din, float *dw, float *db, const float *dout, c
         float *wt = ws;
         int kk = k * k;
         transpose_weights(wt, w, K, C, kk, K, 0, 1);
-        // A 3x3 one may go to Winograd like a forward convolution, accumulating into din.
+        // A 3x3 one may go to Winograd like a forward convolution, into din.
         int m = k == 3 ? winograd_use(N, K, OH, OW, C, k - 1 - pad) : 0;
         if (m) {
             winograd_forward_ex(din, 0, dout, wt, NULL, N, K, OH, OW, C, k - 1 - pad, 0,
