@@ -26,9 +26,12 @@ typedef struct {
     size_t rp;            // R's row pitch: ohwp + 16, off 4 KiB multiples, so that the rows a
                           // tile reads together do not all fall in one L1 set
     size_t d_floats, r_floats, lane_floats, partial_floats;
+    size_t thread_floats; // one thread's D, R and lanes, after the partial sums
 } sc_job;
 
-static int osize(int H, int k, int s, int p) { return H + 2 * p < k ? 0 : (H + 2 * p - k) / s + 1; }
+static int osize(int H, int k, int s, int p) {
+    return H + 2 * p < k ? 0 : (H + 2 * p - k) / s + 1;
+}
 
 // R (one image's im2col rows, T x ohwp) stays within L2 (1 MiB): the 64x64 grayscale conv1 needs
 // 49 x 1024 floats; a 224x224 RGB one (147 x 12544) keeps the GEMM.
@@ -46,8 +49,8 @@ static sc_job job_make(int N, int C, int H, int W, int K, int k, int stride, int
     sc_job j = {.N = N, .C = C, .H = H, .W = W, .K = K, .k = k, .s = stride, .p = pad};
     j.Hp = H + 2 * pad;
     const int Wp = W + 2 * pad;
-    j.OH = (j.Hp - k) / stride + 1;
-    j.OW = (Wp - k) / stride + 1;
+    j.OH = osize(H, k, stride, pad);
+    j.OW = osize(W, k, stride, pad);
     // 16 zero floats past the longest residue row: a vector load never leaves the row
     j.Wd = (int)round16((size_t)(Wp + stride - 1) / stride + 16);
     j.T = C * k * k;
@@ -58,6 +61,7 @@ static sc_job job_make(int N, int C, int H, int W, int K, int k, int stride, int
     j.r_floats = (size_t)j.T * j.rp;
     j.lane_floats = (size_t)K * j.T * 16;
     j.partial_floats = round16((size_t)j.nchunks * K * j.T);
+    j.thread_floats = j.d_floats + j.r_floats + j.lane_floats;
     return j;
 }
 
@@ -65,7 +69,7 @@ size_t conv2d_smallc_workspace_size(int N, int C, int H, int W, int K, int k, in
                                     int pad) {
     if (!shape_fits(C, H, W, k, stride, pad) || N <= 0 || K <= 0) return 0;
     sc_job j = job_make(N, C, H, W, K, k, stride, pad);
-    return j.partial_floats + (size_t)cpu_threads() * (j.d_floats + j.r_floats + j.lane_floats);
+    return j.partial_floats + (size_t)cpu_threads() * j.thread_floats;
 }
 
 // Image [C,H,W] -> D: channel c, residue r of the padded column, padded row y, then column
@@ -156,8 +160,7 @@ static TARGET void lanes_sum(float *part, const float *lanes, size_t n) {
 
 static void chunks_task(void *vctx, int t, int nt) {
     const sc_job *j = vctx;
-    const size_t per_thread = j->d_floats + j->r_floats + j->lane_floats;
-    float *D = j->ws + j->partial_floats + (size_t)t * per_thread;
+    float *D = j->ws + j->partial_floats + (size_t)t * j->thread_floats;
     float *R = D + j->d_floats, *lanes = R + j->r_floats;
     const size_t ohw = (size_t)j->OH * j->OW;
     size_t c0, c1;
@@ -186,7 +189,7 @@ static void chunks_task(void *vctx, int t, int nt) {
 
 void conv2d_smallc_weight_grad(float *dw, const float *in, const float *dout, int N, int C,
                                int H, int W, int K, int k, int stride, int pad, float *ws) {
-    if (!conv2d_smallc_workspace_size(N, C, H, W, K, k, stride, pad)) return;
+    if (!shape_fits(C, H, W, k, stride, pad) || N <= 0 || K <= 0) return;
     sc_job j = job_make(N, C, H, W, K, k, stride, pad);
     j.ws = ws, j.in = in, j.dout = dout;
     const int nt = cpu_threads() < j.nchunks ? cpu_threads() : j.nchunks;
