@@ -134,6 +134,7 @@ static const char *const TRAIN_USAGE =
     "           --image-size S  --folder-size S  --no-augment  --random-erasing P\n"
     "           --limit-train N  --limit-test N\n"
     "recipe:    --epochs N  --batch-size N  --eval-batch-size N  --lr LR  --label-smoothing E\n"
+    "           --precise-bn N: after the last epoch, BN statistics averaged over N batches\n"
     "           --optimizer sgd|adam|adamw  --momentum M  --dampening D  --no-nesterov\n"
     "           --weight-decay WD  --decay-bn-bias  --beta1 B  --beta2 B  --eps E  --amsgrad\n"
     "           --schedule constant|step|cosine|poly  --warmup EPOCHS  --warmup-factor F\n"
@@ -210,6 +211,7 @@ int cmd_train(int argc, char **argv) {
         else if (!strcmp(a, "--eval-batch-size")) rc = cli_int(a, v, 1, 1 << 16, &cfg.eval_batch_size);
         else if (!strcmp(a, "--label-smoothing")) rc = cli_float(a, v, 0, 1, &cfg.label_smoothing);
         else if (!strcmp(a, "--random-erasing")) rc = cli_float(a, v, 0, 1, &cfg.random_erasing);
+        else if (!strcmp(a, "--precise-bn")) rc = cli_int(a, v, 0, 1 << 20, &cfg.precise_bn);
         else if (!strcmp(a, "--lr")) rc = parse_double_opt(a, v, 0, 1e300, &lr);
         else if (!strcmp(a, "--optimizer")) optimizer = v;
         else if (!strcmp(a, "--momentum")) rc = parse_double_opt(a, v, 0, 1e300, &momentum);

@@ -398,6 +398,48 @@ TINY = ["googlenet", "--data", "fashion-mnist", "--limit-train", 192, "--batch-s
         "--limit-test", 64, "--epochs", 2, "--lr", 0.02]
 
 
+def test_precise_bn_matches_update_bn():
+    """--precise-bn N: after the last epoch's steps, batch norm's running statistics (main path
+    and aux heads) are what torch.optim.swa_utils.update_bn computes from the trained weights
+    over N un-augmented training batches, batch k holding images (j*N + k) * n // (N*B),
+    j < B; the last test accuracy is then that model's (eval mode); earlier epochs keep the
+    momentum's statistics."""
+    tmp = tmpdir()
+    d = os.path.join(tmp, "run")
+    n, B, nb = 64, 16, 3
+    train(["googlenet", "--data", "fashion-mnist", "--limit-train", n, "--batch-size", B,
+           "--limit-test", 200, "--epochs", 2, "--lr", 0.02, "--precise-bn", nb, "--run-dir", d,
+           "--stop-after", 1])
+    first = st_load(os.path.join(d, "last.safetensors"))   # the momentum's: n/B steps tracked
+    assert int(first["conv1.bn.num_batches_tracked"]) == n // B
+    train(["--resume", d])   # (the option is kept in the checkpoint)
+    got, meta = st_load(os.path.join(d, "last.safetensors"), with_meta=True)
+    assert meta["train.precise_bn"] == str(nb)
+    m = tv_googlenet(aux=True)
+    load_checkpoint(m, os.path.join(d, "last.safetensors"))
+    m = m.double()
+    imgs, _ = fashion("train", n)
+    loader = [to_input(imgs[[(j * nb + k) * n // (nb * B) for j in range(B)]], meta, 32).double()
+              for k in range(nb)]
+    torch.optim.swa_utils.update_bn(loader, m)
+    ref = m.state_dict()
+    worst, count = 0.0, 0
+    for k, v in ref.items():
+        if k.endswith("num_batches_tracked"):
+            assert int(got[k]) == nb, (k, int(got[k]))
+            count += 1
+        elif "running" in k:
+            worst = max(worst, assert_close(got[k], v, 2e-4, k))
+    assert count == 59, count   # 57 BasicConv2d of the main path + one per aux head
+    # the reported test accuracy is the model's with these statistics
+    x, y = fashion("test", 200)
+    m.eval()
+    with torch.no_grad():
+        acc = (m(to_input(x, meta, 32).double()).argmax(1) == y).double().mean().item() * 100
+    assert abs(metrics(d)[1]["test_acc1"] - acc) <= 0.5 + 1e-9, (metrics(d)[1], acc)
+    print(f"running statistics vs update_bn: worst relative error {worst:.2g}")
+
+
 def same_checkpoint(a, b):
     ta, ma = st_load(a, with_meta=True)
     tb, mb = st_load(b, with_meta=True)
@@ -411,11 +453,11 @@ def same_checkpoint(a, b):
 
 def test_resume_is_bit_exact():
     """2 epochs in one go == 1 epoch, stop, --resume, 1 more epoch (aux heads and dropout on,
-    augmentation with random erasing on); the run directory's default name; a different seed
-    changes the run."""
+    augmentation with random erasing, precise BN); the run directory's default name; a
+    different seed changes the run."""
     tmp = tmpdir()
     one = os.path.join(tmp, "one")
-    erase = ["--random-erasing", 0.5]
+    erase = ["--random-erasing", 0.5, "--precise-bn", 2]
     train(TINY + erase + ["--run-dir", one])
     # default run directory runs/<model>-<data>-<timestamp>, relative to the working directory
     out, _ = train(TINY + erase + ["--stop-after", 1], cwd=tmp)

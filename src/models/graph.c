@@ -437,13 +437,16 @@ int model_forward(model *m, const float *x, int flags) {
                                    "channel (batch %d, %dx%d)", n->path, N, H, W);
                 // Saved for backward: mean, invstd and (fast kernels) the affine it applied.
                 float *mean = m->save + n->save, *invstd = mean + n->C, *affine = invstd + n->C;
+                int64_t *tracked = &m->counters[m->tensors[n->num_batches_tracked].off];
+                // momentum=None in PyTorch: the k-th batch since the reset weighs 1/k
+                const float mom = m->bn_average ? (float)(1.0 / (double)(*tracked + 1)) : n->momentum;
                 if (ref)
                     batchnorm2d_forward_train(o, mean, invstd, rm, rv, in, g, b, N, C, H * W,
-                                              n->eps, n->momentum);
+                                              n->eps, mom);
                 else
                     batchnorm2d_fast_forward_train(o, mean, invstd, affine, rm, rv, in, g, b, N, C,
-                                                   H * W, n->eps, n->momentum, relu);
-                m->counters[m->tensors[n->num_batches_tracked].off]++;
+                                                   H * W, n->eps, mom, relu);
+                (*tracked)++;
             } else if (ref) {
                 batchnorm2d_forward_eval(o, in, g, b, rm, rv, N, C, H * W, n->eps);
             } else {

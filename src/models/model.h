@@ -110,6 +110,9 @@ typedef struct {
     // Kernels: the fast path (packed GEMM, cpu_isa()/cpu_threads()) unless reference is set
     // (INCEPT_REFERENCE=1 in the environment, or set by the caller): the plain loops of ops.h.
     int reference;
+    // Training forwards average batch norm's running statistics over the batches since
+    // model_bn_stats_reset (PyTorch's momentum=None) instead of the momentum's running average.
+    int bn_average;
     float *ws; size_t ws_floats; int ws_threads;  // fast-kernel workspace for batch N
     int fold;                                    // fold BN into convs at inference (default 1;
                                                  // INCEPT_FOLD=0 at build turns it off)
@@ -160,6 +163,10 @@ void model_zero_grad(model *m);
 // Drops what was derived from the parameters (the folded inference weights): call after
 // writing m->params directly. model_load, model_init and training forwards do it themselves.
 void model_params_changed(model *m);
+// Batch norm's running statistics back to their initial state (mean 0, var 1, no batches
+// tracked), as PyTorch's reset_running_stats(); with bn_average set, the training forwards
+// that follow make them the plain averages of their batches' (torch.optim.swa_utils.update_bn).
+void model_bn_stats_reset(model *m);
 
 // Training-mode forward + mean cross-entropy (+ 0.3 × each aux head's) + backward.
 // Parameter gradients accumulate. loss_out gets the total loss. -1 if a target is out of range.

@@ -66,6 +66,7 @@ static const meta_field FIELDS[] = {
     FLD("train.eval_batch_size", M_INT, cfg.eval_batch_size),
     FLD("train.label_smoothing", M_FLOAT, cfg.label_smoothing),
     OPT_FLD("train.bf16", M_INT, cfg.bf16),
+    OPT_FLD("train.precise_bn", M_INT, cfg.precise_bn),
     FLD("train.seed", M_U64, cfg.seed),
     FLD("optim", M_OPTIM, cfg.optim.kind),
     FLD("optim.momentum", M_DOUBLE, cfg.optim.momentum),

@@ -39,6 +39,8 @@ typedef struct {
     int batch_size;           // training; the last partial batch of an epoch is dropped
     int eval_batch_size;      // <= 0: batch_size
     float label_smoothing;    // of the optimised loss (reported losses are plain CE)
+    int precise_bn;           // > 0: before the last epoch's evaluation, batch norm's running
+                              // statistics become averages over this many batches (bn_recompute)
     int bf16;                 // products in bfloat16 (cpu_bf16_set), set for the process by
                               // trainer_open/trainer_resume; everything else stays float32
     optim_config optim;
