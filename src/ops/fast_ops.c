@@ -56,21 +56,39 @@ enum { BN_BLOCK_MAX = 512 };  // the longest row a kernel is given (BN_BLOCK bel
 // (over n, in order), which vectorises across positions; the caller then adds the positions up
 // in order. Per-channel constants come expanded to one value per position.
 
+// The sums over n take four samples at a time: their terms are added among themselves in
+// double, then to the position's partial sum, a quarter of the loads and stores of the
+// accumulators that bound these loops (the order is fixed: no dependence on the thread count).
+
 AI void bnb_sum_body(double *restrict acc, const float *restrict x, int N, size_t stride, int L) {
-    for (int n = 0; n < N; n++) {
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
+        const float *restrict p0 = x + (size_t)n * stride, *restrict p1 = p0 + stride,
+                    *restrict p2 = p1 + stride, *restrict p3 = p2 + stride;
+        for (int q = 0; q < L; q++)
+            acc[q] += ((double)p0[q] + (double)p1[q]) + ((double)p2[q] + (double)p3[q]);
+    }
+    for (; n < N; n++) {
         const float *p = x + (size_t)n * stride;
         for (int q = 0; q < L; q++) acc[q] += p[q];
     }
 }
 
+AI double sq(double d) { return d * d; }
+
 AI void bnb_ssd_body(double *restrict acc, const float *restrict x, int N, size_t stride,
                      int L, const double *restrict mean) {
-    for (int n = 0; n < N; n++) {
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
+        const float *restrict p0 = x + (size_t)n * stride, *restrict p1 = p0 + stride,
+                    *restrict p2 = p1 + stride, *restrict p3 = p2 + stride;
+        for (int q = 0; q < L; q++)
+            acc[q] += (sq(p0[q] - mean[q]) + sq(p1[q] - mean[q])) +
+                      (sq(p2[q] - mean[q]) + sq(p3[q] - mean[q]));
+    }
+    for (; n < N; n++) {
         const float *p = x + (size_t)n * stride;
-        for (int q = 0; q < L; q++) {
-            double d = p[q] - mean[q];
-            acc[q] += d * d;
-        }
+        for (int q = 0; q < L; q++) acc[q] += sq(p[q] - mean[q]);
     }
 }
 
@@ -93,14 +111,36 @@ AI void bnb_bwd_sums_body(double *restrict a1, double *restrict a2, const float 
                           const float *restrict x, int N, size_t stride, int L,
                           const float *restrict mean, const float *restrict ra,
                           const float *restrict rb, int relu) {
-    float gm[BN_BLOCK_MAX];  // the masked gradient row: gcc 12 will not vectorise a float
-                             // select feeding double sums in one loop
-    for (int n = 0; n < N; n++) {
+    float gm[4][BN_BLOCK_MAX];  // masked gradient rows: gcc 12 will not vectorise a float
+                                // select feeding double sums in one loop
+    int n = 0;
+    for (; n + 4 <= N; n += 4) {
+        const float *restrict g0 = g + (size_t)n * stride, *restrict g1 = g0 + stride,
+                    *restrict g2 = g1 + stride, *restrict g3 = g2 + stride;
+        const float *restrict x0 = x + (size_t)n * stride, *restrict x1 = x0 + stride,
+                    *restrict x2 = x1 + stride, *restrict x3 = x2 + stride;
+        if (relu) {
+            for (int q = 0; q < L; q++) {
+                gm[0][q] = bn_grad(g0, x0, ra, rb, q, 1);
+                gm[1][q] = bn_grad(g1, x1, ra, rb, q, 1);
+                gm[2][q] = bn_grad(g2, x2, ra, rb, q, 1);
+                gm[3][q] = bn_grad(g3, x3, ra, rb, q, 1);
+            }
+            g0 = gm[0], g1 = gm[1], g2 = gm[2], g3 = gm[3];
+        }
+        for (int q = 0; q < L; q++) {
+            const float m = mean[q];
+            a1[q] += ((double)g0[q] + (double)g1[q]) + ((double)g2[q] + (double)g3[q]);
+            a2[q] += ((double)g0[q] * (x0[q] - m) + (double)g1[q] * (x1[q] - m)) +
+                     ((double)g2[q] * (x2[q] - m) + (double)g3[q] * (x3[q] - m));
+        }
+    }
+    for (; n < N; n++) {
         const size_t off = (size_t)n * stride;
         const float *gp = g + off, *xp = x + off;
         if (relu) {
-            for (int q = 0; q < L; q++) gm[q] = bn_grad(gp, xp, ra, rb, q, 1);
-            gp = gm;
+            for (int q = 0; q < L; q++) gm[0][q] = bn_grad(gp, xp, ra, rb, q, 1);
+            gp = gm[0];
         }
         for (int q = 0; q < L; q++) {
             const float gv = gp[q];
