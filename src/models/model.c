@@ -152,16 +152,19 @@ void model_params_changed(model *m) {
     m->folded = NULL;
 }
 
-void model_bn_stats_reset(model *m) {
+int model_bn_stats_reset(model *m) {
     model_params_changed(m);
+    int layers = 0;
     for (int i = 0; i < m->n_nodes; i++) {
         const model_node *n = &m->nodes[i];
         if (n->op != OP_BN) continue;
+        layers++;
         float *rm = m->params + m->tensors[n->running_mean].off;
         float *rv = m->params + m->tensors[n->running_var].off;
         for (int c = 0; c < n->C; c++) rm[c] = 0.0f, rv[c] = 1.0f;
         m->counters[m->tensors[n->num_batches_tracked].off] = 0;
     }
+    return layers;
 }
 
 void model_init(model *m, uint64_t seed) {

@@ -166,7 +166,8 @@ void model_params_changed(model *m);
 // Batch norm's running statistics back to their initial state (mean 0, var 1, no batches
 // tracked), as PyTorch's reset_running_stats(); with bn_average set, the training forwards
 // that follow make them the plain averages of their batches' (torch.optim.swa_utils.update_bn).
-void model_bn_stats_reset(model *m);
+// Returns the number of batch norm layers (0: nothing to recompute).
+int  model_bn_stats_reset(model *m);
 
 // Training-mode forward + mean cross-entropy (+ 0.3 × each aux head's) + backward.
 // Parameter gradients accumulate. loss_out gets the total loss. -1 if a target is out of range.

@@ -595,15 +595,15 @@ static int stop_message(const trainer *t, const char *what, int step) {
 // nb forward passes every time.
 static int bn_recompute(trainer *t, int nb) {
     model *m = &t->m;
-    int any_bn = 0;
-    for (int i = 0; i < m->n_nodes; i++) any_bn |= m->nodes[i].op == OP_BN;
-    if (!any_bn) return 0;   // (VGG without _bn)
     const int B = t->cfg.batch_size, n = t->train.n;
     if ((long long)nb * B > n) nb = n / B;   // (setup ensured n >= B)
     const long long total = (long long)nb * B;
     int *idx = malloc((size_t)B * sizeof *idx);
     if (!idx) return err_set("out of memory");
-    model_bn_stats_reset(m);
+    if (!model_bn_stats_reset(m)) {   // (VGG without _bn)
+        free(idx);
+        return 0;
+    }
     m->bn_average = 1;
     int rc = 0;
     for (int k = 0; k < nb && !rc; k++) {
