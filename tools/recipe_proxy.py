@@ -5,8 +5,11 @@
 # aux heads, dropout 0.2/0.7, its own initialisation), cross-entropy with label smoothing +
 # 0.3 x each aux head's, SGD Nesterov 0.9 with weight decay not on BN weights and biases, one
 # warmup epoch from 0.1x then cosine or poly decay per step, batch 128 with the last partial
-# batch dropped. It logs per-epoch test top-1 to OUT/NAME.log. (An exponential moving average
-# of the weights, tried in an earlier version, added nothing: README.)
+# batch dropped; --precise-bn N as incept's. It logs per-epoch test top-1 to OUT/NAME.log.
+# (An exponential moving average of the weights, tried in an earlier version, added nothing:
+# docs/fashion-mnist.md.) More knobs for recipe search: --warmup, --warmup-factor and
+# --dropout-aux as incept's options; --aux-weight and --mixup ALPHA, which incept would need
+# to gain. tools/recipe_sweep.py runs several candidates x seeds side by side.
 #
 # The training step (forward, backward, SGD) runs as one CUDA graph per input size (--graph 0:
 # eager); --sizes 32:16,64:8 trains 16 epochs at 32x32, then 8 at 64x64 (progressive resizing),
@@ -38,6 +41,13 @@ p.add_argument("--batch", type=int, default=128)
 p.add_argument("--schedule", default="cosine")
 p.add_argument("--power", type=float, default=1.0)
 p.add_argument("--dropout", type=float, default=0.2)
+p.add_argument("--dropout-aux", type=float, default=0.7)
+p.add_argument("--aux-weight", type=float, default=0.3, help="weight of each aux head's loss")
+p.add_argument("--warmup", type=float, default=1.0, help="epochs of linear warmup")
+p.add_argument("--warmup-factor", type=float, default=0.1, help="warmup starts at lr x this")
+p.add_argument("--mixup", type=float, default=0.0, help="mixup's Beta(alpha, alpha); 0: off")
+p.add_argument("--precise-bn", type=int, default=0,
+               help="recompute BN statistics over N un-augmented training batches at the end")
 p.add_argument("--altflip", type=int, default=0)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--limit", type=int, default=0)
@@ -103,7 +113,7 @@ def train_batch(ids, epoch):
 
 m = torchvision.models.googlenet(weights=None, num_classes=10, aux_logits=True,
                                  transform_input=False, init_weights=True,
-                                 dropout=a.dropout, dropout_aux=0.7)
+                                 dropout=a.dropout, dropout_aux=a.dropout_aux)
 m.conv1.conv = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
 nn.init.trunc_normal_(m.conv1.conv.weight, mean=0.0, std=0.01, a=-2, b=2)
 m = m.to(dev)
@@ -125,25 +135,32 @@ def sgd_step():
 
 
 spe = N // a.batch
-W = spe
-T = (a.epochs - 1) * spe
+W = int(round(a.warmup * spe))
+T = max(a.epochs * spe - W, 1)
 
 
 def lr_at(t):
     if t < W:
-        return a.lr * (0.1 + 0.9 * t / W)
+        return a.lr * (a.warmup_factor + (1 - a.warmup_factor) * t / W)
     u = min(t - W, T)
     if a.schedule == "cosine":
         return a.lr * (1 + math.cos(math.pi * u / T)) / 2
     return a.lr * (1 - u / T) ** a.power
 
 
-def step_eager(x, y):
+def step_eager(x, y, y2, lam):
+    """One step on x with targets y (mixup: lam * y + (1 - lam) * y2; lam a 0-d tensor)."""
     for p_, _, _ in params:
         p_.grad = None
     out, aux2, aux1 = m(x)
-    loss = F.cross_entropy(out, y, label_smoothing=a.ls) + 0.3 * (
-        F.cross_entropy(aux1, y, label_smoothing=a.ls) + F.cross_entropy(aux2, y, label_smoothing=a.ls))
+
+    def ce(o):
+        l1 = F.cross_entropy(o, y, label_smoothing=a.ls)
+        if not a.mixup:
+            return l1
+        return lam * l1 + (1 - lam) * F.cross_entropy(o, y2, label_smoothing=a.ls)
+
+    loss = ce(out) + a.aux_weight * (ce(aux1) + ce(aux2))
     loss.backward()
     sgd_step()
     return out.detach(), loss.detach()
@@ -153,35 +170,37 @@ graphs = {}  # image size -> {"n": eager warmup steps done, "g": CUDAGraph, stat
 use_graph = bool(a.graph) and dev == "cuda"
 
 
-def train_step(x, y):
+def train_step(x, y, y2, lam):
     global use_graph
     if not use_graph:
-        return step_eager(x, y)
+        return step_eager(x, y, y2, lam)
     G = graphs.setdefault(x.shape[-1], {"n": 0})
     if "g" not in G:
         if G["n"] < 3:  # warm up on a side stream (cuDNN autotuning, lazy handles)
             s_ = torch.cuda.Stream()
             s_.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s_):
-                r = step_eager(x, y)
+                r = step_eager(x, y, y2, lam)
             torch.cuda.current_stream().wait_stream(s_)
             G["n"] += 1
             return r
         try:
-            G["x"], G["y"] = x.clone(), y.clone()
+            G["x"], G["y"], G["y2"], G["lam"] = x.clone(), y.clone(), y2.clone(), lam.clone()
             for p_, _, _ in params:
                 p_.grad = None
             g_ = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g_):
-                G["out"], G["loss"] = step_eager(G["x"], G["y"])
+                G["out"], G["loss"] = step_eager(G["x"], G["y"], G["y2"], G["lam"])
             G["g"] = g_
         except Exception as e:  # fall back to eager steps
             say(f"CUDA graph capture failed ({e}); eager steps from here")
             use_graph = False
             torch.cuda.synchronize()
-            return step_eager(x, y)
+            return step_eager(x, y, y2, lam)
     G["x"].copy_(x)
     G["y"].copy_(y)
+    G["y2"].copy_(y2)
+    G["lam"].copy_(lam)
     G["g"].replay()
     return G["out"], G["loss"]
 
@@ -198,6 +217,26 @@ def evaluate(model, size):
     return 100.0 * correct / xte.shape[0], loss / xte.shape[0]
 
 
+@torch.no_grad()
+def precise_bn(size):
+    """incept's --precise-bn: every BN's running statistics become plain averages over
+    a.precise_bn un-augmented training batches spread over the set (batch k holds images
+    (j * nb + k) * N / (nb * B) for j < B), as torch.optim.swa_utils.update_bn computes them."""
+    nb = min(a.precise_bn, N // a.batch)
+    bns = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)]
+    saved = [mod.momentum for mod in bns]
+    for mod in bns:
+        mod.reset_running_stats()
+        mod.momentum = None  # cumulative average
+    j = torch.arange(a.batch, device=dev)
+    for k in range(nb):
+        ids = (j * nb + k) * N // (nb * a.batch)
+        m(prep(xtr[ids], size))
+    for mod, mom in zip(bns, saved):
+        mod.momentum = mom
+
+
+one = torch.ones((), device=dev)
 os.makedirs(a.out, exist_ok=True)
 log = open(os.path.join(a.out, a.name + ".log"), "w")
 
@@ -220,12 +259,19 @@ for ep in range(a.epochs):
     for s in range(spe):
         ids = perm[s * a.batch:(s + 1) * a.batch]
         x, y = train_batch(ids, ep), ytr[ids]
+        y2, lam = y, one
+        if a.mixup:  # mixup within the batch: x mixed with a shuffled copy of itself
+            lam = torch.distributions.Beta(a.mixup, a.mixup).sample().to(dev)
+            j = torch.randperm(x.shape[0], device=dev, generator=g)
+            x, y2 = lam * x + (1 - lam) * x[j], y[j]
         lr = lr_at(t)
         lr_t.fill_(lr)
-        out, loss = train_step(x, y)
+        out, loss = train_step(x, y, y2, lam)
         t += 1
         tl += loss
         tc += (out.argmax(1) == y).sum()
+    if a.precise_bn and ep + 1 == a.epochs:
+        precise_bn(size_of_epoch[ep])
     acc, tloss = evaluate(m, size_of_epoch[ep])
     say(f"epoch {ep + 1} lr {lr:.5f} train_loss {tl.item() / spe:.4f} train_acc {100 * tc.item() / (spe * a.batch):.2f} "
         f"test_acc {acc:.2f} test_loss {tloss:.4f} t {time.time() - t0:.0f}s")
