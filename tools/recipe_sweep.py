@@ -50,8 +50,8 @@ while jobs or running:
         n, o, s = jobs.pop(0)
         cmd = [a.python, proxy, "--name", f"{n}-s{s}", "--seed", str(s), "--out", a.out,
                *shlex.split(a.common), *o]
-        err = open(os.path.join(a.out, f"{n}-s{s}.err"), "w")
-        running.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err), n, s))
+        with open(os.path.join(a.out, f"{n}-s{s}.err"), "w") as err:  # the child keeps its copy
+            running.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err), n, s))
     time.sleep(2)
     for r in [r for r in running if r[0].poll() is not None]:
         running.remove(r)

@@ -598,12 +598,9 @@ static int bn_recompute(trainer *t, int nb) {
     const int B = t->cfg.batch_size, n = t->train.n;
     if ((long long)nb * B > n) nb = n / B;   // (setup ensured n >= B)
     const long long total = (long long)nb * B;
+    if (!model_bn_stats_reset(m)) return 0;   // (VGG without _bn)
     int *idx = malloc((size_t)B * sizeof *idx);
-    if (!idx) return err_set("out of memory");
-    if (!model_bn_stats_reset(m)) {   // (VGG without _bn)
-        free(idx);
-        return 0;
-    }
+    if (!idx) return err_set("out of memory");   // (the run stops: nothing is saved)
     m->bn_average = 1;
     int rc = 0;
     for (int k = 0; k < nb && !rc; k++) {
