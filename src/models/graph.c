@@ -14,6 +14,7 @@
 #include "ops/gemm.h"
 #include "ops/ops.h"
 #include "util/err.h"
+#include "util/mem.h"
 #include "util/clock.h"
 
 #define P(t) (m->params + m->tensors[t].off)
@@ -127,7 +128,7 @@ static int fold_ready(model *m) {
         const size_t rows = (size_t)K * (w->numel / (size_t)n->C);
         if (rows > tmp) tmp = rows;
     }
-    float *f = malloc((total ? total : 1) * sizeof(float)), *wf = malloc(tmp * sizeof(float));
+    float *f = mem_alloc(total * sizeof(float)), *wf = malloc(tmp * sizeof(float));
     if (!f || !wf) {
         free(f); free(wf);
         return err_set("out of memory: %.1f MiB of folded inference weights", total * 4.0 / 1048576);
@@ -279,7 +280,7 @@ static int workspace_ready(model *m) {
         if (s > need) need = s;
     }
     free(m->ws);
-    m->ws = malloc(need * sizeof(float));
+    m->ws = mem_alloc(need * sizeof(float));
     m->ws_floats = need;
     m->ws_threads = m->ws ? cpu_threads() : 0;
     return m->ws ? 0 : err_set("out of memory: %.1f MiB of kernel workspace", need * 4.0 / 1048576);

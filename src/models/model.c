@@ -8,6 +8,7 @@
 #include "io/safetensors.h"
 #include "models/build.h"
 #include "util/err.h"
+#include "util/mem.h"
 
 const char *const model_names[] = {
     "googlenet", "googlenet-paper", "googlenet-naive",
@@ -123,8 +124,8 @@ int model_build(model *m, const model_config *cfg) {
     }
     const char *fold = getenv("INCEPT_FOLD");
     m->fold = !(fold && !strcmp(fold, "0"));
-    m->params = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
-    m->grads = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
+    m->params = mem_calloc(m->n_floats, sizeof(float));
+    m->grads = mem_calloc(m->n_floats, sizeof(float));
     m->counters = calloc(m->n_counters ? (size_t)m->n_counters : 1, sizeof(int64_t));
     if (!m->params || !m->grads || !m->counters) {
         model_free(m);
@@ -215,7 +216,7 @@ int model_prepare(model *m, int N) {
     m->ws = NULL;       // resized for the new batch by the executor
     m->ws_threads = 0;
     m->plan_flags = m->ran_flags = -1;   // the arena is laid out again for the new batch
-    m->save = malloc((s ? s : 1) * sizeof(float));
+    m->save = mem_alloc(s * sizeof(float));
     m->probs = malloc((size_t)3 * N * m->cfg.num_classes * sizeof(float));
     m->save_floats = s;
     m->N = N;

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "util/err.h"
+#include "util/mem.h"
 
 // Slots start 64-byte aligned (whole cache lines, aligned vector loads).
 static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; }
@@ -102,7 +103,7 @@ int model_plan(model *m, int flags) {
     free(slots);
     if (need > m->arena_floats) {
         free(m->arena);
-        m->arena = malloc((need ? need : 1) * sizeof(float));
+        m->arena = mem_alloc(need * sizeof(float));
         m->arena_floats = m->arena ? need : 0;
         if (!m->arena) {
             m->plan_flags = -1;

@@ -5,6 +5,7 @@
 #include "train/optim.h"
 #include "ops/cpu.h"
 #include "util/err.h"
+#include "util/mem.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,7 +64,7 @@ int optim_init(optim *o, const optim_config *cfg, size_t n_floats) {
     int nbuf = cfg->kind == OPT_SGD ? (cfg->momentum != 0) : 2 + (cfg->amsgrad != 0);
     float **bufs[3] = {&o->buf1, &o->buf2, &o->buf3};
     for (int i = 0; i < nbuf; i++) {
-        *bufs[i] = calloc(n_floats ? n_floats : 1, sizeof(float));
+        *bufs[i] = mem_calloc(n_floats, sizeof(float));
         if (!*bufs[i]) {
             optim_free(o);
             return err_set("optimiser: out of memory for %zu-float state", n_floats);
