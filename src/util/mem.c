@@ -1,4 +1,4 @@
-#include "mem.h"
+#include "util/mem.h"
 
 #include <stdint.h>
 #include <stdlib.h>
