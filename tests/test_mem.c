@@ -34,7 +34,7 @@ static int thp_eligible(const void *p) {
     const uintptr_t a = (uintptr_t)p;
     while (fgets(line, sizeof line, f)) {
         unsigned long lo, hi;
-        if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+        if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2) {   // a mapping's header line
             inside = a >= lo && a < hi;
         } else if (inside && sscanf(line, "THPeligible: %d", &v) == 1) {
             break;
