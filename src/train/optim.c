@@ -6,6 +6,7 @@
 #include "ops/cpu.h"
 #include "util/err.h"
 #include "util/mem.h"
+#include <immintrin.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,8 +106,8 @@ const char *optim_buffer_name(const optim *o, int i) {
 
 // torch.optim.SGD: d_p = g + wd*p; buf = d_p (first step) or momentum*buf + (1-dampening)*d_p;
 // d_p = nesterov ? d_p + momentum*buf : buf; p -= lr*d_p.
-static void sgd_span(const optim_config *c, int first, float *p, const float *g, float *buf,
-                     size_t n, double wd, double lr) {
+static void sgd_span(const optim_config *c, int first, float *restrict p, const float *restrict g,
+                     float *restrict buf, size_t n, double wd, double lr) {
     const float wdf = (float)wd, mom = (float)c->momentum, keep = (float)(1.0 - c->dampening);
     const float neg_lr = (float)-lr;
     for (size_t i = 0; i < n; i++) {
@@ -123,30 +124,90 @@ static void sgd_span(const optim_config *c, int first, float *p, const float *g,
 // torch.optim.Adam / AdamW (step already incremented): m = b1*m + (1-b1)*g;
 // v = b2*v + (1-b2)*g*g; denom = sqrt(v or vmax) / sqrt(1-b2^t) + eps;
 // p += -(lr / (1-b1^t)) * m / denom. Adam adds wd*p to g; AdamW first does p *= 1 - lr*wd.
-static void adam_span(const optim_config *c, int64_t step, float *p, const float *g, float *m,
-                      float *v, float *vmax, size_t n, double wd, double lr) {
-    const int decoupled = c->kind == OPT_ADAMW;
-    const float wdf = (float)wd, shrink = (float)(1.0 - lr * wd);
-    const float b1 = (float)c->beta1, one_b1 = (float)(1.0 - c->beta1);
-    const float b2 = (float)c->beta2, one_b2 = (float)(1.0 - c->beta2);
+typedef struct {
+    int decoupled;
+    float wdf, shrink, b1, one_b1, b2, one_b2, neg_step_size, bc2_sqrt, eps;
+} adam_consts;
+
+static adam_consts adam_consts_of(const optim_config *c, int64_t step, double wd, double lr) {
     const double t = (double)(float)step;   // PyTorch keeps the step count in a float tensor
     const double bc1 = 1.0 - pow(c->beta1, t), bc2 = 1.0 - pow(c->beta2, t);
-    const float neg_step_size = (float)-(lr / bc1);
-    const float bc2_sqrt = (float)sqrt(bc2), eps = (float)c->eps;
+    return (adam_consts){c->kind == OPT_ADAMW, (float)wd, (float)(1.0 - lr * wd), (float)c->beta1,
+                         (float)(1.0 - c->beta1), (float)c->beta2, (float)(1.0 - c->beta2),
+                         (float)-(lr / bc1), (float)sqrt(bc2), (float)c->eps};
+}
+
+static void adam_span(const adam_consts *k, float *restrict p, const float *restrict g,
+                      float *restrict m, float *restrict v, float *restrict vmax, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float gi = g[i];
-        if (decoupled) p[i] = p[i] * shrink;
-        else if (wd != 0) gi = gi + wdf * p[i];
-        m[i] = m[i] * b1 + one_b1 * gi;
-        v[i] = v[i] * b2 + one_b2 * gi * gi;
+        if (k->decoupled) p[i] = p[i] * k->shrink;
+        else if (k->wdf != 0) gi = gi + k->wdf * p[i];
+        m[i] = m[i] * k->b1 + k->one_b1 * gi;
+        v[i] = v[i] * k->b2 + k->one_b2 * gi * gi;
         float s = v[i];
         if (vmax) {
             // torch.maximum: a NaN on either side wins
             vmax[i] = isnan(vmax[i]) || vmax[i] >= s ? vmax[i] : s;
             s = vmax[i];
         }
-        const float denom = sqrtf(s) / bc2_sqrt + eps;
-        p[i] = p[i] + neg_step_size * m[i] / denom;
+        const float denom = sqrtf(s) / k->bc2_sqrt + k->eps;
+        p[i] = p[i] + k->neg_step_size * m[i] / denom;
+    }
+}
+
+// The same loops on 16 floats at a time: the same operations in the same order (separate
+// multiplies and adds, correctly rounded sqrt and division), so not a bit changes; the scalar
+// loops above ran at a quarter of memory speed (~42 ms for GoogLeNet's 10 M parameters).
+#define AVX512 __attribute__((target("avx512f")))
+
+static AVX512 void sgd_span_avx512(const optim_config *c, int first, float *p, const float *g,
+                                   float *buf, size_t n, double wd, double lr) {
+    const __m512 wdf = _mm512_set1_ps((float)wd), mom = _mm512_set1_ps((float)c->momentum);
+    const __m512 keep = _mm512_set1_ps((float)(1.0 - c->dampening));
+    const __m512 neg_lr = _mm512_set1_ps((float)-lr);
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 pi = _mm512_maskz_loadu_ps(k, p + i), d = _mm512_maskz_loadu_ps(k, g + i);
+        if (wd != 0) d = _mm512_add_ps(d, _mm512_mul_ps(wdf, pi));
+        if (buf) {
+            __m512 b = first ? d
+                             : _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, buf + i), mom),
+                                             _mm512_mul_ps(keep, d));
+            _mm512_mask_storeu_ps(buf + i, k, b);
+            d = c->nesterov ? _mm512_add_ps(d, _mm512_mul_ps(mom, b)) : b;
+        }
+        _mm512_mask_storeu_ps(p + i, k, _mm512_add_ps(pi, _mm512_mul_ps(neg_lr, d)));
+    }
+}
+
+static AVX512 void adam_span_avx512(const adam_consts *c, float *p, const float *g, float *m,
+                                    float *v, float *vmax, size_t n) {
+    const __m512 wdf = _mm512_set1_ps(c->wdf), shrink = _mm512_set1_ps(c->shrink);
+    const __m512 b1 = _mm512_set1_ps(c->b1), one_b1 = _mm512_set1_ps(c->one_b1);
+    const __m512 b2 = _mm512_set1_ps(c->b2), one_b2 = _mm512_set1_ps(c->one_b2);
+    const __m512 neg_step = _mm512_set1_ps(c->neg_step_size), bc2 = _mm512_set1_ps(c->bc2_sqrt);
+    const __m512 eps = _mm512_set1_ps(c->eps);
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 pi = _mm512_maskz_loadu_ps(k, p + i), gi = _mm512_maskz_loadu_ps(k, g + i);
+        if (c->decoupled) pi = _mm512_mul_ps(pi, shrink);
+        else if (c->wdf != 0) gi = _mm512_add_ps(gi, _mm512_mul_ps(wdf, pi));
+        __m512 mi = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, m + i), b1),
+                                  _mm512_mul_ps(one_b1, gi));
+        __m512 s = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, v + i), b2),
+                                 _mm512_mul_ps(_mm512_mul_ps(one_b2, gi), gi));
+        _mm512_mask_storeu_ps(m + i, k, mi);
+        _mm512_mask_storeu_ps(v + i, k, s);
+        if (vmax) {
+            __m512 x = _mm512_maskz_loadu_ps(k, vmax + i);
+            __mmask16 keep_x = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x, s, _CMP_GE_OQ);
+            s = _mm512_mask_blend_ps(keep_x, s, x);
+            _mm512_mask_storeu_ps(vmax + i, k, s);
+        }
+        __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(s), bc2), eps);
+        pi = _mm512_add_ps(pi, _mm512_div_ps(_mm512_mul_ps(neg_step, mi), denom));
+        _mm512_mask_storeu_ps(p + i, k, pi);
     }
 }
 
@@ -166,6 +227,7 @@ static void step_task(void *ctx, int t, int nt) {
     const step_job *j = ctx;
     const optim *o = j->o;
     const optim_config *c = &o->cfg;
+    const int avx512 = cpu_isa() == CPU_ISA_AVX512;
     size_t lo, hi, base = 0;
     cpu_part_range(j->total, t, nt, &lo, &hi);
     for (int s = 0; s < j->n_spans && base < hi; base += j->spans[s++].n) {
@@ -174,12 +236,18 @@ static void step_task(void *ctx, int t, int nt) {
         if (a >= b) continue;
         const size_t off = j->spans[s].off + a;
         const double wd = j->spans[s].no_decay && !c->decay_bn_bias ? 0.0 : c->weight_decay;
-        if (c->kind == OPT_SGD)
-            sgd_span(c, j->first, j->params + off, j->grads + off, o->buf1 ? o->buf1 + off : NULL,
-                     b - a, wd, j->lr);
-        else
-            adam_span(c, o->step, j->params + off, j->grads + off, o->buf1 + off, o->buf2 + off,
-                      o->buf3 ? o->buf3 + off : NULL, b - a, wd, j->lr);
+        float *p = j->params + off;
+        const float *g = j->grads + off;
+        if (c->kind == OPT_SGD) {
+            float *buf = o->buf1 ? o->buf1 + off : NULL;
+            if (avx512) sgd_span_avx512(c, j->first, p, g, buf, b - a, wd, j->lr);
+            else sgd_span(c, j->first, p, g, buf, b - a, wd, j->lr);
+        } else {
+            const adam_consts k = adam_consts_of(c, o->step, wd, j->lr);
+            float *vmax = o->buf3 ? o->buf3 + off : NULL;
+            if (avx512) adam_span_avx512(&k, p, g, o->buf1 + off, o->buf2 + off, vmax, b - a);
+            else adam_span(&k, p, g, o->buf1 + off, o->buf2 + off, vmax, b - a);
+        }
     }
 }
 
