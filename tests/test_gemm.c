@@ -121,6 +121,8 @@ static const shape shapes[] = {
     {20, 1100, 30}, {13, 1031, 9},
     // big enough (>= 4M multiply-adds) to be split over threads, by rows and by columns
     {130, 700, 50}, {1000, 30, 200}, {37, 1500, 100},
+    // wide enough that threads splitting the columns claim several chunks each
+    {40, 3500, 60},
     // long K (a weight gradient), split by columns: AMX makes A's tiles once for all threads,
     // over several K blocks, and over several row blocks
     {70, 600, 1100}, {600, 700, 120},

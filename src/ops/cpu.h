@@ -5,6 +5,7 @@
 // use it to exercise every path); naming a level the CPU lacks is an error. INCEPT_THREADS=N
 // sets the initial thread count (default: the number of online CPUs, at most CPU_MAX_THREADS).
 #pragma once
+#include <stdatomic.h>
 #include <stddef.h>
 
 typedef enum {
@@ -78,6 +79,15 @@ static inline int cpu_threads_for(size_t work, size_t min_per_thread) {
     int max = cpu_threads();
     if (n < 1) n = 1;
     return n < (size_t)max ? (int)n : max;
+}
+
+// Pieces claimed in turn. A part that cuts its work into pieces by a fixed rule (never by t or
+// n) can take them from a shared counter instead of a fixed share: on a shared host one thread
+// is often held up while the other runs, and then the one running takes the pieces left. Each
+// piece must be computed the same way whoever takes it. Zero the counter before cpu_parallel.
+typedef struct { _Atomic int next; } cpu_claims;
+static inline int cpu_claim(cpu_claims *c) {
+    return atomic_fetch_add_explicit(&c->next, 1, memory_order_relaxed);
 }
 
 // Part t of n of [0, total): [*lo, *hi).

@@ -750,9 +750,17 @@ typedef struct {
     int N, C, HW, relu;
     int overwrite;   // backward (train): din = gradient, not din += gradient
     float eps, momentum;
+    cpu_claims claims;  // training passes: pieces of channels (bn_piece), claimed in turn
 } bn_job;
 
 static int bn_group(int HW) { return HW <= BN_BLOCK ? BN_BLOCK / HW : 1; }
+// Training passes cut the channels into pieces of at most a group, ~8 a thread, that the
+// threads claim in turn (a thread held up by the host leaves its pieces to the other).
+static int bn_piece(const bn_job *j, int nt) {
+    int p = (j->C + 8 * nt - 1) / (8 * nt), G = bn_group(j->HW);
+    return p < G ? p : G;
+}
+
 static int bn_segments(int HW) { return HW <= BN_BLOCK ? 1 : (HW + BN_BLOCK - 1) / BN_BLOCK; }
 
 // Segment s of group [c, c+nc): its offset in a sample's row and its length.
@@ -880,15 +888,14 @@ static void bn_group_bwd_apply_eval(const bn_job *j, int c, int nc, const float 
 }
 
 static void bn_fwd_train_task(void *ctx, int t, int nt) {
-    const bn_job *j = ctx;
+    (void)t;
+    bn_job *j = ctx;
     const size_t M = (size_t)j->N * j->HW;
-    const int G = bn_group(j->HW);
-    size_t lo, hi;
-    cpu_part_range((size_t)j->C, t, nt, &lo, &hi);
+    const int P = bn_piece(j, nt);
     double sum[BN_BLOCK], mean[BN_BLOCK], ssd[BN_BLOCK];
     float a[BN_BLOCK], b[BN_BLOCK];
-    for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
-        const int nc = (int)hi - c0 < G ? (int)hi - c0 : G;
+    for (int c0; (c0 = P * cpu_claim(&j->claims)) < j->C;) {
+        const int nc = j->C - c0 < P ? j->C - c0 : P;
         bn_group_sum(sum, j, c0, nc);
         for (int k = 0; k < nc; k++) mean[k] = sum[k] / (double)M;
         bn_group_ssd(ssd, j, c0, nc, mean);
@@ -936,15 +943,14 @@ void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_in
 }
 
 static void bn_bwd_train_task(void *ctx, int t, int nt) {
-    const bn_job *j = ctx;
+    (void)t;
+    bn_job *j = ctx;
     const size_t M = (size_t)j->N * j->HW;
-    const int G = bn_group(j->HW);
-    size_t lo, hi;
-    cpu_part_range((size_t)j->C, t, nt, &lo, &hi);
+    const int P = bn_piece(j, nt);
     double sdy[BN_BLOCK], sdyxm[BN_BLOCK];
     float gmean[BN_BLOCK], proj[BN_BLOCK], a[BN_BLOCK];
-    for (int c0 = (int)lo; c0 < (int)hi; c0 += G) {
-        const int nc = (int)hi - c0 < G ? (int)hi - c0 : G;
+    for (int c0; (c0 = P * cpu_claim(&j->claims)) < j->C;) {
+        const int nc = j->C - c0 < P ? j->C - c0 : P;
         const float *mean = j->mean_in + c0;
         const float *ra = j->relu ? j->affine_in + c0 : NULL;
         const float *rb = j->relu ? j->affine_in + j->C + c0 : NULL;

@@ -773,6 +773,10 @@ typedef struct {
     size_t ws_thread; // floats per thread
     unsigned short *a_tiles;  // AMX, split by columns: all of A's tiles, packed once for all
                               // threads (amx_a_shared) instead of by each; else NULL
+    int chunks;       // split by columns: pieces of NR-column slivers that threads claim
+    cpu_claims claims;
+    const gemm_operand *a_dense;  // a_shared_task: A as given, packed into a_panels
+    float *a_panels;
 } gemm_job;
 
 static void k_blocks(const gemm_config *cfg, int K, int *nkb, int *kcb);
@@ -916,7 +920,9 @@ static void tall_tile(const gemm_job *g, int kc, const float *a, ptrdiff_t pstri
     }
 }
 
-static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int n1) {
+// a_ready: the workspace already holds A's panels for these rows from the thread's previous
+// call (one row block and one K block only: a_ready_ok()).
+static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int n1, int a_ready) {
     const gemm_config *cfg = g->cfg;
     int MR = cfg->MR, NR = cfg->NR;
     float *bp = align64(ws);
@@ -932,12 +938,12 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
                 a_panels = g->a->p + PACK_HEADER + (size_t)pc * round_up(g->M, MR) +
                            (size_t)ic * kc;
                 if (g->bf16) {   // rounded in a copy: the packed weights stay as they are
-                    memcpy(ap, a_panels, a_floats * sizeof(float));
+                    if (!a_ready) memcpy(ap, a_panels, a_floats * sizeof(float));
                     a_panels = ap;
                 }
-            } else
+            } else if (!a_ready)
                 pack_a(ap, g->a, g->M, ic, mc, pc, kc, cfg);
-            if (g->bf16) gemm_bf16_round(ap, a_floats, cfg->copy == copy_avx512);
+            if (g->bf16 && !a_ready) gemm_bf16_round(ap, a_floats, cfg->copy == copy_avx512);
             for (int jc = n0; jc < n1; jc += cfg->NC) {
                 int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
                 pack_b(bp, g->b, pc, kc, jc, nc, cfg);
@@ -1035,19 +1041,29 @@ static unsigned short *amx_a_block(const gemm_job *g, int ic, int kb) {
     return g->a_tiles + ((size_t)(ic / g->cfg->MC) * g->nkb + kb) * amx_a_floats(g->cfg, g->M, g->kcb) * 2;
 }
 
-// Part t of n of the shared A tiles: every n-th (row block, K block).
+// The shared A tiles, in pieces of two 32-row panels of one block claimed in turn.
 static void amx_a_shared_task(void *ctx, int t, int n) {
-    const gemm_job *g = ctx;
+    (void)t, (void)n;
+    gemm_job *g = ctx;
     int blocks = ceil_div(g->M, g->cfg->MC) * g->nkb;
-    for (int b = t; b < blocks; b += n) {
+    for (int b = 0, piece = 0, want = cpu_claim(&g->claims); b < blocks; b++) {
         int ic = b / g->nkb * g->cfg->MC, kb = b % g->nkb;
         int mc = g->M - ic < g->cfg->MC ? g->M - ic : g->cfg->MC;
         int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
-        pack_a_amx(amx_a_block(g, ic, kb), g->a, g->M, ic, mc, pc, kc, (int)round_up((size_t)kc, 32));
+        int kcp = (int)round_up((size_t)kc, 32);
+        for (int p = 0; p < ceil_div(mc, 32); p += 2, piece++) {
+            if (piece != want) continue;
+            int rows = mc - 32 * p < 64 ? mc - 32 * p : 64;
+            pack_a_amx(amx_a_block(g, ic, kb) + (size_t)p * kcp * 32, g->a, g->M, ic + 32 * p,
+                       rows, pc, kc, kcp);
+            want = cpu_claim(&g->claims);
+        }
     }
 }
 
-static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0, int n1) {
+static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0, int n1,
+                           int a_ready) {
+    (void)a_ready;  // A's tiles are shared (a_tiles) where columns are split in chunks
     const gemm_config *cfg = g->cfg;
     float *bp = align64(ws);
     unsigned short *bb = (unsigned short *)align64(bp + bp_floats(cfg, g->N, g->kcb));
@@ -1144,20 +1160,49 @@ int gemm_pack_a_check(const float *packed, int M, int K) {
     return 0;
 }
 
-// Part t of n: a contiguous range of MR-row panels or NR-column slivers.
+// A in one row block and one K block: a thread taking several column chunks packs it once.
+static int a_ready_ok(const gemm_job *g) { return g->M <= g->cfg->MC && g->nkb == 1; }
+
+// Float32 kernels, columns split in chunks, A more than one block: A's panels are packed once,
+// in parallel, in gemm_pack_a()'s layout (g->a then points at them as GEMM_PACKED), rather than
+// by each thread for each chunk. Pieces: 8 panels of one K block, claimed in turn.
+static void a_shared_task(void *ctx, int t, int n) {
+    (void)t, (void)n;
+    gemm_job *g = ctx;
+    const int MR = g->cfg->MR, panels = ceil_div(g->M, MR);
+    for (int kb = 0, piece = 0, want = cpu_claim(&g->claims); kb < g->nkb; kb++) {
+        int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
+        for (int p = 0; p < panels; p += 8, piece++) {
+            if (piece != want) continue;
+            int rows = g->M - p * MR < 8 * MR ? g->M - p * MR : 8 * MR;
+            pack_a(g->a_panels + PACK_HEADER + (size_t)pc * round_up(g->M, MR) + (size_t)p * MR * kc,
+                   g->a_dense, g->M, p * MR, rows, pc, kc, g->cfg);
+            want = cpu_claim(&g->claims);
+        }
+    }
+}
+
+// Part t of n: a contiguous range of MR-row panels, or column chunks (ranges of NR-column
+// slivers) claimed in turn. Either way one gemm_block call computes each element of C, with the
+// same operations whichever thread makes it.
 static void gemm_task(void *ctx, int t, int n) {
-    const gemm_job *g = ctx;
+    gemm_job *g = ctx;
     float *ws = g->ws + (size_t)t * g->ws_thread;
+    void (*block)(const gemm_job *, float *, int, int, int, int, int) =
+        g->cfg->amx ? gemm_block_amx : gemm_block;
     if (g->split_rows) {
         int MR = g->cfg->MR, units = ceil_div(g->M, MR);
         int u0 = (int)((long)units * t / n), u1 = (int)((long)units * (t + 1) / n);
         int m1 = u1 * MR < g->M ? u1 * MR : g->M;
-        if (u0 < u1) (g->cfg->amx ? gemm_block_amx : gemm_block)(g, ws, u0 * MR, m1, 0, g->N);
-    } else {
-        int NR = g->cfg->NR, units = ceil_div(g->N, NR);
-        int u0 = (int)((long)units * t / n), u1 = (int)((long)units * (t + 1) / n);
+        if (u0 < u1) block(g, ws, u0 * MR, m1, 0, g->N, 0);
+        return;
+    }
+    int NR = g->cfg->NR, units = ceil_div(g->N, NR), a_ready = 0;
+    for (int c; (c = cpu_claim(&g->claims)) < g->chunks;) {
+        int u0 = (int)((long)units * c / g->chunks), u1 = (int)((long)units * (c + 1) / g->chunks);
         int n1 = u1 * NR < g->N ? u1 * NR : g->N;
-        if (u0 < u1) (g->cfg->amx ? gemm_block_amx : gemm_block)(g, ws, 0, g->M, u0 * NR, n1);
+        if (u0 < u1) block(g, ws, 0, g->M, u0 * NR, n1, a_ready);
+        a_ready = u0 < u1 && a_ready_ok(g);
     }
 }
 
@@ -1193,10 +1238,12 @@ static size_t ws_most(int M, int N, int K) {
     return best;
 }
 
-// Per-thread parts, then (where AMX may run) room for the shared A tiles.
+// Per-thread parts, then room for A packed once for all threads (float32 panels, or AMX tiles).
 size_t gemm_workspace_size(int M, int N, int K) {
-    size_t shared = cpu_amx_detected() ? amx_a_shared_floats(&amx_config, M, K) + 16 : 0;
-    return ws_most(M, N, K) * (size_t)cpu_threads() + shared;
+    size_t shared = gemm_pack_a_size(M, K);   // float32 panels of all of A (a_shared_task)
+    if (cpu_amx_detected() && amx_a_shared_floats(&amx_config, M, K) > shared)
+        shared = amx_a_shared_floats(&amx_config, M, K);
+    return ws_most(M, N, K) * (size_t)cpu_threads() + shared + 16;
 }
 
 // K = 0: C = (C or 0) + bias, then ReLU.
@@ -1314,9 +1361,28 @@ void gemm_ex(const gemm_output *c, const gemm_operand *a, const gemm_operand *b,
     // Threads that split the columns each need all of A: on AMX its tiles are made once, in
     // parallel, when that is worth a second hand-over (the same bytes either way). The shared
     // region follows cpu_threads() parts, where gemm_workspace_size() put it.
-    if (g.cfg->amx && !g.split_rows && T > 1 && (double)M * K >= 65536) {
-        g.a_tiles = (unsigned short *)align64(ws + g.ws_thread * (size_t)cpu_threads());
+    float *shared = align64(ws + g.ws_thread * (size_t)cpu_threads());
+    gemm_operand packed = {.kind = GEMM_PACKED, .p = shared};
+    int share = !g.split_rows && T > 1 && (double)M * K >= 65536;
+    if (share && g.cfg->amx) {
+        g.a_tiles = (unsigned short *)shared;
         cpu_parallel(amx_a_shared_task, &g, T);
+        atomic_store(&g.claims.next, 0);
+    } else if (share && !g.bf16 && a->kind == GEMM_DENSE && !a_ready_ok(&g)) {
+        g.a_dense = a, g.a_panels = shared;
+        cpu_parallel(a_shared_task, &g, T);
+        atomic_store(&g.claims.next, 0);
+        g.a = &packed;
+    }
+    // Column chunks: up to 8 a thread, so that one held up by the host leaves the other work
+    // to take. Where A's tiles are shared (AMX) or A is one block (packed once per thread) a
+    // chunk costs nothing extra; otherwise a thread packs all of A for each chunk it takes, so
+    // each chunk keeps >= ~768 columns, against which that packing is a few per cent.
+    g.chunks = T;
+    if (!g.split_rows && T > 1) {
+        int per = g.a_tiles || g.a == &packed || a_ready_ok(&g) ? 8 : (int)((double)N / T / 768);
+        per = per < 1 ? 1 : per > 8 ? 8 : per;
+        g.chunks = T * per < units ? T * per : units;
     }
     cpu_parallel(gemm_task, &g, T);
 }

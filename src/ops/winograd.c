@@ -668,6 +668,7 @@ typedef struct {
     float *shared;  // U (by chunks) or V (by filters)
     float *bufs;    // nbuf x (V or U, M)
     int chunk;      // the chunk whose phases are being split
+    cpu_claims claims;  // chunks_task's chunks, filters_task's blocks: claimed in turn
 } wctx;
 
 static void split(int total, int t, int n, int *lo, int *hi) {
@@ -738,12 +739,11 @@ static void weight_task(void *ctx, int t, int n) {
 }
 
 static void chunks_task(void *ctx, int t, int n) {
-    const wctx *x = ctx;
+    (void)n;
+    wctx *x = ctx;
     const wplan *p = x->p;
-    int c0, c1;
-    split(p->nchunks, t, n, &c0, &c1);
     float *V = buf_own(x, t), *M = buf_m(x, t);
-    for (int c = c0; c < c1; c++) {
+    for (int c; (c = cpu_claim(&x->claims)) < p->nchunks;) {
         int t0, nt;
         chunk_tiles(p, c, &t0, &nt);
         p->input(p, V, x->in, t0, nt, 0, p->C);
@@ -784,13 +784,13 @@ static void output_task(void *ctx, int t, int n) {
 // ---- by blocks of filters ----
 
 static void filters_task(void *ctx, int t, int n) {
-    const wctx *x = ctx;
+    (void)n;
+    wctx *x = ctx;
     const wplan *p = x->p;
-    int blocks = ceil_div(p->panels, p->block), b0, b1;
-    split(blocks, t, n, &b0, &b1);
+    int blocks = ceil_div(p->panels, p->block);
     float *U = buf_own(x, t), *M = buf_m(x, t);
     size_t upos = p->upos, mpos = p->mpos;
-    for (int b = b0; b < b1; b++) {
+    for (int b; (b = cpu_claim(&x->claims)) < blocks;) {
         int g0 = b * p->block, np = p->panels - g0 < p->block ? p->panels - g0 : p->block;
         int k0 = g0 * p->MR, k1 = (g0 + np) * p->MR < p->K ? (g0 + np) * p->MR : p->K;
         p->weight(p, U, upos, x->w, g0, g0 + np);
@@ -954,38 +954,42 @@ typedef struct {
     float *V, *Y, *dU, *dw;
     const float *in, *dout;
     int t0, nt;
+    cpu_claims claims;  // wg_transform_task's groups, wg_gemm_task's pieces: claimed in turn
 } wgctx;
 
+// Groups of x's channels, then those of dY's (unequal work: claimed one at a time).
 static void wg_transform_task(void *ctx, int t, int n) {
-    const wgctx *x = ctx;
+    (void)t, (void)n;
+    wgctx *x = ctx;
     const wgplan *g = x->g;
-    int g0, g1;  // the groups of x's channels, then those of dY's
-    split(g->groups_c + g->groups_k, t, n, &g0, &g1);
-    if (g0 < g->groups_c)
-        wg_pack(g, x->V, x->in, x->t0, x->nt, g0, g1 < g->groups_c ? g1 : g->groups_c, 0);
-    if (g1 > g->groups_c)
-        wg_pack(g, x->Y, x->dout, x->t0, x->nt, g0 > g->groups_c ? g0 - g->groups_c : 0,
-                g1 - g->groups_c, 1);
+    for (int u; (u = cpu_claim(&x->claims)) < g->groups_c + g->groups_k;) {
+        if (u < g->groups_c) wg_pack(g, x->V, x->in, x->t0, x->nt, u, u + 1, 0);
+        else wg_pack(g, x->Y, x->dout, x->t0, x->nt, u - g->groups_c, u - g->groups_c + 1, 1);
+    }
 }
 
-// Units (position, panel of MR filters): dU rows of those filters, all channels.
+// Units (position, panel of MR filters): dU rows of those filters, all channels; ~4 pieces of
+// units a thread, claimed in turn.
 static void wg_gemm_task(void *ctx, int t, int n) {
-    const wgctx *x = ctx;
+    (void)t;
+    wgctx *x = ctx;
     const wgplan *g = x->g;
     const wplan *p = &g->p;
     enum { NR = GEMM_AVX512_NR, MR = GEMM_AVX512_MR };
-    const int np = ceil_div(p->K, MR);
+    const int np = ceil_div(p->K, MR), units = p->aa * np, pieces = 4 * n;
     const gemm_epilogue e = {.load_c = x->t0 > 0};
-    int u0, u1;
-    split(p->aa * np, t, n, &u0, &u1);
-    for (int u = u0; u < u1; u++) {
-        const int pos = u / np, pn = u % np, mr = p->K - pn * MR < MR ? p->K - pn * MR : MR;
-        const float *a = x->Y + pos * g->ypos + (size_t)pn * g->TB * MR;
-        for (int sl = 0; sl < g->slivers; sl++) {
-            const int nr = p->C - sl * NR < NR ? p->C - sl * NR : NR;
-            gemm_kernel_avx512(x->nt, a, x->V + pos * g->vpos + (size_t)sl * g->TB * NR,
-                               x->dU + pos * g->upos + (size_t)pn * MR * p->C + sl * NR, p->C,
-                               mr, nr, &e);
+    for (int c; (c = cpu_claim(&x->claims)) < pieces;) {
+        int u0, u1;
+        split(units, c, pieces, &u0, &u1);
+        for (int u = u0; u < u1; u++) {
+            const int pos = u / np, pn = u % np, mr = p->K - pn * MR < MR ? p->K - pn * MR : MR;
+            const float *a = x->Y + pos * g->ypos + (size_t)pn * g->TB * MR;
+            for (int sl = 0; sl < g->slivers; sl++) {
+                const int nr = p->C - sl * NR < NR ? p->C - sl * NR : NR;
+                gemm_kernel_avx512(x->nt, a, x->V + pos * g->vpos + (size_t)sl * g->TB * NR,
+                                   x->dU + pos * g->upos + (size_t)pn * MR * p->C + sl * NR, p->C,
+                                   mr, nr, &e);
+            }
         }
     }
 }
@@ -1026,7 +1030,9 @@ void winograd_weight_grad(float *dw, const float *in, const float *dout, int N, 
     const int threads = cpu_threads();
     for (x.t0 = 0; x.t0 < p->P; x.t0 += g.TB) {
         x.nt = p->P - x.t0 < g.TB ? p->P - x.t0 : g.TB;
+        atomic_store(&x.claims.next, 0);
         cpu_parallel(wg_transform_task, &x, threads);
+        atomic_store(&x.claims.next, 0);
         cpu_parallel(wg_gemm_task, &x, threads);
     }
     cpu_parallel(wg_filters_task, &x, threads);
