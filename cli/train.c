@@ -135,6 +135,8 @@ static const char *const TRAIN_USAGE =
     "           --limit-train N  --limit-test N\n"
     "recipe:    --epochs N  --batch-size N  --eval-batch-size N  --lr LR  --label-smoothing E\n"
     "           --precise-bn N: after the last epoch, BN statistics averaged over N batches\n"
+    "           --time-budget T (seconds, or 59m, 1h): when the warmup ends, the run becomes as\n"
+    "           many epochs as fit in T from the start (--epochs is then the ceiling)\n"
     "           --optimizer sgd|adam|adamw  --momentum M  --dampening D  --no-nesterov\n"
     "           --weight-decay WD  --decay-bn-bias  --beta1 B  --beta2 B  --eps E  --amsgrad\n"
     "           --schedule constant|step|cosine|poly  --warmup EPOCHS  --warmup-factor F\n"
@@ -158,6 +160,18 @@ static int parse_double_opt(const char *flag, const char *v, double lo, double h
     if (!*v || *end || !(d >= lo && d <= hi)) return cli_float(flag, v, lo, hi, &f);
     o->set = 1;
     o->v = d;
+    return 0;
+}
+
+// --time-budget: seconds, or with a unit: 90s, 59m, 1.5h.
+static int parse_duration(const char *flag, const char *v, double *out) {
+    char *end;
+    double d = strtod(v, &end);
+    double unit = !strcmp(end, "") || !strcmp(end, "s") ? 1 : !strcmp(end, "m") ? 60
+                : !strcmp(end, "h") ? 3600 : 0;
+    if (end == v || unit == 0 || !(d > 0) || !(d * unit < 1e9))
+        return cli_usage("%s: expected a duration such as 3540, 59m or 1h, not '%s'", flag, v);
+    *out = d * unit;
     return 0;
 }
 
@@ -212,6 +226,7 @@ int cmd_train(int argc, char **argv) {
         else if (!strcmp(a, "--label-smoothing")) rc = cli_float(a, v, 0, 1, &cfg.label_smoothing);
         else if (!strcmp(a, "--random-erasing")) rc = cli_float(a, v, 0, 1, &cfg.random_erasing);
         else if (!strcmp(a, "--precise-bn")) rc = cli_int(a, v, 0, 1 << 20, &cfg.precise_bn);
+        else if (!strcmp(a, "--time-budget")) rc = parse_duration(a, v, &cfg.time_budget);
         else if (!strcmp(a, "--lr")) rc = parse_double_opt(a, v, 0, 1e300, &lr);
         else if (!strcmp(a, "--optimizer")) optimizer = v;
         else if (!strcmp(a, "--momentum")) rc = parse_double_opt(a, v, 0, 1e300, &momentum);
@@ -253,6 +268,7 @@ int cmd_train(int argc, char **argv) {
         if (strlen(data) >= sizeof cfg.data) return cli_usage("--data: path too long");
         snprintf(cfg.data, sizeof cfg.data, "%s", data);
         if (epochs) cfg.epochs = epochs;
+        else if (cfg.time_budget > 0) cfg.epochs = 1000;   // a ceiling: the budget decides
         if (cfg.random_erasing > 0 && !cfg.augment)
             return cli_usage("--random-erasing is an augmentation: it cannot go with --no-augment");
         if (optimizer) {
@@ -300,6 +316,10 @@ int cmd_train(int argc, char **argv) {
             s->warmup = 0;
         s->epochs = cfg.epochs;
         if (schedule_check(s)) return cli_usage("%s", err_msg());
+        if (cfg.time_budget > 0 && cfg.epochs <= budget_epoch(&cfg))
+            return cli_usage("--time-budget: the run's length is fixed after epoch %d (the warmup), "
+                             "so --epochs (the ceiling) must be above it, not %d",
+                             budget_epoch(&cfg), cfg.epochs);
     }
 
     char *command = command_join(argc, argv);
@@ -324,9 +344,14 @@ int cmd_train(int argc, char **argv) {
            resume ? "resuming" : "training", c->model.name, c->data, t.train.n, t.test.n,
            c->num_classes, c->in_channels, c->image_size, c->image_size, t.run_dir);
     if (resume) printf("at epoch %d of %d\n", t.epoch, c->epochs);
+    char length[96];
+    if (c->time_budget > 0)
+        snprintf(length, sizeof length, "as many epochs as fit %.0f s (at most %d)", c->time_budget,
+                 c->epochs);
+    else snprintf(length, sizeof length, "%d epochs", c->epochs);
     printf("%s lr %g, %s schedule, batch %d (%d steps/epoch, last partial batch dropped), "
-           "%d epochs, %d threads\n", optim_kind_name(c->optim.kind), c->sched.base_lr,
-           schedule_kind_name(c->sched.kind), c->batch_size, t.steps_per_epoch, c->epochs, cpu_threads());
+           "%s, %d threads\n", optim_kind_name(c->optim.kind), c->sched.base_lr,
+           schedule_kind_name(c->sched.kind), c->batch_size, t.steps_per_epoch, length, cpu_threads());
     if (c->bf16 && cpu_amx()) printf("bfloat16 products on AMX tiles\n");
     else if (c->bf16)  // the mode only pays on AMX; elsewhere it costs time (rounding, no Winograd)
         printf("bfloat16 products on the float32 kernels (%s): --bf16 is slower here than float32 "
@@ -348,6 +373,9 @@ int cmd_train(int argc, char **argv) {
                "top-5 %.2f%%  %.0f img/s  %.1f s%s\n", t.epoch, c->epochs, r->lr, r->train_loss,
                r->train_acc, r->test_loss, r->test_acc1, r->test_acc5, r->images_per_s, r->seconds,
                t.best_epoch == t.epoch ? "  (best)" : "");
+        if (t.budget_decided == t.epoch)
+            printf("time budget: %d epochs (epoch %d took %.1f s; %.0f s of the budget used)\n",
+                   c->epochs, t.epoch, r->seconds, clock_now_s() - t.t_start);
         fflush(stdout);
     }
     if (!rc) {

@@ -503,6 +503,29 @@ def test_resume_is_bit_exact_bf16():
                            epoch1["fc.weight"])
 
 
+def test_time_budget_fixes_the_length():
+    """--time-budget: when the warmup epoch ends the run becomes the epochs that fit, exactly as
+    if --epochs had said so from the start; --epochs is the ceiling, and at least one epoch
+    follows the warmup. The checkpoints record the length, not the budget (so --resume goes on
+    to it)."""
+    tmp = tmpdir()
+    base = TINY + ["--precise-bn", 2]
+    roomy, spent, plain = (os.path.join(tmp, d) for d in ("roomy", "spent", "plain"))
+    out, _ = train(base + ["--time-budget", "1000h", "--epochs", 3, "--run-dir", roomy])
+    assert "at most 3" in out and "time budget: 3 epochs" in out and "epoch 3/3" in out, out
+    assert len(metrics(roomy)) == 3
+    out, _ = train(base + ["--time-budget", "0.01", "--epochs", 5, "--run-dir", spent])
+    assert "time budget: 2 epochs" in out and "epoch 2/2" in out, out
+    train(base + ["--epochs", 2, "--run-dir", plain])
+    same_checkpoint(os.path.join(spent, "last.safetensors"), os.path.join(plain, "last.safetensors"))
+    with open(os.path.join(spent, "args.txt")) as f:
+        args = f.read()
+    assert args.count("command") == 1 and "--time-budget" in args, args
+    assert "train.epochs = 2\n" in args and "train.time_budget = 0\n" in args, args
+    out, _ = train(["--resume", spent])
+    assert "complete" in out
+
+
 def test_nan_stops_training():
     tmp = tmpdir()
     # epoch 1 is fine, epoch 2's lr (x 1e30) blows the weights up
@@ -619,6 +642,10 @@ def test_bad_flags_are_usage_errors():
     assert "--top" in usage_error(["predict", "googlenet", "--weights", "w", "--top", 0, "x.png"])
     assert "--random-erasing" in usage_error(base + ["--random-erasing", 1.5])
     assert "--no-augment" in usage_error(base + ["--random-erasing", 0.5, "--no-augment"])
+    for bad in ("abc", "0", "-5m", "3d"):
+        assert "--time-budget" in usage_error(base + ["--time-budget", bad])
+    assert "ceiling" in usage_error(base + ["--time-budget", "1h", "--epochs", 1])
+    assert "--time-budget" in usage_error(["train", "--resume", tmpdir(), "--time-budget", "1h"])
 
 
 def write_idx(d, name, arr, magic):

@@ -67,6 +67,7 @@ static const meta_field FIELDS[] = {
     FLD("train.label_smoothing", M_FLOAT, cfg.label_smoothing),
     OPT_FLD("train.bf16", M_INT, cfg.bf16),
     OPT_FLD("train.precise_bn", M_INT, cfg.precise_bn),
+    OPT_FLD("train.time_budget", M_DOUBLE, cfg.time_budget),
     FLD("train.seed", M_U64, cfg.seed),
     FLD("optim", M_OPTIM, cfg.optim.kind),
     FLD("optim.momentum", M_DOUBLE, cfg.optim.momentum),

@@ -346,6 +346,8 @@ static void time_str(char *buf, size_t cap, const char *fmt) {
 }
 
 // args.txt: one "command:" line per invocation (the old ones kept), then the configuration.
+// resumed: 0 a new run, 1 a resumed one (a command line added), 2 the configuration changed
+// (the command lines kept, none added).
 static int args_write(const trainer *t, const char *command, int resumed) {
     char path[PATH_CAP], when[64];
     if (path_in(path, t->run_dir, "args.txt")) return -1;
@@ -357,7 +359,8 @@ static int args_write(const trainer *t, const char *command, int resumed) {
         while (f && fgets(line, sizeof line, f) && !strncmp(line, "command", 7)) text_add(&out, "%s", line);
         if (f) fclose(f);
     }
-    text_add(&out, "command (%s%s): %s\n", resumed ? "resumed " : "", when, command ? command : "");
+    if (resumed < 2)
+        text_add(&out, "command (%s%s): %s\n", resumed ? "resumed " : "", when, command ? command : "");
     ckpt_meta m;
     meta_of(t, &m);
     char **keys, **vals;
@@ -372,6 +375,7 @@ static int args_write(const trainer *t, const char *command, int resumed) {
 int trainer_open(trainer *t, const train_config *cfg, const char *run_dir,
                  const char *init_weights, const char *command) {
     memset(t, 0, sizeof *t);
+    t->t_start = clock_now_s();
     t->cfg = *cfg;
     char last[PATH_CAP];
     if (run_dir) {
@@ -491,6 +495,7 @@ static int state_restore(trainer *t, const st_file *f, const char *path) {
 
 int trainer_resume(trainer *t, const char *run_dir, int epochs, const char *command) {
     memset(t, 0, sizeof *t);
+    t->t_start = clock_now_s();
     char path[PATH_CAP];
     if (!is_dir(run_dir)) return err_set("%s: run directory not found", run_dir);
     if (path_in(path, run_dir, "last.safetensors")) return -1;
@@ -505,7 +510,7 @@ int trainer_resume(trainer *t, const char *run_dir, int epochs, const char *comm
     t->cfg.image_size = meta.cfg.model.H;
     t->cfg.in_channels = meta.cfg.model.in_channels;
     t->cfg.num_classes = meta.cfg.model.num_classes;
-    if (epochs > 0) t->cfg.epochs = epochs;
+    if (epochs > 0) t->cfg.epochs = epochs, t->cfg.time_budget = 0;   // a length, not a budget
     snprintf(t->run_dir, sizeof t->run_dir, "%s", run_dir);
     rc = setup(t, &meta.pre, meta.resize);
     for (int k = 0; !rc && k < meta.n_classes; k++)
@@ -522,6 +527,32 @@ int trainer_resume(trainer *t, const char *run_dir, int epochs, const char *comm
 }
 
 // ---------------------------------------------------------------- the epoch
+
+int budget_epoch(const train_config *cfg) {
+    const int w = cfg->sched.kind == SCHED_COSINE || cfg->sched.kind == SCHED_POLY ? cfg->sched.warmup : 0;
+    return w > 1 ? w : 1;
+}
+
+// The time budget's decision, after epoch t->epoch (budget_epoch()): the epochs that fit what is
+// left, at this epoch's pace (train + test pass) plus 3 % (hosts slow down over an hour) and
+// half a second for the checkpoints, leaving time for precise BN (forward passes, ~1/3 of a
+// training step each). At least one more epoch; at most the configured ceiling.
+static int budget_decide(trainer *t, const metrics_row *r) {
+    train_config *c = &t->cfg;
+    const double left = c->time_budget - (clock_now_s() - t->t_start);
+    const double step_s = r->images_per_s > 0 ? c->batch_size / r->images_per_s : 0;
+    const double tail = c->precise_bn * step_s / 3 + 2;
+    const double per = r->seconds * 1.03 + 0.5;
+    double fit = floor((left - tail) / per);
+    long n = t->epoch + (fit > 0 ? (long)(fit < 1e6 ? fit : 1e6) : 0);
+    if (n < t->epoch + 1) n = t->epoch + 1;
+    if (n > c->epochs) n = c->epochs;
+    c->epochs = c->sched.epochs = (int)n;
+    c->time_budget = 0;
+    t->budget_decided = t->epoch;
+    if (schedule_check(&c->sched)) return -1;
+    return args_write(t, NULL, 2);
+}
 
 // Each epoch's random streams from (seed, epoch, stream) alone: resuming needs no RNG state.
 static uint64_t epoch_seed(uint64_t seed, int epoch, int stream) {
@@ -672,6 +703,7 @@ int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
     eval_result_free(&t->last_eval);
     t->last_eval = r;
     t->epoch = e + 1;
+    if (c->time_budget > 0 && t->epoch == budget_epoch(c) && budget_decide(t, &rows[e])) return -1;
     int best = rows[e].test_acc1 > t->best_acc1;
     if (best) {
         t->best_acc1 = rows[e].test_acc1;

@@ -43,6 +43,10 @@ typedef struct {
                               // statistics become averages over this many batches (bn_recompute)
     int bf16;                 // products in bfloat16 (cpu_bf16_set), set for the process by
                               // trainer_open/trainer_resume; everything else stays float32
+    double time_budget;       // > 0: seconds for the whole run, counted from trainer_open (or
+                              // trainer_resume). `epochs` is then a ceiling: when the warmup ends
+                              // (budget_epoch()) the run's length becomes the epochs that fit, as
+                              // if given as --epochs from the start, and this becomes 0
     optim_config optim;
     schedule sched;           // sched.base_lr is the learning rate, sched.epochs = epochs
     uint64_t seed;
@@ -126,6 +130,8 @@ typedef struct {
     float *x, *ce_probs;      // batch input, scratch for the reported loss
     int64_t *y;
     int *order;               // training sample order of the current epoch
+    double t_start;           // clock_now_s() when trainer_open/trainer_resume began
+    int budget_decided;       // the epoch after which time_budget fixed `epochs` (0: none)
 } trainer;
 
 // A new run into run_dir (NULL: runs/<model>-<data>-<YYYYmmdd-HHMMSS>). Loads the data, builds
@@ -134,6 +140,9 @@ typedef struct {
 // Refuses a directory that already holds a run. On failure nothing is left behind.
 int  trainer_open(trainer *t, const train_config *cfg, const char *run_dir,
                   const char *init_weights, const char *command);
+// The epoch after which a time budget fixes the run's length: the last warmup epoch (the
+// learning rate before it does not depend on the length), at least 1.
+int  budget_epoch(const train_config *cfg);
 // Continues the run in run_dir from its last.safetensors. epochs > 0 changes the run's length
 // (the schedule is then recomputed, so the result differs from an uninterrupted run).
 int  trainer_resume(trainer *t, const char *run_dir, int epochs, const char *command);
