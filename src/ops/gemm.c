@@ -1041,23 +1041,22 @@ static unsigned short *amx_a_block(const gemm_job *g, int ic, int kb) {
     return g->a_tiles + ((size_t)(ic / g->cfg->MC) * g->nkb + kb) * amx_a_floats(g->cfg, g->M, g->kcb) * 2;
 }
 
-// The shared A tiles, in pieces of two 32-row panels of one block claimed in turn.
+// The shared A tiles, in pieces of two 32-row panels of one block claimed in turn (only the
+// last row block can be shorter: its surplus pieces are empty).
 static void amx_a_shared_task(void *ctx, int t, int n) {
     (void)t, (void)n;
     gemm_job *g = ctx;
-    int blocks = ceil_div(g->M, g->cfg->MC) * g->nkb;
-    for (int b = 0, piece = 0, want = cpu_claim(&g->claims); b < blocks; b++) {
-        int ic = b / g->nkb * g->cfg->MC, kb = b % g->nkb;
-        int mc = g->M - ic < g->cfg->MC ? g->M - ic : g->cfg->MC;
+    const int MC = g->cfg->MC, per_block = ceil_div(g->M < MC ? g->M : MC, 64);
+    const int pieces = ceil_div(g->M, MC) * g->nkb * per_block;
+    for (int c; (c = cpu_claim(&g->claims)) < pieces;) {
+        int b = c / per_block, p = c % per_block * 2;
+        int ic = b / g->nkb * MC, kb = b % g->nkb;
+        int mc = g->M - ic < MC ? g->M - ic : MC;
+        if (32 * p >= mc) continue;
         int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
-        int kcp = (int)round_up((size_t)kc, 32);
-        for (int p = 0; p < ceil_div(mc, 32); p += 2, piece++) {
-            if (piece != want) continue;
-            int rows = mc - 32 * p < 64 ? mc - 32 * p : 64;
-            pack_a_amx(amx_a_block(g, ic, kb) + (size_t)p * kcp * 32, g->a, g->M, ic + 32 * p,
-                       rows, pc, kc, kcp);
-            want = cpu_claim(&g->claims);
-        }
+        int kcp = (int)round_up((size_t)kc, 32), rows = mc - 32 * p < 64 ? mc - 32 * p : 64;
+        pack_a_amx(amx_a_block(g, ic, kb) + (size_t)p * kcp * 32, g->a, g->M, ic + 32 * p, rows,
+                   pc, kc, kcp);
     }
 }
 
@@ -1169,16 +1168,13 @@ static int a_ready_ok(const gemm_job *g) { return g->M <= g->cfg->MC && g->nkb =
 static void a_shared_task(void *ctx, int t, int n) {
     (void)t, (void)n;
     gemm_job *g = ctx;
-    const int MR = g->cfg->MR, panels = ceil_div(g->M, MR);
-    for (int kb = 0, piece = 0, want = cpu_claim(&g->claims); kb < g->nkb; kb++) {
+    const int MR = g->cfg->MR, per_kb = ceil_div(ceil_div(g->M, MR), 8);
+    for (int c; (c = cpu_claim(&g->claims)) < g->nkb * per_kb;) {
+        int kb = c / per_kb, p = c % per_kb * 8;
         int pc = kb * g->kcb, kc = g->K - pc < g->kcb ? g->K - pc : g->kcb;
-        for (int p = 0; p < panels; p += 8, piece++) {
-            if (piece != want) continue;
-            int rows = g->M - p * MR < 8 * MR ? g->M - p * MR : 8 * MR;
-            pack_a(g->a_panels + PACK_HEADER + (size_t)pc * round_up(g->M, MR) + (size_t)p * MR * kc,
-                   g->a_dense, g->M, p * MR, rows, pc, kc, g->cfg);
-            want = cpu_claim(&g->claims);
-        }
+        int rows = g->M - p * MR < 8 * MR ? g->M - p * MR : 8 * MR;
+        pack_a(g->a_panels + PACK_HEADER + (size_t)pc * round_up(g->M, MR) + (size_t)p * MR * kc,
+               g->a_dense, g->M, p * MR, rows, pc, kc, g->cfg);
     }
 }
 
