@@ -136,7 +136,8 @@ static const char *const TRAIN_USAGE =
     "recipe:    --epochs N  --batch-size N  --eval-batch-size N  --lr LR  --label-smoothing E\n"
     "           --precise-bn N: after the last epoch, BN statistics averaged over N batches\n"
     "           --time-budget T (seconds, or 59m, 1h): when the warmup ends, the run becomes as\n"
-    "           many epochs as fit in T from the start (--epochs is then the ceiling)\n"
+    "           many epochs as fit in T from the start (--epochs is then the ceiling); cut\n"
+    "           shorter if later epochs slow down so that the rest would not fit\n"
     "           --optimizer sgd|adam|adamw  --momentum M  --dampening D  --no-nesterov\n"
     "           --weight-decay WD  --decay-bn-bias  --beta1 B  --beta2 B  --eps E  --amsgrad\n"
     "           --schedule constant|step|cosine|poly  --warmup EPOCHS  --warmup-factor F\n"
@@ -376,6 +377,11 @@ int cmd_train(int argc, char **argv) {
         if (t.budget_decided == t.epoch)
             printf("time budget: %d epochs (epoch %d took %.1f s; %.0f s of the budget used)\n",
                    c->epochs, t.epoch, r->seconds, clock_now_s() - t.t_start);
+        if (t.budget_cut == t.epoch)
+            printf("time budget: cut to %d epochs from %d (the last two took %.1f s on average; "
+                   "%.0f s of the budget used)\n", c->epochs, t.budget_cut_from,
+                   (r->seconds + (t.epoch >= 2 ? r[-1].seconds : r->seconds)) / 2,
+                   clock_now_s() - t.t_start);
         fflush(stdout);
     }
     if (!rc) {

@@ -195,13 +195,37 @@ static int check_all_configs(run_fn run, void *ctx, const outputs *ref, const ch
 typedef struct {
     int N, C, HW, relu, affine, nan, eval;
     int din_mode;   // 0: din += gradient; 1: din NULL; 2: BN_DIN_OVERWRITE (train), din not zeroed
+    int wide;       // out and dout are channels [3, 3 + C) of tensors of C + 5 channels
     float *x, *gamma, *beta, *rmean, *rvar, *dout, *din0, *dg0, *db0;
 } bn_case;
+
+// A slice of channels [3, 3 + C) of a tensor of C + 5 (bn_case.wide): where it starts, the
+// images' stride, and the wide tensor's size.
+enum { WIDE_C0 = 3, WIDE_EXTRA = 5 };
+static void bn_wide(const bn_case *c, size_t *c0, ptrdiff_t *os, size_t *total) {
+    *c0 = (size_t)WIDE_C0 * c->HW;
+    *os = (ptrdiff_t)(c->C + WIDE_EXTRA) * c->HW;
+    *total = (size_t)c->N * *os;
+}
 
 static void bn_run_fast(outputs *o, void *ctx) {
     const bn_case *c = ctx;
     const size_t n = (size_t)c->N * c->C * c->HW, C = c->C;
     float *out = buf_new(n), *mean = buf_new(C), *invstd = buf_new(C);
+    // Wide: out and dout inside larger tensors whose other channels must stay untouched (7)
+    // and must not be read (NaN: it would show in the results).
+    size_t c0 = 0, total = 0, plane = (size_t)c->C * c->HW;
+    ptrdiff_t os = 0;
+    float *wout = NULL, *wdout = NULL, *o_at = out;
+    const float *d_at = c->dout;
+    if (c->wide) {
+        bn_wide(c, &c0, &os, &total);
+        wout = buf_new(total), wdout = buf_new(total);
+        for (size_t i = 0; i < total; i++) wout[i] = 7.0f, wdout[i] = NAN;
+        for (int s = 0; s < c->N; s++)
+            memcpy(wdout + s * os + c0, c->dout + s * plane, plane * sizeof(float));
+        o_at = wout + c0, d_at = wdout + c0;
+    }
     float *rm = buf_copy(c->rmean, C), *rv = buf_copy(c->rvar, C);
     float *din = c->din_mode == 1 ? NULL : buf_copy(c->din0, n);
     if (c->din_mode == 2)   // overwritten: what was there must not matter
@@ -209,17 +233,29 @@ static void bn_run_fast(outputs *o, void *ctx) {
     float *dg = c->affine ? buf_copy(c->dg0, C) : NULL, *db = c->affine ? buf_copy(c->db0, C) : NULL;
     const float *g = c->affine ? c->gamma : NULL, *b = c->affine ? c->beta : NULL;
     if (c->eval) {
-        batchnorm2d_fast_forward_eval(out, c->x, g, b, rm, rv, c->N, c->C, c->HW, 1e-3f, c->relu);
-        batchnorm2d_fast_backward_eval(din, dg, db, c->dout, c->x, g, b, rm, rv, c->N, c->C,
+        batchnorm2d_fast_forward_eval(o_at, os, c->x, g, b, rm, rv, c->N, c->C, c->HW, 1e-3f,
+                                      c->relu);
+        batchnorm2d_fast_backward_eval(din, dg, db, d_at, os, c->x, g, b, rm, rv, c->N, c->C,
                                        c->HW, 1e-3f, c->relu);
     } else {
         float *affine = buf_new(2 * C);
-        batchnorm2d_fast_forward_train(out, mean, invstd, affine, rm, rv, c->x, g, b, c->N, c->C,
-                                       c->HW, 1e-3f, 0.1f, c->relu);
-        batchnorm2d_fast_backward_train(din, dg, db, c->dout, c->x, g, mean, invstd, affine, c->N,
-                                        c->C, c->HW, (c->relu ? BN_FUSED_RELU : 0) |
+        batchnorm2d_fast_forward_train(o_at, os, mean, invstd, affine, rm, rv, c->x, g, b, c->N,
+                                       c->C, c->HW, 1e-3f, 0.1f, c->relu);
+        batchnorm2d_fast_backward_train(din, dg, db, d_at, os, c->x, g, mean, invstd, affine,
+                                        c->N, c->C, c->HW, (c->relu ? BN_FUSED_RELU : 0) |
                                         (c->din_mode == 2 ? BN_DIN_OVERWRITE : 0));
         free(affine);
+    }
+    if (c->wide) {   // the slice back to a dense out; a touched margin shows as NaN in it
+        int margin_ok = 1;
+        for (int s = 0; s < c->N; s++) {
+            const float *row = wout + s * os;
+            for (size_t i = 0; i < (size_t)os; i++)
+                if ((i < c0 || i >= c0 + plane) && row[i] != 7.0f) margin_ok = 0;
+            memcpy(out + s * plane, row + c0, plane * sizeof(float));
+        }
+        if (!margin_ok) out[0] = NAN;
+        free(wout), free(wdout);
     }
     outputs_add(o, "out", out, n, c->eval);
     if (!c->eval) {
@@ -288,10 +324,10 @@ static void bn_run_ref(outputs *o, const bn_case *c) {
 }
 
 static int bn_test(int N, int C, int HW, int relu, int affine, int nan, int eval, int din_mode,
-                   rng *r) {
+                   int wide, rng *r) {
     const size_t n = (size_t)N * C * HW;
     bn_case c = {.N = N, .C = C, .HW = HW, .relu = relu, .affine = affine, .nan = nan,
-                 .eval = eval, .din_mode = din_mode};
+                 .eval = eval, .din_mode = din_mode, .wide = wide};
     // Channels with an offset (the mean matters) and different spreads.
     c.x = buf_new(n);
     for (int ch = 0; ch < C; ch++) {
@@ -323,9 +359,10 @@ static int bn_test(int N, int C, int HW, int relu, int affine, int nan, int eval
     outputs ref = {0};
     bn_run_ref(&ref, &c);
     char what[160];
-    snprintf(what, sizeof what, "batchnorm %s%s N=%d C=%d HW=%d%s%s%s", eval ? "eval" : "train",
+    snprintf(what, sizeof what, "batchnorm %s%s N=%d C=%d HW=%d%s%s%s%s", eval ? "eval" : "train",
              relu ? "+relu" : "", N, C, HW, affine ? "" : " no-affine", nan ? " NaN" : "",
-             din_mode == 1 ? " din=NULL" : din_mode == 2 ? " din overwritten" : "");
+             din_mode == 1 ? " din=NULL" : din_mode == 2 ? " din overwritten" : "",
+             wide ? " (channels of a wider tensor)" : "");
     int ok = check_all_configs(bn_run_fast, &c, &ref, what);
     outputs_free(&ref);
     free(c.x), free(c.gamma), free(c.beta), free(c.rmean), free(c.rvar), free(c.dout);
@@ -344,30 +381,39 @@ static void test_batchnorm(rng *r) {
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (int eval = 0; eval < 2; eval++)
             for (int relu = 0; relu < 2; relu++) {
-                ok &= bn_test(shapes[s][0], shapes[s][1], shapes[s][2], relu, 1, 0, eval, 0, r);
+                ok &= bn_test(shapes[s][0], shapes[s][1], shapes[s][2], relu, 1, 0, eval, 0, 0, r);
                 count++;
             }
     for (int i = 0; i < 12; i++) {
         int N = 1 + (int)rng_below(r, 8), C = 1 + (int)rng_below(r, 40);
         int HW = 1 + (int)rng_below(r, 300);
-        ok &= bn_test(N, C, HW, (int)rng_below(r, 2), 1, 0, (int)rng_below(r, 2), 0, r);
+        ok &= bn_test(N, C, HW, (int)rng_below(r, 2), 1, 0, (int)rng_below(r, 2), 0, 0, r);
         count++;
     }
     // No affine parameters; NULL input gradient; a NaN in the input.
     for (int eval = 0; eval < 2; eval++)
         for (int relu = 0; relu < 2; relu++) {
-            ok &= bn_test(7, 19, 49, relu, 0, 0, eval, 0, r);
-            ok &= bn_test(7, 19, 49, relu, 1, 0, eval, 1, r);
-            ok &= bn_test(7, 19, 49, relu, 1, 1, eval, 0, r);
+            ok &= bn_test(7, 19, 49, relu, 0, 0, eval, 0, 0, r);
+            ok &= bn_test(7, 19, 49, relu, 1, 0, eval, 1, 0, r);
+            ok &= bn_test(7, 19, 49, relu, 1, 1, eval, 0, 0, r);
             count += 3;
         }
     // Training backward writing din whole (BN_DIN_OVERWRITE) over NaN: small and large planes.
     for (int relu = 0; relu < 2; relu++) {
-        ok &= bn_test(7, 19, 49, relu, 1, 0, 0, 2, r);
-        ok &= bn_test(3, 5, 1000, relu, 1, 0, 0, 2, r);
-        ok &= bn_test(64, 300, 4, relu, 1, 0, 0, 2, r);
+        ok &= bn_test(7, 19, 49, relu, 1, 0, 0, 2, 0, r);
+        ok &= bn_test(3, 5, 1000, relu, 1, 0, 0, 2, 0, r);
+        ok &= bn_test(64, 300, 4, relu, 1, 0, 0, 2, 0, r);
         count += 3;
     }
+    // Out and dout as channels of wider tensors (a concatenation written in place), with
+    // channel blocks, segments of large planes, and din overwritten.
+    for (int eval = 0; eval < 2; eval++)
+        for (int relu = 0; relu < 2; relu++) {
+            ok &= bn_test(7, 19, 49, relu, 1, 0, eval, 0, 1, r);
+            ok &= bn_test(3, 5, 1000, relu, 1, 0, eval, eval ? 0 : 2, 1, r);
+            ok &= bn_test(64, 300, 4, relu, 1, 0, eval, eval ? 0 : 2, 1, r);
+            count += 3;
+        }
     result(ok, "batchnorm2d_fast (train/eval, +relu): %d cases x %d configs vs reference, worst "
                "relative error %.2g", count, n_configs, worst_rel);
 }

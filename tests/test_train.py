@@ -2,7 +2,7 @@
 (torchvision's GoogLeNet, torch.optim.SGD, softmax top-5) and against themselves (exact resume),
 plus every bad-input case: one clear line naming the file, exit 1 (2 for usage), nothing
 half-written."""
-import csv, gzip, math, os, pty, re, subprocess, struct, zlib
+import csv, gzip, math, os, pty, re, signal, subprocess, struct, time, zlib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -523,6 +523,42 @@ def test_time_budget_fixes_the_length():
     assert args.count("command") == 1 and "--time-budget" in args, args
     assert "train.epochs = 2\n" in args and "train.time_budget = 0\n" in args, args
     out, _ = train(["--resume", spent])
+    assert "complete" in out
+
+
+def test_time_budget_cuts_a_run_that_slows_down():
+    """--time-budget: when, after the decision, the epochs left no longer fit (the host slowed
+    down), the run is cut to what fits: at least one more epoch, recorded in args.txt and the
+    checkpoints (so --resume finds the run complete). The slowdown is real: the process is
+    stopped (SIGSTOP) for 9 s at the start of epoch 2."""
+    tmp = tmpdir()
+    d = os.path.join(tmp, "run")
+    args = TINY + ["--precise-bn", 2, "--time-budget", 15, "--epochs", 8, "--run-dir", d]
+    p = subprocess.Popen([BIN, "train"] + [str(a) for a in args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        head = ""
+        for line in p.stdout:   # the decision is printed when epoch 1 is done
+            head += line
+            if line.startswith("time budget:"):
+                break
+        m = re.search(r"time budget: (\d+) epochs", head)
+        assert m and int(m.group(1)) >= 4, head   # room for a cut to 3
+        p.send_signal(signal.SIGSTOP)
+        time.sleep(9)
+        p.send_signal(signal.SIGCONT)
+        out, err = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert f"time budget: cut to 3 epochs from {m.group(1)}" in out, out
+    assert "epoch 3/3" in out and "epoch 4/" not in out, out
+    assert len(metrics(d)) == 3
+    with open(os.path.join(d, "args.txt")) as f:
+        assert "train.epochs = 3\n" in f.read()
+    out, _ = train(["--resume", d])
     assert "complete" in out
 
 

@@ -76,6 +76,25 @@ static int concat_in_place(const model *m, const model_node *n) {
     return n->op == OP_CONCAT && m->nodes[n->in[0]].concat_into >= 0;
 }
 
+// Outside folding, the same concat when every input is a ReLU computed by its BN (fast kernels):
+// each BN writes its channels of the concat's output, and in backward reads its gradient from
+// the concat's, so the concat copies nothing either way.
+static int concat_bn_in_place(const model *m, const model_node *n) {
+    if (m->reference || !concat_in_place(m, n)) return 0;
+    for (int k = 0; k < n->n_in; k++) {
+        const model_node *t = &m->nodes[n->in[k]];
+        if (t->op != OP_RELU || !m->nodes[t->in[0]].fused_relu) return 0;
+    }
+    return 1;
+}
+
+// Where BN i, fused with its ReLU (node i + 1), keeps that ReLU's output and gradient: the
+// ReLU's own slots, or its concat's (concat_bn_in_place).
+static int fused_slot(const model *m, int i) {
+    const int c = m->nodes[i + 1].concat_into;
+    return c >= 0 && concat_bn_in_place(m, &m->nodes[c]) ? c : i + 1;
+}
+
 // At inference, node i does nothing itself: its conv computes it (BN/ReLU folded into a
 // conv, a conv merged into another's GEMM) or its inputs wrote into it (a concat).
 static int fold_skips(const model *m, int i) {
@@ -170,6 +189,19 @@ static float *fold_out(model *m, int j, ptrdiff_t *stride) {
     return OUT(t->concat_into) + (size_t)t->concat_c0 * c->H * c->W;
 }
 
+// BN i fused with its ReLU: where it writes the ReLU's output (grad = 0) or reads its gradient
+// (grad = 1): the ReLU's slot, or its channels of the concat's (*stride: images' stride, 0 for
+// dense).
+static float *fused_at(model *m, int i, int grad, ptrdiff_t *stride) {
+    const int c = fused_slot(m, i);
+    const model_slot *s = grad ? &m->nodes[c].dact : &m->nodes[c].act;
+    *stride = 0;
+    if (c == i + 1) return m->arena + s->off;
+    const model_node *cat = &m->nodes[c];
+    *stride = (ptrdiff_t)cat->C * cat->H * cat->W;
+    return m->arena + s->off + (size_t)m->nodes[i + 1].concat_c0 * cat->H * cat->W;
+}
+
 // A node's output for reading: the network input is the caller's x itself.
 #define IN(j) (m->nodes[j].op == OP_INPUT ? m->x : (const float *)OUT(j))
 #define OUT_ARGMAX(n) (m->arena + (n)->argmax.off)
@@ -199,15 +231,16 @@ static void node_uses_raw(const model *m, int i, int flags, node_uses *u) {
     // gradient (and recomputes its mask from the BN input); the ReLU does nothing.
     const int fused_bn = !ref && n->fused_relu;
     const int fused_relu = !ref && n->op == OP_RELU && m->nodes[n->in[0]].fused_relu;
+    if (concat_bn_in_place(m, n)) return;   // its inputs' BNs do its work
     if (!fused_relu) {
         for (int j = 0; j < n->n_in; j++) u->fwd_in[u->n_fwd_in++] = n->in[j];
-        u->fwd_out = fused_bn ? i + 1 : i;
+        u->fwd_out = fused_bn ? fused_slot(m, i) : i;
     }
     int ids[MODEL_MAX_MERGE], ng = !ref && n->op == OP_CONV ? merge_group(m, i, ids) : 1;
     for (int k = 1; k < ng; k++) u->fwd_extra[u->n_fwd_extra++] = ids[k];
     if (!(flags & MODEL_GRAD) || n->op == OP_INPUT || fused_relu) return;
     u->argmax = n->op == OP_MAXPOOL && !ref;
-    u->bwd_dout = fused_bn ? i + 1 : i;
+    u->bwd_dout = fused_bn ? fused_slot(m, i) : i;
     for (int k = 1; k < ng; k++) u->bwd_dout_extra[u->n_bwd_dout_extra++] = ids[k];
     for (int j = 0; j < n->n_in; j++)   // the network input needs no gradient
         if (m->nodes[n->in[j]].op != OP_INPUT) u->bwd_din[u->n_bwd_din++] = n->in[j];
@@ -431,7 +464,8 @@ int model_forward(model *m, const float *x, int flags) {
             float *rm = P(n->running_mean), *rv = P(n->running_var);
             // Fused with its ReLU, the BN writes the ReLU's output (its own is never stored).
             const int relu = !ref && n->fused_relu;
-            float *o = relu ? OUT(i + 1) : out;
+            ptrdiff_t os = 0;
+            float *o = relu ? fused_at(m, i, 0, &os) : out;
             if (training) {
                 if ((long long)N * H * W < 2)
                     return err_set("%s: batch norm in training mode needs more than one value per "
@@ -445,13 +479,13 @@ int model_forward(model *m, const float *x, int flags) {
                     batchnorm2d_forward_train(o, mean, invstd, rm, rv, in, g, b, N, C, H * W,
                                               n->eps, mom);
                 else
-                    batchnorm2d_fast_forward_train(o, mean, invstd, affine, rm, rv, in, g, b, N, C,
-                                                   H * W, n->eps, mom, relu);
+                    batchnorm2d_fast_forward_train(o, os, mean, invstd, affine, rm, rv, in, g, b, N,
+                                                   C, H * W, n->eps, mom, relu);
                 (*tracked)++;
             } else if (ref) {
                 batchnorm2d_forward_eval(o, in, g, b, rm, rv, N, C, H * W, n->eps);
             } else {
-                batchnorm2d_fast_forward_eval(o, in, g, b, rm, rv, N, C, H * W, n->eps, relu);
+                batchnorm2d_fast_forward_eval(o, os, in, g, b, rm, rv, N, C, H * W, n->eps, relu);
             }
             break;
         }
@@ -493,7 +527,8 @@ int model_forward(model *m, const float *x, int flags) {
                 Cs[j] = m->nodes[n->in[j]].C;
             }
             if (ref) concat_forward(out, ins, Cs, n->n_in, N, n->H * n->W);
-            else concat_fast_forward(out, ins, Cs, n->n_in, N, n->H * n->W);
+            else if (!concat_bn_in_place(m, n))   // (else its BNs wrote it)
+                concat_fast_forward(out, ins, Cs, n->n_in, N, n->H * n->W);
             break;
         }
         case OP_FLATTEN:
@@ -553,7 +588,8 @@ static void backward_node(model *m, int i, int training) {
         const float *g = P(n->weight);
         const int relu = !ref && n->fused_relu;
         // Fused: the gradient is the ReLU's (its mask is recomputed from the input).
-        const float *d = relu ? DOUT(i + 1) : dout;
+        ptrdiff_t ds = 0;
+        const float *d = relu ? fused_at(m, i, 1, &ds) : dout;
         if (training) {
             const float *mean = m->save + n->save, *invstd = mean + n->C, *affine = invstd + n->C;
             if (ref)
@@ -561,14 +597,14 @@ static void backward_node(model *m, int i, int training) {
                                            invstd, N, C, H * W);
             else
                 batchnorm2d_fast_backward_train(
-                    din, G(n->weight), G(n->bias), d, in, g, mean, invstd, affine, N, C, H * W,
+                    din, G(n->weight), G(n->bias), d, ds, in, g, mean, invstd, affine, N, C, H * W,
                     (relu ? BN_FUSED_RELU : 0) | (overwrite ? BN_DIN_OVERWRITE : 0));
         } else if (ref) {
             batchnorm2d_backward_eval(din, G(n->weight), G(n->bias), d, in, g,
                                       P(n->running_mean), P(n->running_var), N, C, H * W,
                                       n->eps);
         } else {
-            batchnorm2d_fast_backward_eval(din, G(n->weight), G(n->bias), d, in, g, P(n->bias),
+            batchnorm2d_fast_backward_eval(din, G(n->weight), G(n->bias), d, ds, in, g, P(n->bias),
                                            P(n->running_mean), P(n->running_var), N, C,
                                            H * W, n->eps, relu);
         }
@@ -578,6 +614,7 @@ static void backward_node(model *m, int i, int training) {
         linear_bwd(m, n, din, dout, in, C * H * W);
         break;
     case OP_CONCAT: {
+        if (concat_bn_in_place(m, n)) break;   // its BNs read their gradients from dout
         float *dins[NODE_MAX_IN];
         int Cs[NODE_MAX_IN];
         unsigned ow = 0;

@@ -52,9 +52,11 @@ enum { BN_BLOCK_MAX = 512 };  // the longest row a kernel is given (BN_BLOCK bel
 
 // The kernels work on a "block": per sample n, a contiguous row of L <= BN_BLOCK floats (a few
 // whole channels when planes are small, a segment of one channel's plane when they are large),
-// rows `stride` floats apart. Every position q of the row keeps its own double partial sums
-// (over n, in order), which vectorises across positions; the caller then adds the positions up
-// in order. Per-channel constants come expanded to one value per position.
+// rows `stride` floats apart (the output, or the output's gradient, `ostride` apart: it may be
+// a slice of a wider tensor, such as a concatenation's channels). Every position q of the row
+// keeps its own double partial sums (over n, in order), which vectorises across positions; the
+// caller then adds the positions up in order. Per-channel constants come expanded to one value
+// per position.
 
 // The sums over n take four samples at a time: their terms are added among themselves in
 // double, then to the position's partial sum, a quarter of the loads and stores of the
@@ -92,11 +94,12 @@ AI void bnb_ssd_body(double *restrict acc, const float *restrict x, int N, size_
     }
 }
 
-AI void bnb_affine_body(float *restrict o, const float *restrict x, int N, size_t stride, int L,
-                        const float *restrict a, const float *restrict b, int relu) {
+AI void bnb_affine_body(float *restrict o, const float *restrict x, int N, size_t stride,
+                        size_t ostride, int L, const float *restrict a, const float *restrict b,
+                        int relu) {
     for (int n = 0; n < N; n++) {
         const float *p = x + (size_t)n * stride;
-        float *r = o + (size_t)n * stride;
+        float *r = o + (size_t)n * ostride;
         if (relu)
             for (int q = 0; q < L; q++) {
                 float v = p[q] * a[q] + b[q];
@@ -108,15 +111,15 @@ AI void bnb_affine_body(float *restrict o, const float *restrict x, int N, size_
 }
 
 AI void bnb_bwd_sums_body(double *restrict a1, double *restrict a2, const float *restrict g,
-                          const float *restrict x, int N, size_t stride, int L,
-                          const float *restrict mean, const float *restrict ra,
+                          const float *restrict x, int N, size_t stride, size_t ostride,
+                          int L, const float *restrict mean, const float *restrict ra,
                           const float *restrict rb, int relu) {
     float gm[4][BN_BLOCK_MAX];  // masked gradient rows: gcc 12 will not vectorise a float
                                 // select feeding double sums in one loop
     int n = 0;
     for (; n + 4 <= N; n += 4) {
-        const float *restrict g0 = g + (size_t)n * stride, *restrict g1 = g0 + stride,
-                    *restrict g2 = g1 + stride, *restrict g3 = g2 + stride;
+        const float *restrict g0 = g + (size_t)n * ostride, *restrict g1 = g0 + ostride,
+                    *restrict g2 = g1 + ostride, *restrict g3 = g2 + ostride;
         const float *restrict x0 = x + (size_t)n * stride, *restrict x1 = x0 + stride,
                     *restrict x2 = x1 + stride, *restrict x3 = x2 + stride;
         if (relu) {
@@ -136,8 +139,7 @@ AI void bnb_bwd_sums_body(double *restrict a1, double *restrict a2, const float 
         }
     }
     for (; n < N; n++) {
-        const size_t off = (size_t)n * stride;
-        const float *gp = g + off, *xp = x + off;
+        const float *gp = g + (size_t)n * ostride, *xp = x + (size_t)n * stride;
         if (relu) {
             for (int q = 0; q < L; q++) gm[0][q] = bn_grad(gp, xp, ra, rb, q, 1);
             gp = gm[0];
@@ -151,14 +153,14 @@ AI void bnb_bwd_sums_body(double *restrict a1, double *restrict a2, const float 
 }
 
 AI void bnb_bwd_apply_body(float *restrict dx, const float *restrict g,
-                           const float *restrict x, int N, size_t stride, int L,
-                           const float *restrict gmean, const float *restrict proj,
+                           const float *restrict x, int N, size_t stride, size_t ostride,
+                           int L, const float *restrict gmean, const float *restrict proj,
                            const float *restrict mean, const float *restrict a,
                            const float *restrict ra, const float *restrict rb, int relu,
                            int overwrite) {
     for (int n = 0; n < N; n++) {
         const size_t off = (size_t)n * stride;
-        const float *gp = g + off, *xp = x + off;
+        const float *gp = g + (size_t)n * ostride, *xp = x + off;
         float *d = dx + off;
         for (int q = 0; q < L; q++) {
             const float v =
@@ -169,12 +171,12 @@ AI void bnb_bwd_apply_body(float *restrict dx, const float *restrict g,
 }
 
 AI void bnb_bwd_apply_eval_body(float *restrict dx, const float *restrict g,
-                                const float *restrict x, int N, size_t stride, int L,
-                                const float *restrict a, const float *restrict ra,
+                                const float *restrict x, int N, size_t stride, size_t ostride,
+                                int L, const float *restrict a, const float *restrict ra,
                                 const float *restrict rb, int relu) {
     for (int n = 0; n < N; n++) {
         const size_t off = (size_t)n * stride;
-        const float *gp = g + off, *xp = relu ? x + off : gp;
+        const float *gp = g + (size_t)n * ostride, *xp = relu ? x + off : gp;
         float *d = dx + off;
         for (int q = 0; q < L; q++) d[q] += bn_grad(gp, xp, ra, rb, q, relu) * a[q];
     }
@@ -632,14 +634,14 @@ __attribute__((target("avx512f"))) static void maxpool_direct_avx512(float *out,
 typedef struct {
     void (*bnb_sum)(double *, const float *, int, size_t, int);
     void (*bnb_ssd)(double *, const float *, int, size_t, int, const double *);
-    void (*bnb_affine)(float *, const float *, int, size_t, int, const float *, const float *,
-                       int);
-    void (*bnb_bwd_sums)(double *, double *, const float *, const float *, int, size_t, int,
-                         const float *, const float *, const float *, int);
-    void (*bnb_bwd_apply)(float *, const float *, const float *, int, size_t, int, const float *,
+    void (*bnb_affine)(float *, const float *, int, size_t, size_t, int, const float *,
+                       const float *, int);
+    void (*bnb_bwd_sums)(double *, double *, const float *, const float *, int, size_t, size_t,
+                         int, const float *, const float *, const float *, int);
+    void (*bnb_bwd_apply)(float *, const float *, const float *, int, size_t, size_t, int,
                           const float *, const float *, const float *, const float *,
-                          const float *, int);
-    void (*bnb_bwd_apply_eval)(float *, const float *, const float *, int, size_t, int,
+                          const float *, const float *, int);
+    void (*bnb_bwd_apply_eval)(float *, const float *, const float *, int, size_t, size_t, int,
                                const float *, const float *, const float *, int);
     void (*relu_fwd)(float *, const float *, size_t);
     void (*relu_bwd)(float *, const float *, const float *, size_t);
@@ -660,33 +662,33 @@ typedef struct {
                                    const double *mean) {                                         \
         bnb_ssd_body(acc, x, N, st, L, mean);                                                    \
     }                                                                                            \
-    ATTR static void bnb_affine_##SFX(float *o, const float *x, int N, size_t st, int L,         \
-                                      const float *a, const float *b, int relu) {                \
-        if (relu) bnb_affine_body(o, x, N, st, L, a, b, 1);                                      \
-        else bnb_affine_body(o, x, N, st, L, a, b, 0);                                           \
+    ATTR static void bnb_affine_##SFX(float *o, const float *x, int N, size_t st, size_t os,    \
+                                      int L, const float *a, const float *b, int relu) {         \
+        if (relu) bnb_affine_body(o, x, N, st, os, L, a, b, 1);                                  \
+        else bnb_affine_body(o, x, N, st, os, L, a, b, 0);                                       \
     }                                                                                            \
     ATTR static void bnb_bwd_sums_##SFX(double *a1, double *a2, const float *g, const float *x,  \
-                                        int N, size_t st, int L, const float *mean,              \
+                                        int N, size_t st, size_t os, int L, const float *mean,   \
                                         const float *ra, const float *rb, int relu) {            \
-        if (relu) bnb_bwd_sums_body(a1, a2, g, x, N, st, L, mean, ra, rb, 1);                    \
-        else bnb_bwd_sums_body(a1, a2, g, x, N, st, L, mean, ra, rb, 0);                         \
+        if (relu) bnb_bwd_sums_body(a1, a2, g, x, N, st, os, L, mean, ra, rb, 1);                \
+        else bnb_bwd_sums_body(a1, a2, g, x, N, st, os, L, mean, ra, rb, 0);                     \
     }                                                                                            \
     ATTR static void bnb_bwd_apply_##SFX(float *dx, const float *g, const float *x, int N,       \
-                                         size_t st, int L, const float *gmean,                   \
+                                         size_t st, size_t os, int L, const float *gmean,        \
                                          const float *proj, const float *mean, const float *a,   \
                                          const float *ra, const float *rb, int mode) {           \
         switch (mode) { /* relu | overwrite << 1 */                                              \
-        case 0: bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 0, 0); break; \
-        case 1: bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 1, 0); break; \
-        case 2: bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 0, 1); break; \
-        default: bnb_bwd_apply_body(dx, g, x, N, st, L, gmean, proj, mean, a, ra, rb, 1, 1);    \
+        case 0: bnb_bwd_apply_body(dx, g, x, N, st, os, L, gmean, proj, mean, a, ra, rb, 0, 0); break; \
+        case 1: bnb_bwd_apply_body(dx, g, x, N, st, os, L, gmean, proj, mean, a, ra, rb, 1, 0); break; \
+        case 2: bnb_bwd_apply_body(dx, g, x, N, st, os, L, gmean, proj, mean, a, ra, rb, 0, 1); break; \
+        default: bnb_bwd_apply_body(dx, g, x, N, st, os, L, gmean, proj, mean, a, ra, rb, 1, 1); \
         }                                                                                        \
     }                                                                                            \
     ATTR static void bnb_bwd_apply_eval_##SFX(float *dx, const float *g, const float *x, int N,  \
-                                              size_t st, int L, const float *a,                  \
+                                              size_t st, size_t os, int L, const float *a,       \
                                               const float *ra, const float *rb, int relu) {      \
-        if (relu) bnb_bwd_apply_eval_body(dx, g, x, N, st, L, a, ra, rb, 1);                     \
-        else bnb_bwd_apply_eval_body(dx, g, x, N, st, L, a, ra, rb, 0);                          \
+        if (relu) bnb_bwd_apply_eval_body(dx, g, x, N, st, os, L, a, ra, rb, 1);                 \
+        else bnb_bwd_apply_eval_body(dx, g, x, N, st, os, L, a, ra, rb, 0);                      \
     }                                                                                            \
     ATTR static void relu_fwd_##SFX(float *o, const float *x, size_t n) {                        \
         relu_fwd_body(o, x, n);                                                                  \
@@ -748,6 +750,7 @@ typedef struct {
     float *din, *dgamma, *dbeta;
     const float *in, *gamma, *beta, *dout, *mean_in, *invstd_in, *rvar_in, *affine_in;
     int N, C, HW, relu;
+    size_t ostride;  // floats from one image's out (or dout) to the next's: C*HW when dense
     int overwrite;   // backward (train): din = gradient, not din += gradient
     float eps, momentum;
     cpu_claims claims;  // training passes: pieces of channels (bn_piece), claimed in turn
@@ -826,7 +829,7 @@ static void bn_group_affine(const bn_job *j, int c, int nc, const float *a, cons
         float aq[BN_BLOCK], bq[BN_BLOCK];
         bn_expand_f(aq, a, j, L);
         bn_expand_f(bq, b, j, L);
-        j->K->bnb_affine(j->out + off, j->in + off, j->N, stride, L, aq, bq, j->relu);
+        j->K->bnb_affine(j->out + off, j->in + off, j->N, stride, j->ostride, L, aq, bq, j->relu);
     }
 }
 
@@ -844,8 +847,8 @@ static void bn_group_bwd_sums(double *sdy, double *sdyxm, const bn_job *j, int c
         float mq[BN_BLOCK], raq[BN_BLOCK], rbq[BN_BLOCK];
         bn_expand_f(mq, mean, j, L);
         if (j->relu) { bn_expand_f(raq, ra, j, L); bn_expand_f(rbq, rb, j, L); }
-        j->K->bnb_bwd_sums(a1, a2, j->dout + off, j->in + off, j->N, stride, L, mq, raq, rbq,
-                           j->relu);
+        j->K->bnb_bwd_sums(a1, a2, j->dout + off, j->in + off, j->N, stride, j->ostride, L, mq,
+                           raq, rbq, j->relu);
         bn_add_totals(sdy, a1, j, L);
         bn_add_totals(sdyxm, a2, j, L);
     }
@@ -866,8 +869,8 @@ static void bn_group_bwd_apply(const bn_job *j, int c, int nc, const float *gmea
         bn_expand_f(mq, mean, j, L);
         bn_expand_f(aq, a, j, L);
         if (j->relu) { bn_expand_f(raq, ra, j, L); bn_expand_f(rbq, rb, j, L); }
-        j->K->bnb_bwd_apply(j->din + off, j->dout + off, j->in + off, j->N, stride, L, gq, pq, mq,
-                            aq, raq, rbq, j->relu | j->overwrite << 1);
+        j->K->bnb_bwd_apply(j->din + off, j->dout + off, j->in + off, j->N, stride, j->ostride, L,
+                            gq, pq, mq, aq, raq, rbq, j->relu | j->overwrite << 1);
     }
 }
 
@@ -882,8 +885,8 @@ static void bn_group_bwd_apply_eval(const bn_job *j, int c, int nc, const float 
         float aq[BN_BLOCK], raq[BN_BLOCK], rbq[BN_BLOCK];
         bn_expand_f(aq, a, j, L);
         if (j->relu) { bn_expand_f(raq, ra, j, L); bn_expand_f(rbq, rb, j, L); }
-        j->K->bnb_bwd_apply_eval(j->din + off, j->dout + off, j->in + off, j->N, stride, L, aq,
-                                 raq, rbq, j->relu);
+        j->K->bnb_bwd_apply_eval(j->din + off, j->dout + off, j->in + off, j->N, stride,
+                                 j->ostride, L, aq, raq, rbq, j->relu);
     }
 }
 
@@ -930,12 +933,15 @@ static int bn_threads(int N, int C, int HW) {
     return nt > C ? C : nt;
 }
 
-void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_invstd,
+// Images' stride of out / dout: os, or dense (C*HW) when os is 0.
+static size_t bn_ostride(ptrdiff_t os, int C, int HW) { return os ? (size_t)os : (size_t)C * HW; }
+
+void batchnorm2d_fast_forward_train(float *out, ptrdiff_t os, float *save_mean, float *save_invstd,
                                     float *save_affine, float *running_mean, float *running_var,
                                     const float *in, const float *gamma, const float *beta,
                                     int N, int C, int HW, float eps, float momentum, int relu) {
     if (bn_empty(N, C, HW)) return;
-    bn_job j = {.K = kernels(), .out = out, .save_mean = save_mean, .save_invstd = save_invstd,
+    bn_job j = {.K = kernels(), .out = out, .ostride = bn_ostride(os, C, HW), .save_mean = save_mean, .save_invstd = save_invstd,
                 .save_affine = save_affine, .running_mean = running_mean, .running_var = running_var, .in = in,
                 .gamma = gamma, .beta = beta, .N = N, .C = C, .HW = HW, .relu = relu,
                 .eps = eps, .momentum = momentum};
@@ -970,11 +976,12 @@ static void bn_bwd_train_task(void *ctx, int t, int nt) {
 }
 
 void batchnorm2d_fast_backward_train(float *din, float *dgamma, float *dbeta, const float *dout,
-                                     const float *in, const float *gamma,
+                                     ptrdiff_t os, const float *in, const float *gamma,
                                      const float *save_mean, const float *save_invstd,
                                      const float *save_affine, int N, int C, int HW, int flags) {
     if ((!din && !dgamma && !dbeta) || bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
+                .ostride = bn_ostride(os, C, HW),
                 .in = in, .gamma = gamma, .mean_in = save_mean, .invstd_in = save_invstd,
                 .affine_in = save_affine, .N = N, .C = C, .HW = HW,
                 .relu = (flags & BN_FUSED_RELU) != 0, .overwrite = (flags & BN_DIN_OVERWRITE) != 0};
@@ -1000,12 +1007,12 @@ static void bn_fwd_eval_task(void *ctx, int t, int nt) {
     }
 }
 
-void batchnorm2d_fast_forward_eval(float *out, const float *in, const float *gamma,
-                                   const float *beta, const float *running_mean,
-                                   const float *running_var, int N, int C, int HW, float eps,
-                                   int relu) {
+void batchnorm2d_fast_forward_eval(float *out, ptrdiff_t os, const float *in,
+                                   const float *gamma, const float *beta,
+                                   const float *running_mean, const float *running_var, int N,
+                                   int C, int HW, float eps, int relu) {
     if (bn_empty(N, C, HW)) return;
-    bn_job j = {.K = kernels(), .out = out, .in = in, .gamma = gamma, .beta = beta,
+    bn_job j = {.K = kernels(), .out = out, .ostride = bn_ostride(os, C, HW), .in = in, .gamma = gamma, .beta = beta,
                 .mean_in = running_mean, .rvar_in = running_var, .N = N, .C = C, .HW = HW,
                 .relu = relu, .eps = eps};
     cpu_parallel(bn_fwd_eval_task, &j, bn_threads(N, C, HW));
@@ -1040,11 +1047,13 @@ static void bn_bwd_eval_task(void *ctx, int t, int nt) {
 }
 
 void batchnorm2d_fast_backward_eval(float *din, float *dgamma, float *dbeta, const float *dout,
-                                    const float *in, const float *gamma, const float *beta,
-                                    const float *running_mean, const float *running_var,
-                                    int N, int C, int HW, float eps, int relu) {
+                                    ptrdiff_t os, const float *in, const float *gamma,
+                                    const float *beta, const float *running_mean,
+                                    const float *running_var, int N, int C, int HW, float eps,
+                                    int relu) {
     if ((!din && !dgamma && !dbeta) || bn_empty(N, C, HW)) return;
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .dout = dout,
+                .ostride = bn_ostride(os, C, HW),
                 .in = in, .gamma = gamma, .beta = beta, .mean_in = running_mean,
                 .rvar_in = running_var, .N = N, .C = C, .HW = HW, .relu = relu, .eps = eps};
     cpu_parallel(bn_bwd_eval_task, &j, bn_threads(N, C, HW));

@@ -27,7 +27,9 @@
 // needs neither output.
 // save_affine (2*C floats: a, then b; may be NULL) gets that affine; backward with relu = 1
 // needs it (unused with relu = 0, may be NULL).
-void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_invstd,
+// os: floats from one image's out to the next's (its dout's, in backward), 0 for dense (C*HW);
+// larger when out is this BN's channels of a concatenation, which it then writes in place.
+void batchnorm2d_fast_forward_train(float *out, ptrdiff_t os, float *save_mean, float *save_invstd,
                                     float *save_affine, float *running_mean, float *running_var,
                                     const float *in, const float *gamma, const float *beta,
                                     int N, int C, int HW, float eps, float momentum, int relu);
@@ -35,19 +37,20 @@ void batchnorm2d_fast_forward_train(float *out, float *save_mean, float *save_in
 // din += it (din's old contents are never read: the caller need not zero it).
 enum { BN_FUSED_RELU = 1, BN_DIN_OVERWRITE = 2 };
 void batchnorm2d_fast_backward_train(float *din, float *dgamma, float *dbeta, const float *dout,
-                                     const float *in, const float *gamma,
+                                     ptrdiff_t os, const float *in, const float *gamma,
                                      const float *save_mean, const float *save_invstd,
                                      const float *save_affine, int N, int C, int HW, int flags);
 // Eval mode (running statistics): an affine map per channel, then the optional ReLU, whose
 // mask backward recomputes from the input (hence beta).
-void batchnorm2d_fast_forward_eval(float *out, const float *in, const float *gamma,
-                                   const float *beta, const float *running_mean,
-                                   const float *running_var, int N, int C, int HW, float eps,
-                                   int relu);
+void batchnorm2d_fast_forward_eval(float *out, ptrdiff_t os, const float *in,
+                                   const float *gamma, const float *beta,
+                                   const float *running_mean, const float *running_var, int N,
+                                   int C, int HW, float eps, int relu);
 void batchnorm2d_fast_backward_eval(float *din, float *dgamma, float *dbeta, const float *dout,
-                                    const float *in, const float *gamma, const float *beta,
-                                    const float *running_mean, const float *running_var,
-                                    int N, int C, int HW, float eps, int relu);
+                                    ptrdiff_t os, const float *in, const float *gamma,
+                                    const float *beta, const float *running_mean,
+                                    const float *running_var, int N, int C, int HW, float eps,
+                                    int relu);
 
 // ---- relu (as relu_forward / relu_backward) ----
 void relu_fast_forward(float *out, const float *in, size_t n);

@@ -533,25 +533,51 @@ int budget_epoch(const train_config *cfg) {
     return w > 1 ? w : 1;
 }
 
-// The time budget's decision, after epoch t->epoch (budget_epoch()): the epochs that fit what is
-// left, at this epoch's pace (train + test pass) plus 3 % (hosts slow down over an hour) and
-// half a second for the checkpoints, leaving time for precise BN (forward passes, ~1/3 of a
-// training step each). At least one more epoch; at most the configured ceiling.
-static int budget_decide(trainer *t, const metrics_row *r) {
-    train_config *c = &t->cfg;
-    const double left = c->time_budget - (clock_now_s() - t->t_start);
+// The epochs that fit what is left of `limit` (seconds since t_start) after epoch t->epoch, at
+// `per` seconds each, leaving time for precise BN (forward passes, ~1/3 of a training step each,
+// at epoch row r's pace): at least one more epoch, at most the configured ceiling.
+static int budget_length(const trainer *t, double limit, double per, const metrics_row *r) {
+    const train_config *c = &t->cfg;
+    const double left = limit - (clock_now_s() - t->t_start);
     const double step_s = r->images_per_s > 0 ? c->batch_size / r->images_per_s : 0;
     const double tail = c->precise_bn * step_s / 3 + 2;
-    const double per = r->seconds * 1.03 + 0.5;
     double fit = floor((left - tail) / per);
     long n = t->epoch + (fit > 0 ? (long)(fit < 1e6 ? fit : 1e6) : 0);
     if (n < t->epoch + 1) n = t->epoch + 1;
     if (n > c->epochs) n = c->epochs;
-    c->epochs = c->sched.epochs = (int)n;
-    c->time_budget = 0;
-    t->budget_decided = t->epoch;
+    return (int)n;
+}
+
+static int budget_set_length(trainer *t, int n) {
+    train_config *c = &t->cfg;
+    c->epochs = c->sched.epochs = n;
     if (schedule_check(&c->sched)) return -1;
     return args_write(t, NULL, 2);
+}
+
+// The time budget's decision, after epoch t->epoch (budget_epoch()): the epochs that fit, at
+// this epoch's pace (train + test pass) plus 3 % and half a second for the checkpoints.
+static int budget_decide(trainer *t, const metrics_row *r) {
+    train_config *c = &t->cfg;
+    const int n = budget_length(t, c->time_budget, r->seconds * 1.03 + 0.5, r);
+    t->budget_limit = c->time_budget;
+    c->time_budget = 0;
+    t->budget_decided = t->epoch;
+    return budget_set_length(t, n);
+}
+
+// After the decision the host may slow down (epochs of the same run have differed by 50 %):
+// when the epochs left no longer fit at the pace of the last two, the run is cut to what fits,
+// never lengthened. The schedule follows the new length from then on (the learning rate steps
+// down onto its curve), as a resume with --epochs would.
+static int budget_guard(trainer *t) {
+    const train_config *c = &t->cfg;
+    const metrics_row *r = &t->rows[t->epoch - 1], *q = t->epoch >= 2 ? r - 1 : r;
+    const int n = budget_length(t, t->budget_limit, (r->seconds + q->seconds) / 2 + 0.5, r);
+    if (n >= c->epochs) return 0;
+    t->budget_cut_from = c->epochs;
+    t->budget_cut = t->epoch;
+    return budget_set_length(t, n);
 }
 
 // Each epoch's random streams from (seed, epoch, stream) alone: resuming needs no RNG state.
@@ -703,7 +729,11 @@ int trainer_epoch(trainer *t, train_progress_fn progress, void *ctx) {
     eval_result_free(&t->last_eval);
     t->last_eval = r;
     t->epoch = e + 1;
-    if (c->time_budget > 0 && t->epoch == budget_epoch(c) && budget_decide(t, &rows[e])) return -1;
+    if (c->time_budget > 0 && t->epoch == budget_epoch(c)) {
+        if (budget_decide(t, &rows[e])) return -1;
+    } else if (t->budget_limit > 0 && t->epoch < c->epochs && budget_guard(t)) {
+        return -1;
+    }
     int best = rows[e].test_acc1 > t->best_acc1;
     if (best) {
         t->best_acc1 = rows[e].test_acc1;
