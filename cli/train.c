@@ -378,9 +378,8 @@ int cmd_train(int argc, char **argv) {
             printf("time budget: %d epochs (epoch %d took %.1f s; %.0f s of the budget used)\n",
                    c->epochs, t.epoch, r->seconds, clock_now_s() - t.t_start);
         if (t.budget_cut == t.epoch)
-            printf("time budget: cut to %d epochs from %d (the last two took %.1f s on average; "
-                   "%.0f s of the budget used)\n", c->epochs, t.budget_cut_from,
-                   (r->seconds + (t.epoch >= 2 ? r[-1].seconds : r->seconds)) / 2,
+            printf("time budget: cut to %d epochs from %d (epoch %d took %.1f s; %.0f s of the "
+                   "budget used)\n", c->epochs, t.budget_cut_from, t.epoch, r->seconds,
                    clock_now_s() - t.t_start);
         fflush(stdout);
     }

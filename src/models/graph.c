@@ -176,36 +176,35 @@ static int fold_ready(model *m) {
 }
 
 #define OUT(j) (m->arena + m->nodes[j].act.off)
-// At inference, conv chain tail j's output: its channels of its concat's output (images
-// *stride floats apart) or its own slot (*stride 0: dense).
-static float *fold_out(model *m, int j, ptrdiff_t *stride) {
-    const model_node *t = &m->nodes[j];
-    if (t->concat_into < 0) {
-        *stride = 0;
-        return OUT(j);
-    }
-    const model_node *c = &m->nodes[t->concat_into];
-    *stride = (ptrdiff_t)c->C * c->H * c->W;
-    return OUT(t->concat_into) + (size_t)t->concat_c0 * c->H * c->W;
-}
-
-// BN i fused with its ReLU: where it writes the ReLU's output (grad = 0) or reads its gradient
-// (grad = 1): the ReLU's slot, or its channels of the concat's (*stride: images' stride, 0 for
-// dense).
-static float *fused_at(model *m, int i, int grad, ptrdiff_t *stride) {
-    const int c = fused_slot(m, i);
-    const model_slot *s = grad ? &m->nodes[c].dact : &m->nodes[c].act;
-    *stride = 0;
-    if (c == i + 1) return m->arena + s->off;
-    const model_node *cat = &m->nodes[c];
-    *stride = (ptrdiff_t)cat->C * cat->H * cat->W;
-    return m->arena + s->off + (size_t)m->nodes[i + 1].concat_c0 * cat->H * cat->W;
-}
-
+#define DOUT(j) (m->arena + m->nodes[j].dact.off)
 // A node's output for reading: the network input is the caller's x itself.
 #define IN(j) (m->nodes[j].op == OP_INPUT ? m->x : (const float *)OUT(j))
 #define OUT_ARGMAX(n) (m->arena + (n)->argmax.off)
-#define DOUT(j) (m->arena + m->nodes[j].dact.off)
+
+// Node j that writes into its concat (concat_into): its channels of the concat's output
+// (grad = 0) or of its gradient (grad = 1), images *stride floats apart.
+static float *concat_slice(model *m, int j, int grad, ptrdiff_t *stride) {
+    const model_node *t = &m->nodes[j], *c = &m->nodes[t->concat_into];
+    *stride = (ptrdiff_t)c->C * c->H * c->W;
+    float *base = grad ? DOUT(t->concat_into) : OUT(t->concat_into);
+    return base + (size_t)t->concat_c0 * c->H * c->W;
+}
+
+// At inference, conv chain tail j's output: its channels of its concat's output or its own
+// slot (*stride 0: dense).
+static float *fold_out(model *m, int j, ptrdiff_t *stride) {
+    if (m->nodes[j].concat_into >= 0) return concat_slice(m, j, 0, stride);
+    *stride = 0;
+    return OUT(j);
+}
+
+// BN i fused with its ReLU: where it writes the ReLU's output (grad = 0) or reads its gradient
+// (grad = 1): the ReLU's own slot (*stride 0: dense) or its channels of the concat's.
+static float *fused_at(model *m, int i, int grad, ptrdiff_t *stride) {
+    if (fused_slot(m, i) != i + 1) return concat_slice(m, i + 1, grad, stride);
+    *stride = 0;
+    return grad ? DOUT(i + 1) : OUT(i + 1);
+}
 
 // What the executor below touches, for the planner: keep the two in step. (INCEPT_ARENA=poison
 // makes a read that this misses show up as NaN in the results.)
