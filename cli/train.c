@@ -363,6 +363,7 @@ int cmd_train(int argc, char **argv) {
     progress_view view = {.tty = isatty(STDERR_FILENO)};
     rc = 0;
     while (t.epoch < c->epochs && !(stop_after && t.epoch >= stop_after)) {
+        const int planned = c->epochs;   // the time budget's guard may lower it
         if (trainer_epoch(&t, progress_draw, &view)) {
             progress_clear(&view);
             rc = cli_fail();
@@ -377,9 +378,9 @@ int cmd_train(int argc, char **argv) {
         if (t.budget_decided == t.epoch)
             printf("time budget: %d epochs (epoch %d took %.1f s; %.0f s of the budget used)\n",
                    c->epochs, t.epoch, r->seconds, clock_now_s() - t.t_start);
-        if (t.budget_cut == t.epoch)
+        else if (c->epochs < planned)
             printf("time budget: cut to %d epochs from %d (epoch %d took %.1f s; %.0f s of the "
-                   "budget used)\n", c->epochs, t.budget_cut_from, t.epoch, r->seconds,
+                   "budget used)\n", c->epochs, planned, t.epoch, r->seconds,
                    clock_now_s() - t.t_start);
         fflush(stdout);
     }

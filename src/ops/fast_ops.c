@@ -941,7 +941,8 @@ void batchnorm2d_fast_forward_train(float *out, ptrdiff_t os, float *save_mean, 
                                     const float *in, const float *gamma, const float *beta,
                                     int N, int C, int HW, float eps, float momentum, int relu) {
     if (bn_empty(N, C, HW)) return;
-    bn_job j = {.K = kernels(), .out = out, .ostride = bn_ostride(os, C, HW), .save_mean = save_mean, .save_invstd = save_invstd,
+    bn_job j = {.K = kernels(), .out = out, .ostride = bn_ostride(os, C, HW),
+                .save_mean = save_mean, .save_invstd = save_invstd,
                 .save_affine = save_affine, .running_mean = running_mean, .running_var = running_var, .in = in,
                 .gamma = gamma, .beta = beta, .N = N, .C = C, .HW = HW, .relu = relu,
                 .eps = eps, .momentum = momentum};

@@ -574,10 +574,7 @@ static int budget_guard(trainer *t) {
     const train_config *c = &t->cfg;
     const metrics_row *r = &t->rows[t->epoch - 1], *q = t->epoch >= 2 ? r - 1 : r;
     const int n = budget_length(t, t->budget_limit, (r->seconds + q->seconds) / 2 + 0.5, r);
-    if (n >= c->epochs) return 0;
-    t->budget_cut_from = c->epochs;
-    t->budget_cut = t->epoch;
-    return budget_set_length(t, n);
+    return n < c->epochs ? budget_set_length(t, n) : 0;
 }
 
 // Each epoch's random streams from (seed, epoch, stream) alone: resuming needs no RNG state.

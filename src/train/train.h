@@ -47,8 +47,8 @@ typedef struct {
                               // trainer_resume). `epochs` is then a ceiling: when the warmup ends
                               // (budget_epoch()) the run's length becomes the epochs that fit, as
                               // if given as --epochs from the start, and this becomes 0. Should
-                              // later epochs slow down so that the rest no longer fits, the run
-                              // is shortened (trainer.budget_cut)
+                              // later epochs slow down so that the rest no longer fits, `epochs`
+                              // is lowered to what fits (budget_guard)
     optim_config optim;
     schedule sched;           // sched.base_lr is the learning rate, sched.epochs = epochs
     uint64_t seed;
@@ -136,8 +136,6 @@ typedef struct {
     int budget_decided;       // the epoch after which time_budget fixed `epochs` (0: none)
     double budget_limit;      // that budget, kept for budget_guard in this process (not in the
                               // checkpoints: a resumed run keeps its length)
-    int budget_cut, budget_cut_from;  // the epoch after which the guard last shortened the
-                                      // run, and the length before (0: none)
 } trainer;
 
 // A new run into run_dir (NULL: runs/<model>-<data>-<YYYYmmdd-HHMMSS>). Loads the data, builds
