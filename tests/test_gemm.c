@@ -376,6 +376,7 @@ static void test_groups(cpu_isa_level level, rng *r) {
     static const int cases[][6] = {   // M, images, pixels per image, K, groups (2 or 3), split
         {37, 3, 7, 33, 3, 0}, {64, 2, 49, 100, 3, 0}, {24, 1, 196, 70, 2, 0},
         {50, 4, 4, 17, 3, 1}, {448, 1, 196, 528, 3, 0}, {19, 5, 1, 8, 2, 1},
+        {48, 3, 16, 40, 3, 0},   // 4x4 maps; AMX tiles cross images and groups at 16
     };
     int ok = 1;
     char where[128] = "";
@@ -446,6 +447,55 @@ static void test_groups(cpu_isa_level level, rng *r) {
     cpu_threads_set(2);
     result(ok, "gemm %s with row groups bit-identical to one matrix's rows%s", cpu_isa_name(level),
            where);
+}
+
+// ---- folded output ----
+// C written image by image (a batch folded into the columns: fold, fold_stride) must hold
+// exactly what the unfolded GEMM writes, bit for bit: folds that cut the kernel's tiles in
+// halves (16, 48: AMX's split tiles), in runs (24) or into gathers (4, 8), with
+// accumulation, bias and ReLU, on 1-3 threads.
+static void test_folded(cpu_isa_level level, rng *r) {
+    static const int folds[] = {16, 48, 24, 8, 4};
+    enum { M = 70, IMGS = 5, K = 100 };
+    int ok = 1;
+    char where[128] = "";
+    cpu_isa_set(level);
+    for (size_t fi = 0; fi < sizeof folds / sizeof folds[0] && ok; fi++) {
+        const int hw = folds[fi], N = IMGS * hw;
+        float *A = malloc(sizeof(float) * M * K), *B = malloc(sizeof(float) * K * N);
+        float *bias = malloc(sizeof(float) * M), *plain = malloc(sizeof(float) * M * N);
+        float *folded = malloc(sizeof(float) * M * N);
+        float *ws = malloc(gemm_workspace_size(M, N, K) * sizeof(float));
+        fill(A, (size_t)M * K, r), fill(B, (size_t)K * N, r), fill(bias, M, r);
+        for (int threads = 1; threads <= 3 && ok; threads++)
+            for (int variant = 0; variant < 3 && ok; variant++) {
+                cpu_threads_set(threads);
+                int flags = variant == 0 ? GEMM_BIAS_ROW | GEMM_RELU : variant == 1 ? GEMM_ACCUMULATE : 0;
+                fill(plain, (size_t)M * N, r);
+                for (int n = 0; n < IMGS; n++)   // the same starting values, image by image
+                    for (int i = 0; i < M; i++)
+                        memcpy(folded + ((size_t)n * M + i) * hw, plain + (size_t)i * N + n * hw,
+                               sizeof(float) * hw);
+                gemm_operand a = {.kind = GEMM_DENSE, .p = A, .rs = K, .cs = 1};
+                gemm_operand b = {.kind = GEMM_DENSE, .p = B, .rs = N, .cs = 1};
+                gemm_output c1 = {.p = plain, .ldc = N};
+                gemm_output c2 = {.p = folded, .ldc = hw, .fold = hw, .fold_stride = (ptrdiff_t)M * hw};
+                gemm_ex(&c1, &a, &b, bias, M, N, K, flags, ws);
+                gemm_ex(&c2, &a, &b, bias, M, N, K, flags, ws);
+                for (int n = 0; n < IMGS && ok; n++)
+                    for (int i = 0; i < M && ok; i++)
+                        if (memcmp(folded + ((size_t)n * M + i) * hw, plain + (size_t)i * N + n * hw,
+                                   sizeof(float) * hw)) {
+                            ok = 0;
+                            snprintf(where, sizeof where, ": differs at fold %d, image %d row %d, "
+                                     "%d threads, variant %d", hw, n, i, threads, variant);
+                        }
+            }
+        free(A), free(B), free(bias), free(plain), free(folded), free(ws);
+    }
+    cpu_threads_set(2);
+    result(ok, "gemm %s%s: folded output bit-identical to the unfolded GEMM's%s", cpu_isa_name(level),
+           cpu_bf16() ? (cpu_amx() ? " bf16 on AMX" : " bf16") : "", where);
 }
 
 // ---- thread pool ----
@@ -540,8 +590,10 @@ int main(void) {
         rng_seed(&r, 7);
         for (int l = CPU_ISA_SCALAR; l <= (int)det; l++) test_groups((cpu_isa_level)l, &r);
         // the same in bfloat16 mode, on AMX where there is AMX
+        test_folded(det, &r);
         cpu_bf16_set(1);
         test_groups(det, &r);
+        test_folded(det, &r);
         cpu_bf16_set(0);
     }
     test_bf16(CPU_ISA_SCALAR, 0);

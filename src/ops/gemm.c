@@ -848,10 +848,35 @@ static AVX512 void tile_folded_avx512(const gemm_job *g, const gemm_output *c, i
                                       _mm512_maskz_loadu_ps(m[v], tmp + ii * NR + 16 * v), 4);
 }
 
+// Where the 16 x 16 quarters of an AMX tile at C(i, j) start, if each lies in one row group
+// and one fold (its rows ldc apart): so a tile that crosses from one image to the next at
+// column 16 (4x4 maps, fold 16) or from one row group to the next at row 16 is still written
+// by the tiles themselves. 0 if one does not.
+static int amx_quarters(const gemm_output *c, int i, int j, int mr, int nr, float **q) {
+    for (int t = 0; t < 4; t++) {
+        int rows = mr - 16 * (t / 2), cols = nr - 16 * (t % 2), ii = i + 16 * (t / 2), jj = j + 16 * (t % 2);
+        if (rows <= 0 || cols <= 0) {   // not in the tile: never touched
+            q[t] = q[0];
+            continue;
+        }
+        if (rows > 16) rows = 16;
+        if (cols > 16) cols = 16;
+        if (c->ngroups && out_group(c, ii) != out_group(c, ii + rows - 1)) return 0;
+        if (c->fold && jj % c->fold + cols > c->fold) return 0;
+        q[t] = c_at(c, ii, jj);
+    }
+    return 1;
+}
+
 // One MR x NR tile of C at (i, j). A tile whose columns cross a fold (a batch boundary) is
 // computed in a contiguous scratch tile and copied in and out one contiguous run at a time.
 static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, int i, int j,
                      int mr, int nr, const gemm_epilogue *e) {
+    float *q[4];
+    if (g->cfg->amx && amx_quarters(g->c, i, j, mr, nr, q)) {
+        gemm_kernel_amx_quads(kc, a, b, q, g->c->ldc, mr, nr, e);
+        return;
+    }
     gemm_output local;
     const gemm_output *c = rows_out(g->c, i, mr, &local, &i);
     if (!c) {   // rows of two groups: through a scratch tile, element by element

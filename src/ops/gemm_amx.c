@@ -107,17 +107,18 @@ AMX void gemm_amx_begin(void) { _tile_loadconfig(&all_16x64); }
 AMX void gemm_amx_end(void) { _tile_release(); }
 
 // a: 32-row panel, kcp/32 steps of [2 halves][16 rows][32 k] bf16; b: the B tiles above.
-AMX void gemm_kernel_amx(int kcp, const float *af, const float *bf, float *c, ptrdiff_t ldc,
-                         int mr, int nr, const gemm_epilogue *e) {
+// C's 16 x 16 quarters (rows 16h.., columns 16v..) at q[2h + v], rows ldc apart in each.
+AMX void gemm_kernel_amx_quads(int kcp, const float *af, const float *bf, float *const *q,
+                               ptrdiff_t ldc, int mr, int nr, const gemm_epilogue *e) {
     const uint16_t *a = (const uint16_t *)(const void *)af, *b = (const uint16_t *)(const void *)bf;
     // A full tile with nothing but C (+)= A*B to do accumulates in C itself, through the tiles.
     const int direct = mr == 32 && nr == 32 && !e->bias_row && !e->bias_col && !e->relu;
     const size_t ld = (size_t)ldc * sizeof(float);
     if (direct && e->load_c) {
-        _tile_loadd(0, c, ld);
-        _tile_loadd(1, c + 16, ld);
-        _tile_loadd(2, c + 16 * ldc, ld);
-        _tile_loadd(3, c + 16 * ldc + 16, ld);
+        _tile_loadd(0, q[0], ld);   // (tile numbers must be constants)
+        _tile_loadd(1, q[1], ld);
+        _tile_loadd(2, q[2], ld);
+        _tile_loadd(3, q[3], ld);
     } else {
         _tile_zero(0);
         _tile_zero(1);
@@ -135,10 +136,10 @@ AMX void gemm_kernel_amx(int kcp, const float *af, const float *bf, float *c, pt
         _tile_dpbf16ps(3, 5, 7);
     }
     if (direct) {
-        _tile_stored(0, c, ld);
-        _tile_stored(1, c + 16, ld);
-        _tile_stored(2, c + 16 * ldc, ld);
-        _tile_stored(3, c + 16 * ldc + 16, ld);
+        _tile_stored(0, q[0], ld);
+        _tile_stored(1, q[1], ld);
+        _tile_stored(2, q[2], ld);
+        _tile_stored(3, q[3], ld);
         return;
     }
     float acc[32 * 32] __attribute__((aligned(64)));
@@ -156,15 +157,21 @@ AMX void gemm_kernel_amx(int kcp, const float *af, const float *bf, float *c, pt
         bcol[v] = e->bias_col ? _mm512_maskz_loadu_ps(mask[v], e->bias_col + 16 * v) : zero;
     }
     for (int i = 0; i < mr; i++) {
-        float *ci = c + (ptrdiff_t)i * ldc;
         __m512 brow = _mm512_set1_ps(e->bias_row ? e->bias_row[i] : 0.0f);
         for (int v = 0; v < 2 && mask[v]; v++) {
+            float *ci = q[i / 16 * 2 + v] + (ptrdiff_t)(i % 16) * ldc;
             __m512 x = _mm512_load_ps(acc + i * 32 + 16 * v);
-            if (e->load_c) x = _mm512_add_ps(_mm512_maskz_loadu_ps(mask[v], ci + 16 * v), x);
+            if (e->load_c) x = _mm512_add_ps(_mm512_maskz_loadu_ps(mask[v], ci), x);
             if (e->bias_row) x = _mm512_add_ps(x, brow);
             if (e->bias_col) x = _mm512_add_ps(x, bcol[v]);
             if (e->relu) x = _mm512_max_ps(zero, x);
-            _mm512_mask_storeu_ps(ci + 16 * v, mask[v], x);
+            _mm512_mask_storeu_ps(ci, mask[v], x);
         }
     }
+}
+
+AMX void gemm_kernel_amx(int kcp, const float *af, const float *bf, float *c, ptrdiff_t ldc,
+                         int mr, int nr, const gemm_epilogue *e) {
+    float *q[4] = {c, c + 16, c + 16 * ldc, c + 16 * ldc + 16};
+    gemm_kernel_amx_quads(kcp, af, bf, q, ldc, mr, nr, e);
 }
