@@ -737,6 +737,61 @@ static BF16CVT void pack_b_im2col_t_amx(unsigned short *d, const gemm_operand *b
     }
 }
 
+// GEMM_IM2COL_T of a stride-1 convolution with output rows of a multiple of 16 pixels
+// (conv3's weight gradient at 16x16), from pixel k0 a multiple of 16: every 16 pixels of B's
+// rows are one output row's, so column (c, dy, dx) of them is one masked load from input row
+// oy + dy - pad; two such loads convert to the 16 bf16 pairs of one tile column, and a 16 x 16
+// transpose of 16 columns' pairs makes their tile. No float32 line in between.
+static int im2col_t_amx_rows_ok(const gemm_operand *b, int k0) {
+    return b->kind == GEMM_IM2COL_T && b->stride == 1 && b->OW % 16 == 0 && k0 % 16 == 0 &&
+           b->k > 1;   // pointwise: pack_b_im2col_t_amx's whole-plane runs are quicker
+}
+
+static BF16CVT void pack_b_im2col_t_amx_rows(unsigned short *d, const gemm_operand *b, int k0,
+                                             int kc, int kcp, int j0, int nc) {
+    const int kk = b->k * b->k, ohw = b->OH * b->OW;
+    const size_t plane = (size_t)b->H * b->W;
+    float pairs[16 * 16] __attribute__((aligned(64)));
+    for (int jc = 0; jc < (int)round_up((size_t)nc, 32); jc += 16) {
+        unsigned short *dg = d + (size_t)(jc / 32) * kcp * 32 + (jc % 32 / 16) * 512;
+        int cols = nc - jc < 16 ? (nc - jc > 0 ? nc - jc : 0) : 16;
+        int ch[16], dy[16], dx[16];
+        for (int c = 0; c < cols; c++) {
+            int q = j0 + jc + c;
+            ch[c] = q / kk, dy[c] = q % kk / b->k - b->pad, dx[c] = q % b->k - b->pad;
+        }
+        for (int s = 0; s < kcp; s += 32) {
+            const float *row[2];   // channel 0 of the half's image, at its output row's start
+            int oy[2], ox[2];
+            __mmask16 live[2];
+            for (int h = 0; h < 2; h++) {
+                int r = s + 16 * h, n = kc - r, p = k0 + r;
+                live[h] = n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+                oy[h] = p % ohw / b->OW, ox[h] = p % ohw % b->OW;
+                row[h] = b->p + (size_t)(p / ohw) * b->C * plane;
+            }
+            for (int c = 0; c < 16; c++) {
+                __m512 v[2];
+                for (int h = 0; h < 2; h++) {
+                    v[h] = _mm512_setzero_ps();
+                    int y = oy[h] + dy[c], x = ox[h] + dx[c];
+                    if (c >= cols || !live[h] || y < 0 || y >= b->H || x <= -16 || x >= b->W)
+                        continue;
+                    // lanes l with 0 <= x + l < W (masked lanes are never read)
+                    unsigned m = live[h];
+                    if (x < 0) m &= ~((1u << -x) - 1u);
+                    if (b->W - x < 16) m &= b->W - x > 0 ? (1u << (b->W - x)) - 1u : 0u;
+                    v[h] = _mm512_maskz_loadu_ps((__mmask16)m,
+                                                 row[h] + ch[c] * plane + (ptrdiff_t)y * b->W + x);
+                }
+                _mm512_store_si512(pairs + c * 16, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+            }
+            gemm_transpose16_avx512((float *)(void *)(dg + (size_t)(s / 32) * 1024), 16, pairs,
+                                    16, 16);
+        }
+    }
+}
+
 static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
                    const gemm_config *cfg) {
     switch (b->kind) {
@@ -1107,6 +1162,8 @@ static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0,
                     pack_b_dense_amx(bb, g->b, pc, kc, kcp, jc, nc);
                 else if (im2col_amx_ok(g->b, jc, nc))
                     pack_b_im2col_amx(bb, g->b, pc, kc, kcp, jc, nc);
+                else if (im2col_t_amx_rows_ok(g->b, pc))
+                    pack_b_im2col_t_amx_rows(bb, g->b, pc, kc, kcp, jc, nc);
                 else if (g->b->kind == GEMM_IM2COL_T && !im2col_small_ok(g->b, pc, kc))
                     pack_b_im2col_t_amx(bb, g->b, pc, kc, kcp, jc, nc);
                 else {  // float32 slivers first (im2col, transposed B), then their tiles
