@@ -792,6 +792,37 @@ static BF16CVT void pack_b_im2col_t_amx_rows(unsigned short *d, const gemm_opera
     }
 }
 
+// A dense B whose columns are contiguous runs of k (rs 1: a transposed matrix, e.g. W^T of a
+// linear layer) into tiles: 32 k of a column are two loads, converted to that column's 16
+// bf16 pairs, and a 16 x 16 transpose of 16 columns' pairs makes their tile (the float32
+// slivers and their tiles pass over all of B twice: 2.9 ms for the aux heads' 1024 x 2048).
+static BF16CVT void pack_b_dense_t_amx(unsigned short *d, const gemm_operand *b, int k0, int kc,
+                                       int kcp, int j0, int nc) {
+    float pairs[16 * 16] __attribute__((aligned(64)));
+    for (int jc = 0; jc < (int)round_up((size_t)nc, 32); jc += 16) {
+        unsigned short *dg = d + (size_t)(jc / 32) * kcp * 32 + (jc % 32 / 16) * 512;
+        const float *col[16];
+        for (int c = 0; c < 16; c++) col[c] = jc + c < nc ? dense_at(b, k0, j0 + jc + c) : NULL;
+        for (int s = 0; s < kcp; s += 32) {
+            __mmask16 live[2];
+            for (int h = 0; h < 2; h++) {
+                int n = kc - s - 16 * h;
+                live[h] = n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+            }
+            for (int c = 0; c < 16; c++) {
+                __m512 lo = _mm512_setzero_ps(), hi = lo;
+                if (col[c]) {
+                    lo = _mm512_maskz_loadu_ps(live[0], col[c] + s);
+                    hi = _mm512_maskz_loadu_ps(live[1], col[c] + s + 16);
+                }
+                _mm512_store_si512(pairs + c * 16, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+            gemm_transpose16_avx512((float *)(void *)(dg + (size_t)(s / 32) * 1024), 16, pairs,
+                                    16, 16);
+        }
+    }
+}
+
 static void pack_b(float *dst, const gemm_operand *b, int k0, int kc, int j0, int nc,
                    const gemm_config *cfg) {
     switch (b->kind) {
@@ -1160,6 +1191,8 @@ static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0,
                 int nc = n1 - jc < cfg->NC ? n1 - jc : cfg->NC;
                 if (g->b->kind == GEMM_DENSE && g->b->cs == 1)
                     pack_b_dense_amx(bb, g->b, pc, kc, kcp, jc, nc);
+                else if (g->b->kind == GEMM_DENSE && g->b->rs == 1)
+                    pack_b_dense_t_amx(bb, g->b, pc, kc, kcp, jc, nc);
                 else if (im2col_amx_ok(g->b, jc, nc))
                     pack_b_im2col_amx(bb, g->b, pc, kc, kcp, jc, nc);
                 else if (im2col_t_amx_rows_ok(g->b, pc))
