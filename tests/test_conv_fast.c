@@ -183,6 +183,10 @@ static const cshape fixed[] = {
     // tiles), padded and not, a K block boundary inside a channel's taps
     {3, 5, 16, 16, 7, 3, 1, 1},  {2, 3, 18, 18, 6, 3, 1, 0},   {1, 4, 32, 32, 5, 5, 1, 2},
     {2, 60, 16, 16, 70, 3, 1, 1},
+    // pointwise on planes of 16 pixels or fewer (bf16 on AMX: the weight gradient's pixels
+    // loaded or gathered straight into tiles): two K blocks, a tail, 2-pixel and 8-pixel planes
+    {40, 7, 4, 4, 9, 1, 1, 0},   {70, 13, 2, 2, 11, 1, 1, 0},  {33, 5, 1, 2, 6, 1, 1, 0},
+    {9, 6, 2, 4, 5, 1, 1, 0},
     // big enough (>= 4M multiply-adds) to be split over threads
     {7, 24, 20, 20, 40, 3, 1, 1}, {2, 300, 9, 9, 200, 1, 1, 0},
     // few input channels (conv_smallc.h's weight gradient): a grayscale conv1 over three
