@@ -990,6 +990,13 @@ static AVX512 void tile_folded_avx512(const gemm_job *g, const gemm_output *c, i
 // column 16 (4x4 maps, fold 16) or from one row group to the next at row 16 is still written
 // by the tiles themselves. 0 if one does not.
 static int amx_quarters(const gemm_output *c, int i, int j, int mr, int nr, float **q) {
+    const int r = c->fold ? j % c->fold : 0;
+    if ((!c->fold || r + nr <= c->fold) &&
+        (!c->ngroups || out_group(c, i) == out_group(c, i + mr - 1))) {   // the usual tile
+        float *b = c_at(c, i, j);
+        q[0] = b, q[1] = b + 16, q[2] = b + 16 * c->ldc, q[3] = q[2] + 16;
+        return 1;
+    }
     for (int t = 0; t < 4; t++) {
         int rows = mr - 16 * (t / 2), cols = nr - 16 * (t % 2), ii = i + 16 * (t / 2), jj = j + 16 * (t % 2);
         if (rows <= 0 || cols <= 0) {   // not in the tile: never touched
@@ -1007,13 +1014,9 @@ static int amx_quarters(const gemm_output *c, int i, int j, int mr, int nr, floa
 
 // One MR x NR tile of C at (i, j). A tile whose columns cross a fold (a batch boundary) is
 // computed in a contiguous scratch tile and copied in and out one contiguous run at a time.
-static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, int i, int j,
-                     int mr, int nr, const gemm_epilogue *e) {
-    float *q[4];
-    if (g->cfg->amx && amx_quarters(g->c, i, j, mr, nr, q)) {
-        gemm_kernel_amx_quads(kc, a, b, q, g->c->ldc, mr, nr, e);
-        return;
-    }
+static __attribute__((noinline)) void run_tile_general(const gemm_job *g, int kc, const float *a,
+                                                       const float *b, int i, int j, int mr,
+                                                       int nr, const gemm_epilogue *e) {
     gemm_output local;
     const gemm_output *c = rows_out(g->c, i, mr, &local, &i);
     if (!c) {   // rows of two groups: through a scratch tile, element by element
@@ -1060,6 +1063,17 @@ static void run_tile(const gemm_job *g, int kc, const float *a, const float *b, 
         for (int q = 0, jj = 0; q < runs; jj += run_len[q], q++)
             memcpy(run_at[q] + (ptrdiff_t)ii * c->ldc, tmp + ii * NR + jj,
                    (size_t)run_len[q] * sizeof(float));
+}
+
+// AMX tiles go straight to their quarters; the rest (and its scratch tiles' stack frame) is
+// run_tile_general's.
+static inline void run_tile(const gemm_job *g, int kc, const float *a, const float *b, int i,
+                            int j, int mr, int nr, const gemm_epilogue *e) {
+    float *q[4];
+    if (g->cfg->amx && amx_quarters(g->c, i, j, mr, nr, q))
+        gemm_kernel_amx_quads(kc, a, b, q, g->c->ldc, mr, nr, e);
+    else
+        run_tile_general(g, kc, a, b, i, j, mr, nr, e);
 }
 
 // Up to 3 panels (rows i .. i+rows-1, panel p at a + p*pstride) against one narrow sliver:
