@@ -67,7 +67,8 @@ static const gemm_config configs[3] = {
 // bfloat16 mode with AMX (cpu_amx()). A and dense B go straight into tiles; im2col B is packed
 // in float32 as for AVX-512, then converted. KC 512 measured best (256: more epilogues, 1024:
 // panels past L1) on the 64x64 GoogLeNet training step.
-static const gemm_config amx_config = {32, 32, 512, 512, 512, gemm_kernel_amx, NULL, copy_avx512,
+enum { AMX_NC = 512 };
+static const gemm_config amx_config = {32, 32, 512, 512, AMX_NC, gemm_kernel_amx, NULL, copy_avx512,
                                        gemm_transpose16_avx512, im2col_rows_avx512,
                                        im2col_line_avx512, dense_rows_avx512, 1};
 
@@ -1076,6 +1077,36 @@ static inline void run_tile(const gemm_job *g, int kc, const float *a, const flo
         run_tile_general(g, kc, a, b, i, j, mr, nr, e);
 }
 
+// Where column j of C lies (fold and offset in it), worked out once per block of columns for
+// all its AMX tiles (divisions by the fold cost as much as a small tile's epilogue), and whether
+// the tile's columns from j (at most 32 of n) stay in that fold.
+typedef struct {
+    int img, off, fits;
+} amx_col;
+
+static void amx_col_at(amx_col *cl, const gemm_output *c, int j, int n) {
+    int nr = n < 32 ? n : 32;
+    cl->img = c->fold ? j / c->fold : 0;
+    cl->off = c->fold ? j % c->fold : j;
+    cl->fits = !c->fold || cl->off + nr <= c->fold;
+}
+
+static inline void run_tile_amx(const gemm_job *g, int kc, const float *a, const float *b, int i,
+                                int j, int mr, int nr, const gemm_epilogue *e, const amx_col *cl) {
+    const gemm_output *c = g->c;
+    int grp = c->ngroups ? out_group(c, i) : 0;
+    if (cl->fits && (!c->ngroups || grp == out_group(c, i + mr - 1))) {
+        float *p = c->ngroups ? c->gp[grp] : c->p;
+        ptrdiff_t fs = c->ngroups ? c->gfs[grp] : c->fold_stride;
+        int li = c->ngroups ? i - c->row0[grp] : i;
+        float *base = p + (ptrdiff_t)cl->img * fs + (ptrdiff_t)li * c->ldc + cl->off;
+        float *q[4] = {base, base + 16, base + 16 * c->ldc, base + 16 * c->ldc + 16};
+        gemm_kernel_amx_quads(kc, a, b, q, c->ldc, mr, nr, e);
+        return;
+    }
+    run_tile(g, kc, a, b, i, j, mr, nr, e);
+}
+
 // Up to 3 panels (rows i .. i+rows-1, panel p at a + p*pstride) against one narrow sliver:
 // the tall kernel where the rows are in one row group and the columns in one fold, else a
 // run_tile per panel (the same bits either way).
@@ -1157,15 +1188,79 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
 // A rows i0..i0+mc-1, columns k0..k0+kc-1 -> 32-row panels of kcp / 32 steps of two 16 x 32
 // A tiles: d[((p*steps + s)*2 + h)*512 + r*32 + t] = bf16(A(i0 + 32p + 16h + r, k0 + 32s + t)),
 // zero for rows past the block and for k >= kc.
+// Row r of A, k0..k0+kc-1 with k contiguous (cs 1), as tile rows (step s at row + s*1024):
+// 16 k at a time, one load, or on folds of fewer than 16 columns a gather from 16/fold folds.
+// amx_a_rows_ok: no fold, or k0 and the fold such that no 16 k straddle two folds unevenly.
+static int amx_a_rows_ok(const gemm_operand *a, int k0) {
+    if (a->kind != GEMM_DENSE || a->cs != 1) return 0;
+    if (!a->fold) return 1;
+    return k0 % 16 == 0 && (a->fold % 16 == 0 || (a->fold < 16 && 16 % a->fold == 0)) &&
+           16 * a->fold_stride < INT32_MAX;   // gather offsets
+}
+
+static BF16CVT void pack_a_row_amx(unsigned short *row, const gemm_operand *a, int r, int k0,
+                                   int kc, int steps) {
+    const int f = a->fold;
+    __m512i idx = _mm512_setzero_si512();
+    if (f && f < 16) {
+        int32_t at[16];
+        for (int l = 0; l < 16; l++) at[l] = (int32_t)((l / f) * a->fold_stride + l % f);
+        idx = _mm512_loadu_si512(at);
+    }
+    const float *base = a->p + (ptrdiff_t)r * a->rs;
+    ptrdiff_t img = f ? k0 / f : 0;
+    int off = f ? k0 % f : k0;
+    for (int s = 0; s < steps; s++) {
+        __m512 v[2];
+        for (int h = 0; h < 2; h++) {
+            const int n = kc - 32 * s - 16 * h;
+            const __mmask16 m = n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+            const float *src = base + img * a->fold_stride + off;
+            v[h] = _mm512_setzero_ps();
+            if (m) v[h] = f && f < 16 ? _mm512_mask_i32gather_ps(v[h], m, idx, src, 4)
+                                      : _mm512_maskz_loadu_ps(m, src);
+            if (!f) off += 16;
+            else if (f < 16) img += 16 / f;
+            else if ((off += 16) == f) off = 0, img++;
+        }
+        _mm512_store_si512(row + (size_t)s * 1024, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+    }
+}
+
+// 16 rows r0.. of a transposed A (rs 1: a row's k are cs apart, the rows of one k contiguous)
+// as the tile rows of one half panel (d: its first row): each 32-k step is packed as B tiles
+// are (pairs of k side by side, per row) and transposed.
+static BF16CVT void pack_a_cols_amx(unsigned short *d, const gemm_operand *a, int r0, int k0,
+                                    int kc, int steps) {
+    float pairs[16 * 16] __attribute__((aligned(64)));
+    for (int s = 0; s < steps; s++) {
+        const int n = kc - 32 * s < 32 ? kc - 32 * s : 32;
+        gemm_amx_pack_b_rows((unsigned short *)(void *)pairs, a->p + r0 + (ptrdiff_t)(k0 + 32 * s) * a->cs,
+                             a->cs, n, 32, 16);
+        gemm_transpose16_avx512((float *)(void *)(d + (size_t)s * 1024), 16, pairs, 16, 16);
+    }
+}
+
 static void pack_a_amx(unsigned short *d, const gemm_operand *a, int M, int i0, int mc, int k0,
                        int kc, int kcp) {
     int steps = kcp / 32;
+    const int rows_ok = amx_a_rows_ok(a, k0);
+    const int cols_ok = a->kind == GEMM_DENSE && a->rs == 1 && a->cs != 1 && !a->fold;
     for (int p = 0; p < ceil_div(mc, 32); p++)
         for (int ii = 0; ii < 32; ii++) {
             int r = i0 + 32 * p + ii;
             unsigned short *row = d + ((size_t)p * steps * 2 + ii / 16) * 512 + (ii % 16) * 32;
+            if (cols_ok && ii % 16 == 0 && r + 16 <= M && r + 16 <= i0 + mc) {
+                pack_a_cols_amx(row, a, r, k0, kc, steps);
+                ii += 15;
+                continue;
+            }
             if (r >= M || r >= i0 + mc) {
                 for (int s = 0; s < steps; s++) memset(row + (size_t)s * 1024, 0, 64);
+                continue;
+            }
+            if (rows_ok) {
+                pack_a_row_amx(row, a, r, k0, kc, steps);
                 continue;
             }
             if (kc < kcp) memset(row + (size_t)(steps - 1) * 1024, 0, 64);
@@ -1273,6 +1368,8 @@ static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0,
                                              bp + (size_t)(jr / 32) * 32 * kc + jr % 32, 32, kc,
                                              kcp, 16);
                 }
+                amx_col cols[AMX_NC / 32];
+                for (int jr = 0; jr < nc; jr += 32) amx_col_at(&cols[jr / 32], g->c, jc + jr, nc - jr);
                 for (int ir = 0; ir < mc; ir += 32) {
                     int mr = mc - ir < 32 ? mc - ir : 32;
                     for (int jr = 0; jr < nc; jr += 32) {
@@ -1283,9 +1380,9 @@ static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0,
                             .bias_col = last && (g->flags & GEMM_BIAS_COL) ? g->bias + jc + jr : NULL,
                             .relu = last && (g->flags & GEMM_RELU),
                         };
-                        run_tile(g, kcp, (const float *)(const void *)(ab + (size_t)ir * kcp),
-                                 (const float *)(const void *)(bb + (size_t)jr * kcp), ic + ir,
-                                 jc + jr, mr, nr, &e);
+                        run_tile_amx(g, kcp, (const float *)(const void *)(ab + (size_t)ir * kcp),
+                                     (const float *)(const void *)(bb + (size_t)jr * kcp), ic + ir,
+                                     jc + jr, mr, nr, &e, &cols[jr / 32]);
                     }
                 }
             }
