@@ -569,6 +569,83 @@ static void test_maxpool(rng *r) {
            count, n_configs);
 }
 
+// ---- batch norm + ReLU + max pool (training forward) ----
+// The fused pass against the two it replaces (each tested against the reference above), bit
+// for bit: pooled output, argmax, saved and running statistics.
+
+typedef struct {
+    int N, C, H, W, k, s, pad, ceil;
+    float *x, *gamma, *beta, *rm0, *rv0;
+} bp_case;
+
+static void bp_run(outputs *o, const bp_case *c, int fused) {
+    const int OH = pool_out_size(c->H, c->k, c->s, c->pad, c->ceil);
+    const int OW = pool_out_size(c->W, c->k, c->s, c->pad, c->ceil);
+    const int HW = c->H * c->W, C = c->C;
+    const size_t ni = (size_t)c->N * C * HW, no = (size_t)c->N * C * OH * OW;
+    float *out = buf_new(no), *mean = buf_new(C), *invstd = buf_new(C), *aff = buf_new(2 * C);
+    float *rm = buf_copy(c->rm0, C), *rv = buf_copy(c->rv0, C), *argf = buf_new(no);
+    int32_t *arg = malloc(no * sizeof(int32_t));
+    if (fused) {
+        batchnorm2d_relu_maxpool_fast_forward_train(out, arg, mean, invstd, aff, rm, rv, c->x,
+                                                    c->gamma, c->beta, c->N, C, c->H, c->W, 1e-3f,
+                                                    0.1f, c->k, c->s, c->pad, c->ceil);
+    } else {
+        float *y = buf_new(ni);
+        batchnorm2d_fast_forward_train(y, 0, mean, invstd, aff, rm, rv, c->x, c->gamma, c->beta,
+                                       c->N, C, HW, 1e-3f, 0.1f, 1);
+        maxpool2d_fast_forward(out, arg, y, c->N, C, c->H, c->W, c->k, c->s, c->pad, c->ceil);
+        free(y);
+    }
+    for (size_t i = 0; i < no; i++) argf[i] = (float)arg[i];
+    free(arg);
+    outputs_add(o, "pooled", out, no, 1);
+    outputs_add(o, "argmax", argf, no, 1);
+    outputs_add(o, "save_mean", mean, C, 1);
+    outputs_add(o, "save_invstd", invstd, C, 1);
+    outputs_add(o, "save_affine", aff, 2 * C, 1);
+    outputs_add(o, "running_mean", rm, C, 1);
+    outputs_add(o, "running_var", rv, C, 1);
+}
+
+static void bp_run_fused(outputs *o, void *ctx) { bp_run(o, ctx, 1); }
+
+static void test_bn_relu_maxpool(rng *r) {
+    static const int shapes[][8] = {
+        // N, C, H, W, k, s, pad, ceil: GoogLeNet's stem pools at 64x64 (long planes in
+        // segments, the direct kernel; 2-channel groups, the table kernel), VGG's 2x2/2, a
+        // "same" pool, odd sizes, the largest plane, many small pieces for the threads
+        {5, 7, 32, 32, 3, 2, 0, 1}, {6, 9, 16, 16, 3, 2, 0, 1}, {4, 5, 10, 10, 2, 2, 0, 0},
+        {7, 20, 5, 5, 3, 1, 1, 1},  {3, 6, 9, 7, 3, 2, 1, 1},   {2, 3, 64, 64, 3, 2, 0, 1},
+        {64, 40, 4, 4, 3, 2, 0, 1}, {3, 4, 33, 20, 3, 2, 0, 1},
+    };
+    int ok = 1;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        for (int nan = 0; nan < 2; nan++) {
+            const int *h = shapes[i];
+            const size_t ni = (size_t)h[0] * h[1] * h[2] * h[3];
+            // Multiples of 1/4 (ties in the windows survive the affine map); with `nan`, one NaN,
+            // which poisons its channel as in PyTorch.
+            bp_case c = {h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], buf_uniform(ni, r, -2, 2),
+                         buf_uniform(h[1], r, -1.5, 1.5), buf_uniform(h[1], r, -1, 1),
+                         buf_uniform(h[1], r, -1, 1), buf_uniform(h[1], r, 0.2, 2)};
+            for (size_t q = 0; q < ni; q++) c.x[q] = roundf(c.x[q] * 4.0f) / 4.0f;
+            if (nan) c.x[rng_below(r, (uint32_t)ni)] = NAN;
+            c.gamma[0] = 0.0f, c.beta[0] = -0.0f;   // a channel of exact zeros of both signs
+            outputs ref = {0};
+            config_use(0);
+            bp_run(&ref, &c, 0);
+            char what[128];
+            snprintf(what, sizeof what, "bn+relu+maxpool N=%d C=%d %dx%d k=%d s=%d pad=%d ceil=%d%s",
+                     h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], nan ? " NaN" : "");
+            ok &= check_all_configs(bp_run_fused, &c, &ref, what);
+            outputs_free(&ref);
+            free(c.x), free(c.gamma), free(c.beta), free(c.rm0), free(c.rv0);
+        }
+    result(ok, "batchnorm2d_relu_maxpool_fast_forward_train bit-identical to batch norm (+relu) "
+               "then max pool: 16 cases x %d configs", n_configs);
+}
+
 // ---- adaptive average pool ----
 
 typedef struct {
@@ -788,6 +865,7 @@ int main(void) {
     test_batchnorm(&r);
     test_relu(&r);
     test_maxpool(&r);
+    test_bn_relu_maxpool(&r);
     test_adaptive(&r);
     test_concat(&r);
     test_dropout_and_buffers(&r);

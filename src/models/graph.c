@@ -206,13 +206,24 @@ static float *fused_at(model *m, int i, int grad, ptrdiff_t *stride) {
     return grad ? DOUT(i + 1) : OUT(i + 1);
 }
 
+// Training with the fast kernels: BN i computes its ReLU and the max pool after that (node
+// i + 2), whose forward then does nothing.
+static int bn_pools(const model *m, int i, int training) {
+    return training && !m->reference && m->nodes[i].fused_pool;
+}
+
+static int pooled_by_bn(const model *m, const model_node *n, int training) {
+    if (n->op != OP_MAXPOOL || m->nodes[n->in[0]].op != OP_RELU) return 0;
+    return bn_pools(m, m->nodes[n->in[0]].in[0], training);
+}
+
 // What the executor below touches, for the planner: keep the two in step. (INCEPT_ARENA=poison
 // makes a read that this misses show up as NaN in the results.)
 static void node_uses_raw(const model *m, int i, int flags, node_uses *u) {
     const model_node *n = &m->nodes[i];
     const int ref = m->reference;
     memset(u, 0, sizeof *u);
-    u->fwd_out = u->bwd_dout = -1;
+    u->fwd_out = u->bwd_dout = u->fwd_argmax = -1;
     u->runs = runs(n, flags & MODEL_TRAIN);
     if (!u->runs) return;
     if (folding(m, flags)) {   // the conv computes its chain, the rest of which does nothing
@@ -231,7 +242,12 @@ static void node_uses_raw(const model *m, int i, int flags, node_uses *u) {
     const int fused_bn = !ref && n->fused_relu;
     const int fused_relu = !ref && n->op == OP_RELU && m->nodes[n->in[0]].fused_relu;
     if (concat_bn_in_place(m, n)) return;   // its inputs' BNs do its work
-    if (!fused_relu) {
+    const int training = flags & MODEL_TRAIN;
+    if (bn_pools(m, i, training)) {   // writes the pool's output (and argmax), not the ReLU's
+        u->fwd_in[u->n_fwd_in++] = n->in[0];
+        u->fwd_out = i + 2;
+        if (flags & MODEL_GRAD) u->fwd_argmax = i + 2;
+    } else if (!fused_relu && !pooled_by_bn(m, n, training)) {
         for (int j = 0; j < n->n_in; j++) u->fwd_in[u->n_fwd_in++] = n->in[j];
         u->fwd_out = fused_bn ? fused_slot(m, i) : i;
     }
@@ -474,12 +490,19 @@ int model_forward(model *m, const float *x, int flags) {
                 int64_t *tracked = &m->counters[m->tensors[n->num_batches_tracked].off];
                 // momentum=None in PyTorch: the k-th batch since the reset weighs 1/k
                 const float mom = m->bn_average ? (float)(1.0 / (double)(*tracked + 1)) : n->momentum;
-                if (ref)
+                if (ref) {
                     batchnorm2d_forward_train(o, mean, invstd, rm, rv, in, g, b, N, C, H * W,
                                               n->eps, mom);
-                else
+                } else if (bn_pools(m, i, training)) {   // and the max pool after its ReLU
+                    const model_node *p = &m->nodes[i + 2];
+                    batchnorm2d_relu_maxpool_fast_forward_train(
+                        OUT(i + 2), p->argmax.floats ? (int32_t *)OUT_ARGMAX(p) : NULL, mean,
+                        invstd, affine, rm, rv, in, g, b, N, C, H, W, n->eps, mom, p->k,
+                        p->stride, p->pad, p->ceil_mode);
+                } else {
                     batchnorm2d_fast_forward_train(o, os, mean, invstd, affine, rm, rv, in, g, b, N,
                                                    C, H * W, n->eps, mom, relu);
+                }
                 (*tracked)++;
             } else if (ref) {
                 batchnorm2d_forward_eval(o, in, g, b, rm, rv, N, C, H * W, n->eps);
@@ -495,7 +518,7 @@ int model_forward(model *m, const float *x, int flags) {
         case OP_MAXPOOL:
             if (ref)
                 maxpool2d_forward(out, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
-            else
+            else if (!pooled_by_bn(m, n, training))   // (else its input's BN pooled)
                 maxpool2d_fast_forward(out, n->argmax.floats ? (int32_t *)OUT_ARGMAX(n) : NULL,
                                        in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
             break;

@@ -1,6 +1,7 @@
 // Model lifecycle around the node list and tensor table: build, initialise, size the arenas,
 // count, summarise, save and load. The forward/backward executor is in graph.c.
 #include "models/model.h"
+#include "ops/fast_ops.h"
 #include <inttypes.h>
 #include <math.h>
 #include <stdlib.h>
@@ -76,6 +77,8 @@ int model_build(model *m, const model_config *cfg) {
     for (int i = 0; i < m->n_nodes; i++) {
         model_node *n = &m->nodes[i];
         n->fused_relu = n->op == OP_BN && only_next(m, i, OP_RELU);
+        n->fused_pool = n->fused_relu && only_next(m, i + 1, OP_MAXPOOL) &&
+                        n->H * n->W <= BN_POOL_MAX_HW;
         if (n->op != OP_CONV) continue;
         int t = i;
         if (only_next(m, t, OP_BN)) t++;

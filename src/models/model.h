@@ -74,6 +74,9 @@ typedef struct {
     size_t save;            // offset of saved state (BN stats, dropout mask) in the save arena
     int fused_relu;         // BN whose ReLU (the next node, its only consumer) it computes
                             // (fast kernels; set by model_build)
+    int fused_pool;         // such a BN whose ReLU feeds only the max pool after it: in
+                            // training it computes that pool too (the ReLU output is never
+                            // stored; set by model_build)
     // Inference with the fast kernels: a conv computes conv [-> BN] [-> ReLU] as one GEMM, BN
     // folded into its packed weights and bias, ReLU in the epilogue (set by model_build).
     int fold_to;            // conv: the last node of that chain (itself if nothing follows)

@@ -15,6 +15,7 @@
 #include "ops/ops.h"
 #include <immintrin.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef __clang__
@@ -890,37 +891,43 @@ static void bn_group_bwd_apply_eval(const bn_job *j, int c, int nc, const float 
     }
 }
 
+// Training statistics of channels [c0, c0+nc): saved, running, and the affine out = x*a + b
+// that normalises them (a[k], b[k] for channel c0 + k).
+static void bn_piece_stats(bn_job *j, int c0, int nc, float *a, float *b) {
+    const size_t M = (size_t)j->N * j->HW;
+    double sum[BN_BLOCK], mean[BN_BLOCK], ssd[BN_BLOCK];
+    bn_group_sum(sum, j, c0, nc);
+    for (int k = 0; k < nc; k++) mean[k] = sum[k] / (double)M;
+    bn_group_ssd(ssd, j, c0, nc, mean);
+    for (int k = 0; k < nc; k++) {
+        const int c = c0 + k;
+        const double var = ssd[k] / (double)M;  // biased: used to normalise
+        const double invstd = 1.0 / sqrt(var + j->eps);
+        if (j->save_mean) j->save_mean[c] = (float)mean[k];
+        if (j->save_invstd) j->save_invstd[c] = (float)invstd;
+        if (j->running_mean)
+            j->running_mean[c] =
+                (float)((1.0 - j->momentum) * j->running_mean[c] + j->momentum * mean[k]);
+        if (j->running_var) {
+            const double uvar = M > 1 ? ssd[k] / (double)(M - 1) : NAN;  // as the reference
+            j->running_var[c] =
+                (float)((1.0 - j->momentum) * j->running_var[c] + j->momentum * uvar);
+        }
+        const double scale = invstd * (j->gamma ? j->gamma[c] : 1.0f);
+        a[k] = (float)scale;
+        b[k] = (float)((j->beta ? j->beta[c] : 0.0f) - mean[k] * scale);
+        if (j->save_affine) { j->save_affine[c] = a[k]; j->save_affine[j->C + c] = b[k]; }
+    }
+}
+
 static void bn_fwd_train_task(void *ctx, int t, int nt) {
     (void)t;
     bn_job *j = ctx;
-    const size_t M = (size_t)j->N * j->HW;
     const int P = bn_piece(j, nt);
-    double sum[BN_BLOCK], mean[BN_BLOCK], ssd[BN_BLOCK];
     float a[BN_BLOCK], b[BN_BLOCK];
     for (int c0; (c0 = P * cpu_claim(&j->claims)) < j->C;) {
         const int nc = j->C - c0 < P ? j->C - c0 : P;
-        bn_group_sum(sum, j, c0, nc);
-        for (int k = 0; k < nc; k++) mean[k] = sum[k] / (double)M;
-        bn_group_ssd(ssd, j, c0, nc, mean);
-        for (int k = 0; k < nc; k++) {
-            const int c = c0 + k;
-            const double var = ssd[k] / (double)M;  // biased: used to normalise
-            const double invstd = 1.0 / sqrt(var + j->eps);
-            if (j->save_mean) j->save_mean[c] = (float)mean[k];
-            if (j->save_invstd) j->save_invstd[c] = (float)invstd;
-            if (j->running_mean)
-                j->running_mean[c] =
-                    (float)((1.0 - j->momentum) * j->running_mean[c] + j->momentum * mean[k]);
-            if (j->running_var) {
-                const double uvar = M > 1 ? ssd[k] / (double)(M - 1) : NAN;  // as the reference
-                j->running_var[c] =
-                    (float)((1.0 - j->momentum) * j->running_var[c] + j->momentum * uvar);
-            }
-            const double scale = invstd * (j->gamma ? j->gamma[c] : 1.0f);
-            a[k] = (float)scale;
-            b[k] = (float)((j->beta ? j->beta[c] : 0.0f) - mean[k] * scale);
-            if (j->save_affine) { j->save_affine[c] = a[k]; j->save_affine[j->C + c] = b[k]; }
-        }
+        bn_piece_stats(j, c0, nc, a, b);
         bn_group_affine(j, c0, nc, a, b);
     }
 }
@@ -1176,6 +1183,43 @@ static void maxpool_direct_task(void *ctx, int t, int nt) {
     if (p0 < p1) maxpool_direct_avx512(v->out, v->arg, v->in, p0, p1, v->P);
 }
 
+// The kernel max pool uses for one geometry, with its tables (built in place: never copied).
+typedef struct {
+    const fast_kernels *K;
+    int H, W, OH, OW, k, s, pad;
+    int direct;                       // maxpool_direct_avx512 with P
+    mpv_plan P;
+    uint32_t masks[MPV_MAX_MASKS];
+    int table;                        // else maxpool_table with T, else the row kernel
+    mp_table T;
+    int32_t store[MP_TABLE_INTS];
+} mp_kernel;
+
+static void mp_kernel_init(mp_kernel *mk, int H, int W, int OH, int OW, int k, int s, int pad) {
+    mk->K = kernels();
+    mk->H = H, mk->W = W, mk->OH = OH, mk->OW = OW, mk->k = k, mk->s = s, mk->pad = pad;
+    mk->direct = mk->table = 0;
+    if (cpu_isa() == CPU_ISA_AVX512) {
+        // Narrow outputs fill few lanes of a row (or of a small plane): the table kernel
+        // packs several planes into each vector there (2x2 maps: ~4x faster; 8x8 -> 4x4 with
+        // stride 2: 5.4 -> 1.8 ms in 64-px GoogLeNet training, where the rows fill 4 lanes;
+        // 16x16 -> 8x8: 3.2 -> 2.2 ms; 3x3/1 on 4x4 planes: 0.94 -> 0.71 ms; on 8x8 planes the
+        // direct kernel stays ahead, 1.45 vs 1.57 ms).
+        const int wide = s == 1 && OH == H && OW == W ? H * W > 16 : OW > 8;
+        mk->direct = wide && mpv_plan_build(&mk->P, mk->masks, H, W, OH, OW, k, s, pad);
+        if (mk->direct) return;
+    }
+    mk->table = mp_table_build(&mk->T, mk->store, H, W, OH, OW, k, s, pad);
+}
+
+// Planes [p0, p1) of in into out and arg (NULL: none), on this thread.
+static void mp_kernel_run(const mp_kernel *mk, float *out, int32_t *arg, const float *in,
+                          size_t p0, size_t p1) {
+    if (mk->direct) maxpool_direct_avx512(out, arg, in, p0, p1, &mk->P);
+    else if (mk->table) mk->K->maxpool_table(out, arg, in, p0, p1, &mk->T);
+    else mk->K->maxpool(out, arg, in, p0, p1, mk->H, mk->W, mk->OH, mk->OW, mk->k, mk->s, mk->pad);
+}
+
 void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N, int C, int H,
                             int W, int k, int stride, int pad, int ceil_mode) {
     pool_job j = {.K = kernels(), .out = out, .arg = argmax, .in = in,
@@ -1184,25 +1228,77 @@ void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N,
                   .OW = pool_out_size(W, k, stride, pad, ceil_mode), .k = k, .s = stride,
                   .pad = pad};
     int nt = threads_for(j.planes * H * W);
-    if (cpu_isa() == CPU_ISA_AVX512) {
-        uint32_t masks[MPV_MAX_MASKS];
-        mpv_plan P;
-        // Narrow outputs fill few lanes of a row (or of a small plane): the table kernel
-        // packs several planes into each vector there (2x2 maps: ~4x faster; 8x8 -> 4x4 with
-        // stride 2: 5.4 -> 1.8 ms in 64-px GoogLeNet training, where the rows fill 4 lanes;
-        // 16x16 -> 8x8: 3.2 -> 2.2 ms; 3x3/1 on 4x4 planes: 0.94 -> 0.71 ms; on 8x8 planes the
-        // direct kernel stays ahead, 1.45 vs 1.57 ms).
-        const int wide = stride == 1 && j.OH == H && j.OW == W ? H * W > 16 : j.OW > 8;
-        if (wide && mpv_plan_build(&P, masks, H, W, j.OH, j.OW, k, stride, pad)) {
-            mpv_job v = {out, argmax, in, j.planes, &P};
-            cpu_parallel(maxpool_direct_task, &v, nt);
-            return;
+    mp_kernel mk;
+    mp_kernel_init(&mk, H, W, j.OH, j.OW, k, stride, pad);
+    if (mk.direct) {
+        mpv_job v = {out, argmax, in, j.planes, &mk.P};
+        cpu_parallel(maxpool_direct_task, &v, nt);
+        return;
+    }
+    if (mk.table) j.table = &mk.T;
+    cpu_parallel(maxpool_fwd_task, &j, nt);
+}
+
+// ---- batch norm + ReLU + max pool (training forward) ----
+typedef struct {
+    bn_job bn;
+    const mp_kernel *mk;
+    float *pool_out;
+    int32_t *arg;
+} bn_pool_job;
+
+static void bn_pool_fwd_task(void *ctx, int t, int nt) {
+    (void)t;
+    bn_pool_job *bp = ctx;
+    bn_job *j = &bp->bn;
+    const int P = bn_piece(j, nt), HW = j->HW;
+    const size_t ohw = (size_t)bp->mk->OH * bp->mk->OW, img = (size_t)j->C * HW;
+    float a[BN_BLOCK], b[BN_BLOCK], aq[BN_BLOCK], bq[BN_BLOCK];
+    _Static_assert((int)BN_POOL_MAX_HW >= (int)BN_BLOCK, "a piece's planes fit in y");
+    float y[BN_POOL_MAX_HW];
+    for (int c0; (c0 = P * cpu_claim(&j->claims)) < j->C;) {
+        const int nc = j->C - c0 < P ? j->C - c0 : P;
+        bn_piece_stats(j, c0, nc, a, b);
+        // Every segment of the piece has segment 0's per-position a and b: a group of whole
+        // channels is one segment, and a long plane's segments are one channel's.
+        size_t off0;
+        int L0;
+        bn_segment(j, c0, nc, 0, &off0, &L0);
+        bn_expand_f(aq, a, j, L0);
+        bn_expand_f(bq, b, j, L0);
+        for (int n = 0; n < j->N; n++) {
+            // y: planes c0.. of image n after BN and ReLU (bn_group_affine's bits), then pooled
+            for (int s = 0; s < bn_segments(HW); s++) {
+                size_t off;
+                int L;
+                bn_segment(j, c0, nc, s, &off, &L);
+                j->K->bnb_affine(y + (off - off0), j->in + n * img + off, 1, 0, 0, L, aq, bq, 1);
+            }
+            const size_t p = (size_t)n * j->C + c0;
+            mp_kernel_run(bp->mk, bp->pool_out + p * ohw, bp->arg ? bp->arg + p * ohw : NULL, y,
+                          0, (size_t)nc);
         }
     }
-    int32_t store[MP_TABLE_INTS];
-    mp_table table;
-    if (mp_table_build(&table, store, H, W, j.OH, j.OW, k, stride, pad)) j.table = &table;
-    cpu_parallel(maxpool_fwd_task, &j, nt);
+}
+
+void batchnorm2d_relu_maxpool_fast_forward_train(
+    float *pool_out, int32_t *argmax, float *save_mean, float *save_invstd, float *save_affine,
+    float *running_mean, float *running_var, const float *in, const float *gamma,
+    const float *beta, int N, int C, int H, int W, float eps, float momentum, int k, int stride,
+    int pad, int ceil_mode) {
+    const int HW = H * W;
+    if (bn_empty(N, C, HW)) return;
+    if (HW > BN_POOL_MAX_HW) abort();   // the caller's contract (fast_ops.h)
+    mp_kernel mk;
+    mp_kernel_init(&mk, H, W, pool_out_size(H, k, stride, pad, ceil_mode),
+                   pool_out_size(W, k, stride, pad, ceil_mode), k, stride, pad);
+    bn_pool_job bp = {.bn = {.K = kernels(), .save_mean = save_mean, .save_invstd = save_invstd,
+                             .save_affine = save_affine, .running_mean = running_mean,
+                             .running_var = running_var, .in = in, .gamma = gamma, .beta = beta,
+                             .N = N, .C = C, .HW = HW, .relu = 1, .eps = eps,
+                             .momentum = momentum},
+                      .mk = &mk, .pool_out = pool_out, .arg = argmax};
+    cpu_parallel(bn_pool_fwd_task, &bp, bn_threads(N, C, HW));
 }
 
 static void maxpool_bwd_task(void *ctx, int t, int nt) {

@@ -52,6 +52,19 @@ void batchnorm2d_fast_backward_eval(float *din, float *dgamma, float *dbeta, con
                                     const float *running_var, int N, int C, int HW, float eps,
                                     int relu);
 
+// Training forward of a BN whose ReLU feeds a max pool (GoogLeNet's and VGG's stems), in one
+// pass over each plane: as batchnorm2d_fast_forward_train with relu = 1 then
+// maxpool2d_fast_forward on its output, bit for bit (pool_out, argmax, saved and running
+// statistics), but the ReLU's output is never stored. Planes of at most BN_POOL_MAX_HW.
+// Backward: maxpool2d_fast_backward into the ReLU's gradient, then
+// batchnorm2d_fast_backward_train with BN_FUSED_RELU, as after the separate passes.
+enum { BN_POOL_MAX_HW = 4096 };
+void batchnorm2d_relu_maxpool_fast_forward_train(
+    float *pool_out, int32_t *argmax, float *save_mean, float *save_invstd, float *save_affine,
+    float *running_mean, float *running_var, const float *in, const float *gamma,
+    const float *beta, int N, int C, int H, int W, float eps, float momentum, int k, int stride,
+    int pad, int ceil_mode);
+
 // ---- relu (as relu_forward / relu_backward) ----
 void relu_fast_forward(float *out, const float *in, size_t n);
 void relu_fast_backward(float *din, const float *dout, const float *out, size_t n);
