@@ -602,6 +602,11 @@ static AVX512 void pack_b_im2col_t_small(float *dst, const gemm_operand *b, int 
 // into the tiles, with no float32 block in between. Tiles as in pack_b_dense_amx().
 #define BF16CVT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
+// Lanes 0..n-1 of 16 (none for n <= 0): the rows of a 16-row half tile step that exist.
+static inline __mmask16 lanes16(int n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
+
 static int im2col_amx_ok(const gemm_operand *b, int j0, int nc) {
     if (b->kind != GEMM_IM2COL || b->k * b->k > SMALL_TAPS_MAX) return 0;
     if (b->stride == 1 && b->OW % 16 == 0 && j0 % 16 == 0) return 1;
@@ -767,7 +772,7 @@ static BF16CVT void pack_b_im2col_t_amx_rows(unsigned short *d, const gemm_opera
             __mmask16 live[2];
             for (int h = 0; h < 2; h++) {
                 int r = s + 16 * h, n = kc - r, p = k0 + r;
-                live[h] = n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+                live[h] = lanes16(n);
                 oy[h] = p % ohw / b->OW, ox[h] = p % ohw % b->OW;
                 row[h] = b->p + (size_t)(p / ohw) * b->C * plane;
             }
@@ -781,7 +786,7 @@ static BF16CVT void pack_b_im2col_t_amx_rows(unsigned short *d, const gemm_opera
                     // lanes l with 0 <= x + l < W (masked lanes are never read)
                     unsigned m = live[h];
                     if (x < 0) m &= ~((1u << -x) - 1u);
-                    if (b->W - x < 16) m &= b->W - x > 0 ? (1u << (b->W - x)) - 1u : 0u;
+                    if (b->W - x < 16) m &= (1u << (b->W - x)) - 1u;   // (x < W here)
                     v[h] = _mm512_maskz_loadu_ps((__mmask16)m,
                                                  row[h] + ch[c] * plane + (ptrdiff_t)y * b->W + x);
                 }
@@ -825,7 +830,7 @@ static BF16CVT void pack_b_pointwise_t_amx(unsigned short *d, const gemm_operand
             __mmask16 live[2];
             for (int h = 0; h < 2; h++) {
                 int r = s + 16 * h, n = kc - r, p = k0 + r;
-                live[h] = n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+                live[h] = lanes16(n);
                 src[h] = b->p + (size_t)(p / hw) * img + p % hw;
             }
             for (int c = 0; c < 16; c++) {
@@ -859,7 +864,7 @@ static BF16CVT void pack_b_dense_t_amx(unsigned short *d, const gemm_operand *b,
             __mmask16 live[2];
             for (int h = 0; h < 2; h++) {
                 int n = kc - s - 16 * h;
-                live[h] = n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+                live[h] = lanes16(n);
             }
             for (int c = 0; c < 16; c++) {
                 __m512 lo = _mm512_setzero_ps(), hi = lo;
@@ -1214,7 +1219,7 @@ static BF16CVT void pack_a_row_amx(unsigned short *row, const gemm_operand *a, i
         __m512 v[2];
         for (int h = 0; h < 2; h++) {
             const int n = kc - 32 * s - 16 * h;
-            const __mmask16 m = n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+            const __mmask16 m = lanes16(n);
             const float *src = base + img * a->fold_stride + off;
             v[h] = _mm512_setzero_ps();
             if (m) v[h] = f && f < 16 ? _mm512_mask_i32gather_ps(v[h], m, idx, src, 4)
