@@ -995,14 +995,8 @@ static AVX512 void tile_folded_avx512(const gemm_job *g, const gemm_output *c, i
 // and one fold (its rows ldc apart): so a tile that crosses from one image to the next at
 // column 16 (4x4 maps, fold 16) or from one row group to the next at row 16 is still written
 // by the tiles themselves. 0 if one does not.
+// (Tiles inside one fold and row group come by run_tile_amx's quicker way.)
 static int amx_quarters(const gemm_output *c, int i, int j, int mr, int nr, float **q) {
-    const int r = c->fold ? j % c->fold : 0;
-    if ((!c->fold || r + nr <= c->fold) &&
-        (!c->ngroups || out_group(c, i) == out_group(c, i + mr - 1))) {   // the usual tile
-        float *b = c_at(c, i, j);
-        q[0] = b, q[1] = b + 16, q[2] = b + 16 * c->ldc, q[3] = q[2] + 16;
-        return 1;
-    }
     for (int t = 0; t < 4; t++) {
         int rows = mr - 16 * (t / 2), cols = nr - 16 * (t % 2), ii = i + 16 * (t / 2), jj = j + 16 * (t % 2);
         if (rows <= 0 || cols <= 0) {   // not in the tile: never touched
@@ -1190,9 +1184,6 @@ static void gemm_block(const gemm_job *g, float *ws, int m0, int m1, int n0, int
 }
 
 // ---- bfloat16 on AMX ----
-// A rows i0..i0+mc-1, columns k0..k0+kc-1 -> 32-row panels of kcp / 32 steps of two 16 x 32
-// A tiles: d[((p*steps + s)*2 + h)*512 + r*32 + t] = bf16(A(i0 + 32p + 16h + r, k0 + 32s + t)),
-// zero for rows past the block and for k >= kc.
 // Row r of A, k0..k0+kc-1 with k contiguous (cs 1), as tile rows (step s at row + s*1024):
 // 16 k at a time, one load, or on folds of fewer than 16 columns a gather from 16/fold folds.
 // amx_a_rows_ok: no fold, or k0 and the fold such that no 16 k straddle two folds unevenly.
@@ -1246,6 +1237,9 @@ static BF16CVT void pack_a_cols_amx(unsigned short *d, const gemm_operand *a, in
     }
 }
 
+// A rows i0..i0+mc-1, columns k0..k0+kc-1 -> 32-row panels of kcp / 32 steps of two 16 x 32
+// A tiles: d[((p*steps + s)*2 + h)*512 + r*32 + t] = bf16(A(i0 + 32p + 16h + r, k0 + 32s + t)),
+// zero for rows past the block and for k >= kc.
 static void pack_a_amx(unsigned short *d, const gemm_operand *a, int M, int i0, int mc, int k0,
                        int kc, int kcp) {
     int steps = kcp / 32;
