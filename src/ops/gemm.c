@@ -602,6 +602,11 @@ static AVX512 void pack_b_im2col_t_small(float *dst, const gemm_operand *b, int 
 // into the tiles, with no float32 block in between. Tiles as in pack_b_dense_amx().
 #define BF16CVT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
+// Where the B tiles of column j's group of 16 start (layout: gemm.h, gemm_amx_pack_b_rows).
+static inline unsigned short *b_tiles_at(unsigned short *d, int j, int kcp) {
+    return d + (size_t)(j / 32) * kcp * 32 + (j % 32 / 16) * 512;
+}
+
 // Lanes 0..n-1 of 16 (none for n <= 0): the rows of a 16-row half tile step that exist.
 static inline __mmask16 lanes16(int n) {
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
@@ -694,7 +699,7 @@ static BF16CVT void pack_b_im2col_amx(unsigned short *d, const gemm_operand *b, 
                                       int kcp, int j0, int nc) {
     const int row = b->stride == 1 && b->OW % 16 == 0;
     for (int g = 0; g < (int)round_up((size_t)nc, 32); g += 16) {
-        unsigned short *dg = d + (size_t)(g / 32) * kcp * 32 + (g % 32 / 16) * 512;
+        unsigned short *dg = b_tiles_at(d, g, kcp);
         if (g >= nc) {
             for (int s = 0; s < kcp / 32; s++) memset(dg + (size_t)s * 1024, 0, 1024);
             continue;
@@ -719,7 +724,7 @@ static BF16CVT void pack_b_im2col_t_amx(unsigned short *d, const gemm_operand *b
         int nruns = pixel_runs(runs, RUNS_MAX, b, k0 + rb, want, 0, 0, &len);
         int padded = (len + 31) / 32 * 32;
         for (int jc = 0; jc < (int)round_up((size_t)nc, 32); jc += 16) {
-            unsigned short *dg = d + (size_t)(jc / 32) * kcp * 32 + (jc % 32 / 16) * 512;
+            unsigned short *dg = b_tiles_at(d, jc, kcp);
             for (int c = 0; c < 16; c++) {
                 float *line = lines + c * LINE_MAX;
                 if (jc + c >= nc) {  // past the last column: zeros
@@ -759,7 +764,7 @@ static BF16CVT void pack_b_im2col_t_amx_rows(unsigned short *d, const gemm_opera
     const size_t plane = (size_t)b->H * b->W;
     float pairs[16 * 16] __attribute__((aligned(64)));
     for (int jc = 0; jc < (int)round_up((size_t)nc, 32); jc += 16) {
-        unsigned short *dg = d + (size_t)(jc / 32) * kcp * 32 + (jc % 32 / 16) * 512;
+        unsigned short *dg = b_tiles_at(d, jc, kcp);
         int cols = nc - jc < 16 ? (nc - jc > 0 ? nc - jc : 0) : 16;
         int ch[16], dy[16], dx[16];
         for (int c = 0; c < cols; c++) {
@@ -823,7 +828,7 @@ static BF16CVT void pack_b_pointwise_t_amx(unsigned short *d, const gemm_operand
     }
     float pairs[16 * 16] __attribute__((aligned(64)));
     for (int jc = 0; jc < (int)round_up((size_t)nc, 32); jc += 16) {
-        unsigned short *dg = d + (size_t)(jc / 32) * kcp * 32 + (jc % 32 / 16) * 512;
+        unsigned short *dg = b_tiles_at(d, jc, kcp);
         const int cols = nc - jc < 16 ? (nc - jc > 0 ? nc - jc : 0) : 16;
         for (int s = 0; s < kcp; s += 32) {
             const float *src[2];   // channel 0 at the half's first pixel
@@ -857,7 +862,7 @@ static BF16CVT void pack_b_dense_t_amx(unsigned short *d, const gemm_operand *b,
                                        int kcp, int j0, int nc) {
     float pairs[16 * 16] __attribute__((aligned(64)));
     for (int jc = 0; jc < (int)round_up((size_t)nc, 32); jc += 16) {
-        unsigned short *dg = d + (size_t)(jc / 32) * kcp * 32 + (jc % 32 / 16) * 512;
+        unsigned short *dg = b_tiles_at(d, jc, kcp);
         const float *col[16];
         for (int c = 0; c < 16; c++) col[c] = jc + c < nc ? dense_at(b, k0, j0 + jc + c) : NULL;
         for (int s = 0; s < kcp; s += 32) {
@@ -994,8 +999,8 @@ static AVX512 void tile_folded_avx512(const gemm_job *g, const gemm_output *c, i
 // Where the 16 x 16 quarters of an AMX tile at C(i, j) start, if each lies in one row group
 // and one fold (its rows ldc apart): so a tile that crosses from one image to the next at
 // column 16 (4x4 maps, fold 16) or from one row group to the next at row 16 is still written
-// by the tiles themselves. 0 if one does not.
-// (Tiles inside one fold and row group come by run_tile_amx's quicker way.)
+// by the tiles themselves. 0 if one does not. (For tiles that do cross: run_tile_amx finds the
+// others' addresses more cheaply.)
 static int amx_quarters(const gemm_output *c, int i, int j, int mr, int nr, float **q) {
     for (int t = 0; t < 4; t++) {
         int rows = mr - 16 * (t / 2), cols = nr - 16 * (t % 2), ii = i + 16 * (t / 2), jj = j + 16 * (t % 2);
@@ -1014,9 +1019,10 @@ static int amx_quarters(const gemm_output *c, int i, int j, int mr, int nr, floa
 
 // One MR x NR tile of C at (i, j). A tile whose columns cross a fold (a batch boundary) is
 // computed in a contiguous scratch tile and copied in and out one contiguous run at a time.
-static __attribute__((noinline)) void run_tile_general(const gemm_job *g, int kc, const float *a,
-                                                       const float *b, int i, int j, int mr,
-                                                       int nr, const gemm_epilogue *e) {
+// (Not inlined into run_tile_amx: its scratch tiles' 7 KB stack frame would come with it.)
+static __attribute__((noinline)) void run_tile(const gemm_job *g, int kc, const float *a,
+                                               const float *b, int i, int j, int mr, int nr,
+                                               const gemm_epilogue *e) {
     gemm_output local;
     const gemm_output *c = rows_out(g->c, i, mr, &local, &i);
     if (!c) {   // rows of two groups: through a scratch tile, element by element
@@ -1065,17 +1071,6 @@ static __attribute__((noinline)) void run_tile_general(const gemm_job *g, int kc
                    (size_t)run_len[q] * sizeof(float));
 }
 
-// AMX tiles go straight to their quarters; the rest (and its scratch tiles' stack frame) is
-// run_tile_general's.
-static inline void run_tile(const gemm_job *g, int kc, const float *a, const float *b, int i,
-                            int j, int mr, int nr, const gemm_epilogue *e) {
-    float *q[4];
-    if (g->cfg->amx && amx_quarters(g->c, i, j, mr, nr, q))
-        gemm_kernel_amx_quads(kc, a, b, q, g->c->ldc, mr, nr, e);
-    else
-        run_tile_general(g, kc, a, b, i, j, mr, nr, e);
-}
-
 // Where column j of C lies (fold and offset in it), worked out once per block of columns for
 // all its AMX tiles (divisions by the fold cost as much as a small tile's epilogue), and whether
 // the tile's columns from j (at most 32 of n) stay in that fold.
@@ -1103,7 +1098,9 @@ static inline void run_tile_amx(const gemm_job *g, int kc, const float *a, const
         gemm_kernel_amx_quads(kc, a, b, q, c->ldc, mr, nr, e);
         return;
     }
-    run_tile(g, kc, a, b, i, j, mr, nr, e);
+    float *q[4];
+    if (amx_quarters(c, i, j, mr, nr, q)) gemm_kernel_amx_quads(kc, a, b, q, c->ldc, mr, nr, e);
+    else run_tile(g, kc, a, b, i, j, mr, nr, e);
 }
 
 // Up to 3 panels (rows i .. i+rows-1, panel p at a + p*pstride) against one narrow sliver:
@@ -1285,7 +1282,7 @@ static void pack_b_dense_amx(unsigned short *d, const gemm_operand *b, int k0, i
     for (int j = 0; j < nc;) {
         int n = dense_run(b, j0 + j, nc - j);
         if (n > 16 - j % 16) n = 16 - j % 16;
-        gemm_amx_pack_b_rows(d + (size_t)(j / 32) * kcp * 32 + (j % 32 / 16) * 512 + (j % 16) * 2,
+        gemm_amx_pack_b_rows(b_tiles_at(d, j, kcp) + (j % 16) * 2,
                              dense_at(b, k0, j0 + j), b->rs, kc, kcp, n);
         j += n;
     }
@@ -1363,7 +1360,7 @@ static void gemm_block_amx(const gemm_job *g, float *ws, int m0, int m1, int n0,
                 else {  // float32 slivers first (im2col, transposed B), then their tiles
                     pack_b(bp, g->b, pc, kc, jc, nc, cfg);
                     for (int jr = 0; jr < (int)round_up((size_t)nc, 32); jr += 16)  // 2 halves a sliver
-                        gemm_amx_pack_b_rows(bb + (size_t)(jr / 32) * kcp * 32 + (jr % 32 / 16) * 512,
+                        gemm_amx_pack_b_rows(b_tiles_at(bb, jr, kcp),
                                              bp + (size_t)(jr / 32) * 32 * kc + jr % 32, 32, kc,
                                              kcp, 16);
                 }
