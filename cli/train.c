@@ -137,7 +137,7 @@ static const char *const TRAIN_USAGE =
     "           --precise-bn N: after the last epoch, BN statistics averaged over N batches\n"
     "           --time-budget T (seconds, or 59m, 1h): when the warmup ends, the run becomes as\n"
     "           many epochs as fit in T from the start (--epochs is then the ceiling); cut\n"
-    "           shorter if later epochs slow down so that the rest would not fit\n"
+    "           or lengthened after each later epoch as the pace of the last two changes\n"
     "           --optimizer sgd|adam|adamw  --momentum M  --dampening D  --no-nesterov\n"
     "           --weight-decay WD  --decay-bn-bias  --beta1 B  --beta2 B  --eps E  --amsgrad\n"
     "           --schedule constant|step|cosine|poly  --warmup EPOCHS  --warmup-factor F\n"
@@ -363,7 +363,7 @@ int cmd_train(int argc, char **argv) {
     progress_view view = {.tty = isatty(STDERR_FILENO)};
     rc = 0;
     while (t.epoch < c->epochs && !(stop_after && t.epoch >= stop_after)) {
-        const int planned = c->epochs;   // the time budget's guard may lower it
+        const int planned = c->epochs;   // the time budget's guard may change it
         if (trainer_epoch(&t, progress_draw, &view)) {
             progress_clear(&view);
             rc = cli_fail();
@@ -378,10 +378,10 @@ int cmd_train(int argc, char **argv) {
         if (t.budget_decided == t.epoch)
             printf("time budget: %d epochs (epoch %d took %.1f s; %.0f s of the budget used)\n",
                    c->epochs, t.epoch, r->seconds, clock_now_s() - t.t_start);
-        else if (c->epochs < planned)
-            printf("time budget: cut to %d epochs from %d (epoch %d took %.1f s; %.0f s of the "
-                   "budget used)\n", c->epochs, planned, t.epoch, r->seconds,
-                   clock_now_s() - t.t_start);
+        else if (c->epochs != planned)
+            printf("time budget: %s to %d epochs from %d (epoch %d took %.1f s; %.0f s of the "
+                   "budget used)\n", c->epochs < planned ? "cut" : "lengthened", c->epochs, planned,
+                   t.epoch, r->seconds, clock_now_s() - t.t_start);
         fflush(stdout);
     }
     if (!rc) {

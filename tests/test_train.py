@@ -567,6 +567,45 @@ def test_time_budget_cuts_a_run_that_slows_down():
     assert "complete" in out
 
 
+def test_time_budget_lengthens_a_run_that_speeds_up():
+    """--time-budget: when, after the decision, the last two epochs were both quick enough that
+    more epochs fit (the host sped up), the run is lengthened, up to the --epochs ceiling, and the
+    new length recorded. Here epoch 1 is made slow for real (SIGSTOP for 6 s just after the
+    header): the decision then sees ~7 s epochs (~10 s under the sanitizers) and takes 4-6 of
+    the 45 s; epochs 2 and 3 take ~0.5 s (~4 s), so after epoch 3 the ceiling of 8 fits."""
+    tmp = tmpdir()
+    d = os.path.join(tmp, "run")
+    args = TINY + ["--precise-bn", 2, "--time-budget", 45, "--epochs", 8, "--run-dir", d]
+    p = subprocess.Popen([BIN, "train"] + [str(a) for a in args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:   # the header's last line is printed as epoch 1 begins
+            if line.startswith("sgd lr"):
+                break
+        time.sleep(0.05)
+        p.send_signal(signal.SIGSTOP)
+        time.sleep(6)
+        p.send_signal(signal.SIGCONT)
+        out, err = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    m = re.search(r"time budget: (\d+) epochs", out)
+    assert m and 4 <= int(m.group(1)) < 8, out   # room to lengthen after epoch 3
+    changes = re.findall(r"time budget: (cut|lengthened) to (\d+) epochs from (\d+)", out)
+    assert changes and changes[0][0] == "lengthened" and changes[0][2] == m.group(1), out
+    n = int(changes[-1][1])
+    assert int(m.group(1)) < n <= 8, out
+    assert f"epoch {n}/{n}" in out and f"epoch {n + 1}/" not in out, out
+    assert len(metrics(d)) == n
+    with open(os.path.join(d, "args.txt")) as f:
+        assert f"train.epochs = {n}\n" in f.read()
+    out, _ = train(["--resume", d])
+    assert "complete" in out
+
+
 def test_nan_stops_training():
     tmp = tmpdir()
     # epoch 1 is fine, epoch 2's lr (x 1e30) blows the weights up

@@ -535,8 +535,8 @@ int budget_epoch(const train_config *cfg) {
 
 // The epochs that fit what is left of `limit` (seconds since t_start) after epoch t->epoch, at
 // `per` seconds each, leaving time for precise BN (forward passes, ~1/3 of a training step each,
-// at epoch row r's pace): at least one more epoch, at most the configured ceiling.
-static int budget_length(const trainer *t, double limit, double per, const metrics_row *r) {
+// at epoch row r's pace): at least one more epoch, at most `ceiling`.
+static int budget_length(const trainer *t, double limit, double per, const metrics_row *r, int ceiling) {
     const train_config *c = &t->cfg;
     const double left = limit - (clock_now_s() - t->t_start);
     const double step_s = r->images_per_s > 0 ? c->batch_size / r->images_per_s : 0;
@@ -544,7 +544,7 @@ static int budget_length(const trainer *t, double limit, double per, const metri
     double fit = floor((left - tail) / per);
     long n = t->epoch + (fit > 0 ? (long)(fit < 1e6 ? fit : 1e6) : 0);
     if (n < t->epoch + 1) n = t->epoch + 1;
-    if (n > c->epochs) n = c->epochs;
+    if (n > ceiling) n = ceiling;
     return (int)n;
 }
 
@@ -559,22 +559,29 @@ static int budget_set_length(trainer *t, int n) {
 // this epoch's pace (train + test pass) plus 3 % and half a second for the checkpoints.
 static int budget_decide(trainer *t, const metrics_row *r) {
     train_config *c = &t->cfg;
-    const int n = budget_length(t, c->time_budget, r->seconds * 1.03 + 0.5, r);
+    t->budget_ceiling = c->epochs;
+    const int n = budget_length(t, c->time_budget, r->seconds * 1.03 + 0.5, r, c->epochs);
     t->budget_limit = c->time_budget;
     c->time_budget = 0;
     t->budget_decided = t->epoch;
     return budget_set_length(t, n);
 }
 
-// After the decision the host may slow down (epochs of the same run have differed by 50 %):
-// when the epochs left no longer fit at the pace of the last two, the run is cut to what fits,
-// never lengthened. The schedule follows the new length from then on (the learning rate steps
-// down onto its curve), as a resume with --epochs would.
+// After the decision the host's pace may change (epochs of the same run have differed by 50 %),
+// so the length is checked after every epoch: when the epochs left no longer fit at the pace of
+// the last two, the run is cut to what fits; when they leave room for more at the slower one's
+// pace, counted as the decision counts (+3 %), the run is lengthened, up to the ceiling. The two
+// paces differ, so a host that alternates between quick and slow epochs does not flip the length
+// back and forth. The schedule follows the new length from then on (the learning rate steps onto
+// its curve), as a resume with --epochs would.
 static int budget_guard(trainer *t) {
     const train_config *c = &t->cfg;
     const metrics_row *r = &t->rows[t->epoch - 1], *q = t->epoch >= 2 ? r - 1 : r;
-    const int n = budget_length(t, t->budget_limit, (r->seconds + q->seconds) / 2 + 0.5, r);
-    return n < c->epochs ? budget_set_length(t, n) : 0;
+    const int cut = budget_length(t, t->budget_limit, (r->seconds + q->seconds) / 2 + 0.5, r, c->epochs);
+    if (cut < c->epochs) return budget_set_length(t, cut);
+    const double slow = r->seconds > q->seconds ? r->seconds : q->seconds;
+    const int more = budget_length(t, t->budget_limit, slow * 1.03 + 0.5, r, t->budget_ceiling);
+    return more > c->epochs ? budget_set_length(t, more) : 0;
 }
 
 // Each epoch's random streams from (seed, epoch, stream) alone: resuming needs no RNG state.

@@ -136,6 +136,7 @@ typedef struct {
     int budget_decided;       // the epoch after which time_budget fixed `epochs` (0: none)
     double budget_limit;      // that budget, kept for budget_guard in this process (not in the
                               // checkpoints: a resumed run keeps its length)
+    int budget_ceiling;       // --epochs as given with the budget: the guard lengthens to no more
 } trainer;
 
 // A new run into run_dir (NULL: runs/<model>-<data>-<YYYYmmdd-HHMMSS>). Loads the data, builds
