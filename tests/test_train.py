@@ -503,6 +503,24 @@ def test_resume_is_bit_exact_bf16():
                            epoch1["fc.weight"])
 
 
+def test_bf16_test_pass_near_pytorch():
+    """--bf16: each epoch's test pass runs in the mode too (on AMX, the folded convolutions'
+    GEMMs on tiles, merged 1x1 groups included); its loss and top-1 in metrics.csv stay within
+    bfloat16's rounding of torchvision's float32 evaluation of the same checkpoint. The weights
+    are the short run's (~70 % top-1: logits that a wrong channel would change), trained one
+    more epoch at a negligible learning rate."""
+    d = os.path.join(tmpdir(), "bf16")
+    train(["googlenet", "--data", "fashion-mnist", "--no-aux", "--limit-train", 256, "--limit-test",
+           500, "--batch-size", 32, "--epochs", 1, "--lr", 1e-6, "--bf16", "--init-weights",
+           os.path.join(short_run()["dir"], "best.safetensors"), "--run-dir", d])
+    last = metrics(d)[-1]
+    loss, top1, _, _ = eval_torch(os.path.join(d, "last.safetensors"), 500)
+    print(f"test loss {last['test_loss']:.5f} (PyTorch float32 {loss:.5f}), "
+          f"top-1 {last['test_acc1']:.1f} % ({top1 / 5:.1f} %)")
+    assert abs(last["test_loss"] - loss) <= 0.01 * max(1, loss), (last, loss)
+    assert abs(last["test_acc1"] - top1 / 5) <= 1.0, (last, top1)
+
+
 def test_time_budget_fixes_the_length():
     """--time-budget: when the warmup epoch ends the run becomes the epochs that fit, exactly as
     if --epochs had said so from the start; --epochs is the ceiling, and at least one epoch
@@ -571,11 +589,12 @@ def test_time_budget_lengthens_a_run_that_speeds_up():
     """--time-budget: when, after the decision, the last two epochs were both quick enough that
     more epochs fit (the host sped up), the run is lengthened, up to the --epochs ceiling, and the
     new length recorded. Here epoch 1 is made slow for real (SIGSTOP for 6 s just after the
-    header): the decision then sees ~7 s epochs (~10 s under the sanitizers) and takes 4-6 of
-    the 45 s; epochs 2 and 3 take ~0.5 s (~4 s), so after epoch 3 the ceiling of 8 fits."""
+    header): the decision then sees a ~7 s epoch (~10 s under the sanitizers) and takes ~8 (~5)
+    epochs of the 60 s; epochs 2 and 3 take ~0.7 s (~4 s), so after epoch 3 the ceiling of 12
+    (11 or so) fits."""
     tmp = tmpdir()
     d = os.path.join(tmp, "run")
-    args = TINY + ["--precise-bn", 2, "--time-budget", 45, "--epochs", 8, "--run-dir", d]
+    args = TINY + ["--precise-bn", 2, "--time-budget", 60, "--epochs", 12, "--run-dir", d]
     p = subprocess.Popen([BIN, "train"] + [str(a) for a in args], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
@@ -593,11 +612,11 @@ def test_time_budget_lengthens_a_run_that_speeds_up():
             p.wait()
     assert p.returncode == 0, err
     m = re.search(r"time budget: (\d+) epochs", out)
-    assert m and 4 <= int(m.group(1)) < 8, out   # room to lengthen after epoch 3
+    assert m and 4 <= int(m.group(1)) < 12, out   # room to lengthen after epoch 3
     changes = re.findall(r"time budget: (cut|lengthened) to (\d+) epochs from (\d+)", out)
     assert changes and changes[0][0] == "lengthened" and changes[0][2] == m.group(1), out
     n = int(changes[-1][1])
-    assert int(m.group(1)) < n <= 8, out
+    assert int(m.group(1)) < n <= 12, out
     assert f"epoch {n}/{n}" in out and f"epoch {n + 1}/" not in out, out
     assert len(metrics(d)) == n
     with open(os.path.join(d, "args.txt")) as f:

@@ -48,6 +48,11 @@ static int fold_unpacked(const model *m, const model_node *n) {
     return (n->k == 3 && n->stride == 1) || conv2d_fast_dense(a->H, a->W, n->k);
 }
 
+// With bfloat16 products on AMX the GEMM packs A into tiles itself, and a float32 packing would
+// send it to the float32 kernels (~2x slower in the per-epoch test pass): the other convs'
+// folded weights stay plain too (a merged group's stacked).
+static int fold_plain(void) { return cpu_bf16() && cpu_amx(); }
+
 _Static_assert(MODEL_MAX_MERGE <= GEMM_MAX_GROUPS, "a merged group is one GEMM's row groups");
 
 // Merged 1x1 convs (model_node.merge_lead): node i is computed by an earlier conv's GEMM.
@@ -110,8 +115,9 @@ static int fold_rows(const model *m, int i) {
 
 // Floats of conv node n's folded weights (packed or not; a group's stacked ones if it leads).
 static size_t fold_weights_size(const model *m, const model_node *n, int C) {
-    return fold_unpacked(m, n) ? (size_t)n->C * C * n->k * n->k
-                               : conv2d_fast_pack_weights_size(C, fold_rows(m, (int)(n - m->nodes)), n->k);
+    const int K = fold_rows(m, (int)(n - m->nodes));
+    if (fold_unpacked(m, n) || fold_plain()) return (size_t)K * C * n->k * n->k;
+    return conv2d_fast_pack_weights_size(C, K, n->k);
 }
 
 // Writes conv i's weights times its BN's scale (K rows of C*k*k) and its bias.
@@ -134,7 +140,8 @@ static void fold_conv(const model *m, int i, float *dst, float *bias) {
 }
 
 static int fold_ready(model *m) {
-    if (m->folded && m->folded_isa == (int)cpu_isa()) return 0;
+    const int layout = (int)cpu_isa() | fold_plain() << 8;   // what the packing depends on
+    if (m->folded && m->folded_isa == layout) return 0;
     model_params_changed(m);
     size_t total = 0, tmp = 1;
     for (int i = 0; i < m->n_nodes; i++) {
@@ -162,16 +169,17 @@ static int fold_ready(model *m) {
             continue;
         }
         int ids[MODEL_MAX_MERGE], ng = merge_group(m, i, ids), K = 0;
+        float *rows = fold_plain() ? f + n->folded : wf;
         for (int g = 0; g < ng; g++) {   // a group's rows stacked in node order
             const model_node *o = &m->nodes[ids[g]];
-            fold_conv(m, ids[g], wf + (size_t)K * C * n->k * n->k, bias + K);
+            fold_conv(m, ids[g], rows + (size_t)K * C * n->k * n->k, bias + K);
             K += o->C;
         }
-        conv2d_fast_pack_weights(f + n->folded, wf, C, K, n->k);
+        if (!fold_plain()) conv2d_fast_pack_weights(f + n->folded, wf, C, K, n->k);
     }
     free(wf);
     m->folded = f;
-    m->folded_isa = (int)cpu_isa();
+    m->folded_isa = layout;
     return 0;
 }
 
@@ -447,7 +455,7 @@ int model_forward(model *m, const float *x, int flags) {
                 int ids[MODEL_MAX_MERGE], ng = merge_group(m, i, ids);
                 ptrdiff_t os;
                 float *o = fold_out(m, n->fold_to, &os);
-                if (fold_unpacked(m, n)) {
+                if (fold_unpacked(m, n) || (fold_plain() && ng == 1)) {
                     conv2d_fast_forward_into(o, os, in, pw, has_bias ? b : NULL, N, C, H, W, n->C,
                                              n->k, n->stride, n->pad, relu, m->ws);
                 } else if (ng > 1) {   // the group's GEMM
@@ -461,9 +469,9 @@ int model_forward(model *m, const float *x, int flags) {
                         any_bias |= mb->bias >= 0 || folded_bn(m, ids[g]) != NULL;
                     }
                     // (a member without bias or BN then gets + 0 from the stacked bias)
-                    if (conv2d_fast_forward_packed_split(outs, strides, Ks, ng, in, pw,
-                                                         any_bias ? b : NULL, N, C, H, W, relu,
-                                                         m->ws))
+                    if ((fold_plain() ? conv2d_fast_forward_split : conv2d_fast_forward_packed_split)(
+                            outs, strides, Ks, ng, in, pw, any_bias ? b : NULL, N, C, H, W, relu,
+                            m->ws))
                         return -1;
                 } else if (conv2d_fast_forward_packed_into(o, os, in, pw, has_bias ? b : NULL, N,
                                                          C, H, W, n->C, n->k, n->stride, n->pad,

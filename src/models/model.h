@@ -119,7 +119,8 @@ typedef struct {
     float *ws; size_t ws_floats; int ws_threads;  // fast-kernel workspace for batch N
     int fold;                                    // fold BN into convs at inference (default 1;
                                                  // INCEPT_FOLD=0 at build turns it off)
-    float *folded; int folded_isa;               // made at the first inference forward
+    float *folded; int folded_isa;               // made at the first inference forward, for
+                                                 // an ISA level (and plain for bf16 on AMX)
     // Per-node seconds, summed over passes, when the caller points these at n_nodes doubles
     // each (incept bench --layers); NULL: not timed.
     double *prof_fwd, *prof_bwd;

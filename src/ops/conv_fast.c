@@ -261,23 +261,45 @@ static gemm_output group_rows(float *const *ps, const int *Ks, int ng, ptrdiff_t
     return c;
 }
 
-int conv2d_fast_forward_packed_split(float *const *outs, const ptrdiff_t *out_strides,
-                                     const int *Ks, int n_outs, const float *in,
-                                     const float *packed, const float *b, int N, int C, int H,
-                                     int W, int relu, float *ws) {
-    if (n_outs < 1 || n_outs > GEMM_MAX_GROUPS)
-        return err_set("conv2d_fast_forward_packed_split: %d outputs (1 to %d)", n_outs,
-                       GEMM_MAX_GROUPS);
+// The stacked 1x1 convolutions' GEMM, A given as an operand (packed or plain).
+static void forward_split(float *const *outs, const ptrdiff_t *out_strides, const int *Ks,
+                          int n_outs, const float *in, const gemm_operand *a, const float *b,
+                          int N, int C, int H, int W, int relu, float *ws) {
     const int hw = H * W;
     gemm_output c = group_rows(outs, Ks, n_outs, hw, hw, hw);
     for (int g = 0; out_strides && g < n_outs; g++)
         if (out_strides[g]) c.gfs[g] = out_strides[g];
     const int K = c.row0[n_outs];
-    if (gemm_pack_a_check(packed, K, C) != 0) return -1;
-    if (N <= 0 || K <= 0 || hw <= 0) return 0;
-    gemm_operand a = {.kind = GEMM_PACKED, .p = packed};
+    if (N <= 0 || K <= 0 || hw <= 0) return;
     gemm_operand bm = batch_cols(in, C, hw);
-    gemm_ex(&c, &a, &bm, b, K, N * hw, C, (b ? GEMM_BIAS_ROW : 0) | (relu ? GEMM_RELU : 0), ws);
+    gemm_ex(&c, a, &bm, b, K, N * hw, C, (b ? GEMM_BIAS_ROW : 0) | (relu ? GEMM_RELU : 0), ws);
+}
+
+static int split_count_ok(int n_outs, const char *fn) {
+    if (n_outs >= 1 && n_outs <= GEMM_MAX_GROUPS) return 1;
+    err_set("%s: %d outputs (1 to %d)", fn, n_outs, GEMM_MAX_GROUPS);
+    return 0;
+}
+
+int conv2d_fast_forward_packed_split(float *const *outs, const ptrdiff_t *out_strides,
+                                     const int *Ks, int n_outs, const float *in,
+                                     const float *packed, const float *b, int N, int C, int H,
+                                     int W, int relu, float *ws) {
+    if (!split_count_ok(n_outs, "conv2d_fast_forward_packed_split")) return -1;
+    int K = 0;
+    for (int g = 0; g < n_outs; g++) K += Ks[g];
+    if (gemm_pack_a_check(packed, K, C) != 0) return -1;
+    gemm_operand a = {.kind = GEMM_PACKED, .p = packed};
+    forward_split(outs, out_strides, Ks, n_outs, in, &a, b, N, C, H, W, relu, ws);
+    return 0;
+}
+
+int conv2d_fast_forward_split(float *const *outs, const ptrdiff_t *out_strides, const int *Ks,
+                              int n_outs, const float *in, const float *w, const float *b, int N,
+                              int C, int H, int W, int relu, float *ws) {
+    if (!split_count_ok(n_outs, "conv2d_fast_forward_split")) return -1;
+    gemm_operand a = {.kind = GEMM_DENSE, .p = w, .rs = C, .cs = 1};
+    forward_split(outs, out_strides, Ks, n_outs, in, &a, b, N, C, H, W, relu, ws);
     return 0;
 }
 

@@ -58,6 +58,12 @@ int conv2d_fast_forward_packed_split(float *const *outs, const ptrdiff_t *out_st
                                      const int *Ks, int n_outs, const float *in,
                                      const float *packed, const float *b, int N, int C, int H,
                                      int W, int relu, float *ws);
+// The same with the stacked weights plain ([sum of Ks, C], rows in that order): for bfloat16 on
+// AMX, where the GEMM packs them into tiles itself (a float32 packing would send the product
+// to the float32 kernels). The bits of conv2d_fast_forward with the stacked weights.
+int conv2d_fast_forward_split(float *const *outs, const ptrdiff_t *out_strides, const int *Ks,
+                              int n_outs, const float *in, const float *w, const float *b, int N,
+                              int C, int H, int W, int relu, float *ws);
 
 // Training's counterpart: 1x1 stride-1 convolutions of one input in [N,C,H,W] with weights
 // w[g] [Ks[g],C] and biases b[g] (or NULL; b itself may be NULL), g < ng <= 4, as one GEMM on

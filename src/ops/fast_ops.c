@@ -760,6 +760,7 @@ typedef struct {
     const float *pool_dout;
     const int32_t *pool_arg;
     size_t pool_ohw;
+    int pool_W, pool_OH, pool_OW, pool_k, pool_s, pool_pad;
 } bn_job;
 
 static int bn_group(int HW) { return HW <= BN_BLOCK ? BN_BLOCK / HW : 1; }
@@ -848,6 +849,14 @@ static void bn_pool_grad(float *g, const bn_job *j, int n, int c0, int nc, size_
     const int whole = j->HW <= BN_BLOCK;   // else one plane's positions [i0, i0 + L)
     const uint32_t i0 = whole ? 0 : (uint32_t)(off - (size_t)c0 * HW);
     const uint32_t lim = whole ? (uint32_t)HW : (uint32_t)L;
+    // A segment's rows [y0, y1) are in the windows of output rows [oh0, oh1) only.
+    size_t o0 = 0, o1 = ohw;
+    if (!whole) {
+        const int y0 = (int)i0 / j->pool_W, y1 = ((int)i0 + L - 1) / j->pool_W + 1;
+        const int lo = y0 + j->pool_pad - j->pool_k + 1, hi = (y1 - 1 + j->pool_pad) / j->pool_s + 1;
+        o0 = lo <= 0 ? 0 : (size_t)((lo + j->pool_s - 1) / j->pool_s) * j->pool_OW;
+        o1 = (size_t)(hi < j->pool_OH ? hi : j->pool_OH) * j->pool_OW;
+    }
     memset(g, 0, (size_t)L * sizeof *g);
     for (int k = 0; k < (whole ? nc : 1); k++) {
         const size_t p = (size_t)n * j->C + c0 + k;
@@ -855,7 +864,7 @@ static void bn_pool_grad(float *g, const bn_job *j, int n, int c0, int nc, size_
         const int32_t *ap = j->pool_arg + p * ohw;
         float *d = g + (size_t)k * HW;
         // The unsigned compare skips -1 (an all-padding window) and positions elsewhere.
-        for (size_t o = 0; o < ohw; o++) {
+        for (size_t o = o0; o < o1; o++) {
             const uint32_t r = (uint32_t)ap[o] - i0;
             if (r < lim) d[r] += gp[o];
         }
@@ -1358,13 +1367,14 @@ void batchnorm2d_relu_maxpool_fast_backward_train(
     int ceil_mode, int flags) {
     const int HW = H * W;
     if ((!din && !dgamma && !dbeta) || bn_empty(N, C, HW)) return;
-    const size_t ohw = (size_t)pool_out_size(H, k, stride, pad, ceil_mode) *
-                       (size_t)pool_out_size(W, k, stride, pad, ceil_mode);
+    const int OH = pool_out_size(H, k, stride, pad, ceil_mode);
+    const int OW = pool_out_size(W, k, stride, pad, ceil_mode);
     bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .in = in,
                 .gamma = gamma, .mean_in = save_mean, .invstd_in = save_invstd,
                 .affine_in = save_affine, .N = N, .C = C, .HW = HW, .relu = 1,
                 .overwrite = (flags & BN_DIN_OVERWRITE) != 0, .pool_dout = pool_dout,
-                .pool_arg = argmax, .pool_ohw = ohw};
+                .pool_arg = argmax, .pool_ohw = (size_t)OH * OW, .pool_W = W, .pool_OH = OH,
+                .pool_OW = OW, .pool_k = k, .pool_s = stride, .pool_pad = pad};
     cpu_parallel(bn_bwd_train_task, &j, bn_threads(N, C, HW));
 }
 

@@ -570,17 +570,17 @@ static int budget_decide(trainer *t, const metrics_row *r) {
 // After the decision the host's pace may change (epochs of the same run have differed by 50 %),
 // so the length is checked after every epoch: when the epochs left no longer fit at the pace of
 // the last two, the run is cut to what fits; when they leave room for more at the slower one's
-// pace, counted as the decision counts (+3 %), the run is lengthened, up to the ceiling. The two
-// paces differ, so a host that alternates between quick and slow epochs does not flip the length
-// back and forth. The schedule follows the new length from then on (the learning rate steps onto
-// its curve), as a resume with --epochs would.
+// pace plus 10 %, the run is lengthened, up to the ceiling. (Neighbouring epochs on a shared
+// host differ by ~10 %: with less slack, the next slow epoch would cut the added one again.)
+// The schedule follows the new length from then on (the learning rate steps onto its curve),
+// as a resume with --epochs would.
 static int budget_guard(trainer *t) {
     const train_config *c = &t->cfg;
     const metrics_row *r = &t->rows[t->epoch - 1], *q = t->epoch >= 2 ? r - 1 : r;
     const int cut = budget_length(t, t->budget_limit, (r->seconds + q->seconds) / 2 + 0.5, r, c->epochs);
     if (cut < c->epochs) return budget_set_length(t, cut);
     const double slow = r->seconds > q->seconds ? r->seconds : q->seconds;
-    const int more = budget_length(t, t->budget_limit, slow * 1.03 + 0.5, r, t->budget_ceiling);
+    const int more = budget_length(t, t->budget_limit, slow * 1.10 + 0.5, r, t->budget_ceiling);
     return more > c->epochs ? budget_set_length(t, more) : 0;
 }
 
