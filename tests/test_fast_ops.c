@@ -118,7 +118,7 @@ static double rel_err(const float *got, const float *ref, size_t n) {
 }
 
 // Results of one op: up to 12 float arrays compared as a group.
-enum { MAX_OUTS = 16 };
+enum { MAX_OUTS = 12 };
 typedef struct {
     const char *name[MAX_OUTS];
     float *v[MAX_OUTS];
@@ -128,10 +128,6 @@ typedef struct {
 } outputs;
 
 static void outputs_add(outputs *o, const char *name, float *v, size_t n, int exact) {
-    if (o->count == MAX_OUTS) {
-        fprintf(stderr, "test_fast_ops: more than %d outputs (%s): raise MAX_OUTS\n", MAX_OUTS, name);
-        abort();
-    }
     o->name[o->count] = name;
     o->v[o->count] = v;
     o->n[o->count] = n;
@@ -573,15 +569,13 @@ static void test_maxpool(rng *r) {
            count, n_configs);
 }
 
-// ---- batch norm + ReLU + max pool (training forward and backward) ----
-// The fused passes against the ones they replace (each tested against the reference above),
-// bit for bit: pooled output, argmax, saved and running statistics; then, from a gradient of
-// the pooled output, the gradients of BN's input (overwritten, and added to), gamma and beta.
+// ---- batch norm + ReLU + max pool (training forward) ----
+// The fused pass against the two it replaces (each tested against the reference above), bit
+// for bit: pooled output, argmax, saved and running statistics.
 
 typedef struct {
     int N, C, H, W, k, s, pad, ceil;
     float *x, *gamma, *beta, *rm0, *rv0;
-    float *gout, *din0, *dg0, *db0;
 } bp_case;
 
 static void bp_run(outputs *o, const bp_case *c, int fused) {
@@ -602,28 +596,6 @@ static void bp_run(outputs *o, const bp_case *c, int fused) {
                                        c->N, C, HW, 1e-3f, 0.1f, 1);
         maxpool2d_fast_forward(out, arg, y, c->N, C, c->H, c->W, c->k, c->s, c->pad, c->ceil);
         free(y);
-    }
-    for (int ow = 0; ow < 2; ow++) {
-        float *din = ow ? buf_new(ni) : buf_copy(c->din0, ni);
-        if (ow) for (size_t i = 0; i < ni; i++) din[i] = NAN;   // never read
-        float *dg = buf_copy(c->dg0, C), *db = buf_copy(c->db0, C);
-        const int flags = ow ? BN_DIN_OVERWRITE : 0;
-        if (fused) {
-            batchnorm2d_relu_maxpool_fast_backward_train(din, dg, db, c->gout, arg, c->x, c->gamma,
-                                                         mean, invstd, aff, c->N, C, c->H, c->W,
-                                                         c->k, c->s, c->pad, c->ceil, flags);
-        } else {
-            float *dy = buf_new(ni);
-            for (size_t i = 0; i < ni; i++) dy[i] = NAN;
-            maxpool2d_fast_backward(dy, c->gout, arg, c->N, C, c->H, c->W, c->k, c->s, c->pad,
-                                    c->ceil, 1);
-            batchnorm2d_fast_backward_train(din, dg, db, dy, 0, c->x, c->gamma, mean, invstd, aff,
-                                            c->N, C, HW, BN_FUSED_RELU | flags);
-            free(dy);
-        }
-        outputs_add(o, ow ? "din (overwritten)" : "din (added to)", din, ni, 1);
-        outputs_add(o, ow ? "dgamma (2)" : "dgamma", dg, C, 1);
-        outputs_add(o, ow ? "dbeta (2)" : "dbeta", db, C, 1);
     }
     for (size_t i = 0; i < no; i++) argf[i] = (float)arg[i];
     free(arg);
@@ -654,13 +626,9 @@ static void test_bn_relu_maxpool(rng *r) {
             const size_t ni = (size_t)h[0] * h[1] * h[2] * h[3];
             // Multiples of 1/4 (ties in the windows survive the affine map); with `nan`, one NaN,
             // which poisons its channel as in PyTorch.
-            const size_t no = (size_t)h[0] * h[1] * pool_out_size(h[2], h[4], h[5], h[6], h[7]) *
-                              pool_out_size(h[3], h[4], h[5], h[6], h[7]);
             bp_case c = {h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7], buf_uniform(ni, r, -2, 2),
                          buf_uniform(h[1], r, -1.5, 1.5), buf_uniform(h[1], r, -1, 1),
-                         buf_uniform(h[1], r, -1, 1), buf_uniform(h[1], r, 0.2, 2),
-                         buf_uniform(no, r, -1, 1), buf_uniform(ni, r, -1, 1),
-                         buf_uniform(h[1], r, -1, 1), buf_uniform(h[1], r, -1, 1)};
+                         buf_uniform(h[1], r, -1, 1), buf_uniform(h[1], r, 0.2, 2)};
             for (size_t q = 0; q < ni; q++) c.x[q] = roundf(c.x[q] * 4.0f) / 4.0f;
             if (nan) c.x[rng_below(r, (uint32_t)ni)] = NAN;
             c.gamma[0] = 0.0f, c.beta[0] = -0.0f;   // a channel of exact zeros of both signs
@@ -673,10 +641,9 @@ static void test_bn_relu_maxpool(rng *r) {
             ok &= check_all_configs(bp_run_fused, &c, &ref, what);
             outputs_free(&ref);
             free(c.x), free(c.gamma), free(c.beta), free(c.rm0), free(c.rv0);
-            free(c.gout), free(c.din0), free(c.dg0), free(c.db0);
         }
-    result(ok, "batchnorm2d_relu_maxpool_fast_forward/backward_train bit-identical to batch norm "
-               "(+relu) then max pool, and back: 16 cases x %d configs", n_configs);
+    result(ok, "batchnorm2d_relu_maxpool_fast_forward_train bit-identical to batch norm (+relu) "
+               "then max pool: 16 cases x %d configs", n_configs);
 }
 
 // ---- adaptive average pool ----

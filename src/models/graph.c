@@ -215,8 +215,7 @@ static float *fused_at(model *m, int i, int grad, ptrdiff_t *stride) {
 }
 
 // Training with the fast kernels: BN i computes its ReLU and the max pool after that (node
-// i + 2), forward and backward; the pool and the ReLU then do nothing, and the ReLU's output
-// and gradient are never stored.
+// i + 2), whose forward then does nothing.
 static int bn_pools(const model *m, int i, int training) {
     return training && !m->reference && m->nodes[i].fused_pool;
 }
@@ -232,7 +231,7 @@ static void node_uses_raw(const model *m, int i, int flags, node_uses *u) {
     const model_node *n = &m->nodes[i];
     const int ref = m->reference;
     memset(u, 0, sizeof *u);
-    u->fwd_out = u->bwd_dout = u->fwd_argmax = u->bwd_argmax = -1;
+    u->fwd_out = u->bwd_dout = u->fwd_argmax = -1;
     u->runs = runs(n, flags & MODEL_TRAIN);
     if (!u->runs) return;
     if (folding(m, flags)) {   // the conv computes its chain, the rest of which does nothing
@@ -262,11 +261,9 @@ static void node_uses_raw(const model *m, int i, int flags, node_uses *u) {
     }
     int ids[MODEL_MAX_MERGE], ng = !ref && n->op == OP_CONV ? merge_group(m, i, ids) : 1;
     for (int k = 1; k < ng; k++) u->fwd_extra[u->n_fwd_extra++] = ids[k];
-    if (!(flags & MODEL_GRAD) || n->op == OP_INPUT || fused_relu || pooled_by_bn(m, n, training))
-        return;
+    if (!(flags & MODEL_GRAD) || n->op == OP_INPUT || fused_relu) return;
     u->argmax = n->op == OP_MAXPOOL && !ref;
-    u->bwd_dout = bn_pools(m, i, training) ? i + 2 : fused_bn ? fused_slot(m, i) : i;
-    if (bn_pools(m, i, training)) u->bwd_argmax = i + 2;
+    u->bwd_dout = fused_bn ? fused_slot(m, i) : i;
     for (int k = 1; k < ng; k++) u->bwd_dout_extra[u->n_bwd_dout_extra++] = ids[k];
     for (int j = 0; j < n->n_in; j++)   // the network input needs no gradient
         if (m->nodes[n->in[j]].op != OP_INPUT) u->bwd_din[u->n_bwd_din++] = n->in[j];
@@ -625,13 +622,7 @@ static void backward_node(model *m, int i, int training) {
         const float *d = relu ? fused_at(m, i, 1, &ds) : dout;
         if (training) {
             const float *mean = m->save + n->save, *invstd = mean + n->C, *affine = invstd + n->C;
-            if (bn_pools(m, i, training)) {   // the gradient comes from the pool after its ReLU
-                const model_node *p = &m->nodes[i + 2];
-                batchnorm2d_relu_maxpool_fast_backward_train(
-                    din, G(n->weight), G(n->bias), DOUT(i + 2), (const int32_t *)OUT_ARGMAX(p), in,
-                    g, mean, invstd, affine, N, C, H, W, p->k, p->stride, p->pad, p->ceil_mode,
-                    overwrite ? BN_DIN_OVERWRITE : 0);
-            } else if (ref)
+            if (ref)
                 batchnorm2d_backward_train(din, G(n->weight), G(n->bias), d, in, g, mean,
                                            invstd, N, C, H * W);
             else
@@ -676,7 +667,6 @@ static void backward_node(model *m, int i, int training) {
             else if (!a->fused_relu) relu_fast_backward(din, dout, out, cnt);
             break;
         case OP_MAXPOOL:
-            if (pooled_by_bn(m, n, training)) break;   // its input's BN did it
             if (ref)
                 maxpool2d_backward(din, dout, in, N, C, H, W, n->k, n->stride, n->pad, n->ceil_mode);
             else

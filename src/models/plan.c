@@ -74,7 +74,6 @@ int model_plan(model *m, int flags) {
         for (int j = 0; j < u.n_fwd_in; j++) touch(&nd[u.fwd_in[j]].act, f);
         if (u.argmax) { touch(&nd[i].argmax, f); touch(&nd[i].argmax, b); }
         if (u.fwd_argmax >= 0) touch(&nd[u.fwd_argmax].argmax, f);
-        if (u.bwd_argmax >= 0) touch(&nd[u.bwd_argmax].argmax, b);
         for (int j = 0; j < u.n_bwd_act; j++) touch(&nd[u.bwd_act[j]].act, b);
         if (u.bwd_dout >= 0) touch(&nd[u.bwd_dout].dact, b);
         for (int j = 0; j < u.n_bwd_dout_extra; j++) touch(&nd[u.bwd_dout_extra[j]].dact, b);

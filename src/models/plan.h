@@ -16,8 +16,6 @@ typedef struct {
     int argmax;                             // its forward writes an argmax that backward reads
     int fwd_argmax;                         // node whose argmax its forward writes (a BN that
                                             // computes the max pool after it), or -1
-    int bwd_argmax;                         // node whose argmax its backward reads (that BN,
-                                            // which also does the pool's backward), or -1
     int bwd_act[2], n_bwd_act;              // nodes whose output its backward reads
     int bwd_dout;                           // node whose gradient its backward reads, or -1
     int bwd_dout_extra[MODEL_MAX_MERGE], n_bwd_dout_extra;  // further ones (merged convs)

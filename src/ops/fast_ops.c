@@ -755,12 +755,6 @@ typedef struct {
     int overwrite;   // backward (train): din = gradient, not din += gradient
     float eps, momentum;
     cpu_claims claims;  // training passes: pieces of channels (bn_piece), claimed in turn
-    // Backward (train) behind a max pool: dout is not stored but built, a segment at a time,
-    // from the pool's output gradient and argmax (pool_ohw floats a plane); see bn_pool_grad.
-    const float *pool_dout;
-    const int32_t *pool_arg;
-    size_t pool_ohw;
-    int pool_W, pool_OH, pool_OW, pool_k, pool_s, pool_pad;
 } bn_job;
 
 static int bn_group(int HW) { return HW <= BN_BLOCK ? BN_BLOCK / HW : 1; }
@@ -840,37 +834,6 @@ static void bn_group_affine(const bn_job *j, int c, int nc, const float *a, cons
     }
 }
 
-// The gradient reaching the ReLU behind a max pool (j->pool_dout), for image n, piece [c0,
-// c0+nc), the segment at `off` of length L (bn_segment): the pool's backward as
-// maxpool2d_fast_backward does it (zero, then each output's gradient added at its argmax, in
-// output order), restricted to the segment, so the same bits.
-static void bn_pool_grad(float *g, const bn_job *j, int n, int c0, int nc, size_t off, int L) {
-    const size_t HW = (size_t)j->HW, ohw = j->pool_ohw;
-    const int whole = j->HW <= BN_BLOCK;   // else one plane's positions [i0, i0 + L)
-    const uint32_t i0 = whole ? 0 : (uint32_t)(off - (size_t)c0 * HW);
-    const uint32_t lim = whole ? (uint32_t)HW : (uint32_t)L;
-    // A segment's rows [y0, y1) are in the windows of output rows [oh0, oh1) only.
-    size_t o0 = 0, o1 = ohw;
-    if (!whole) {
-        const int y0 = (int)i0 / j->pool_W, y1 = ((int)i0 + L - 1) / j->pool_W + 1;
-        const int lo = y0 + j->pool_pad - j->pool_k + 1, hi = (y1 - 1 + j->pool_pad) / j->pool_s + 1;
-        o0 = lo <= 0 ? 0 : (size_t)((lo + j->pool_s - 1) / j->pool_s) * j->pool_OW;
-        o1 = (size_t)(hi < j->pool_OH ? hi : j->pool_OH) * j->pool_OW;
-    }
-    memset(g, 0, (size_t)L * sizeof *g);
-    for (int k = 0; k < (whole ? nc : 1); k++) {
-        const size_t p = (size_t)n * j->C + c0 + k;
-        const float *gp = j->pool_dout + p * ohw;
-        const int32_t *ap = j->pool_arg + p * ohw;
-        float *d = g + (size_t)k * HW;
-        // The unsigned compare skips -1 (an all-padding window) and positions elsewhere.
-        for (size_t o = o0; o < o1; o++) {
-            const uint32_t r = (uint32_t)ap[o] - i0;
-            if (r < lim) d[r] += gp[o];
-        }
-    }
-}
-
 // sum(dy) and sum(dy * (x - mean)) of channels [c, c+nc), dy masked by the ReLU if fused
 // (whose input the forward computed as x * ra + rb; per channel of the group).
 static void bn_group_bwd_sums(double *sdy, double *sdyxm, const bn_job *j, int c, int nc,
@@ -885,19 +848,8 @@ static void bn_group_bwd_sums(double *sdy, double *sdyxm, const bn_job *j, int c
         float mq[BN_BLOCK], raq[BN_BLOCK], rbq[BN_BLOCK];
         bn_expand_f(mq, mean, j, L);
         if (j->relu) { bn_expand_f(raq, ra, j, L); bn_expand_f(rbq, rb, j, L); }
-        if (j->pool_dout) {
-            // four images at a time, or one in the tail: the kernel's own grouping over N
-            float g[4][BN_BLOCK];
-            for (int n = 0, cnt; n < j->N; n += cnt) {
-                cnt = j->N - n >= 4 ? 4 : 1;
-                for (int u = 0; u < cnt; u++) bn_pool_grad(g[u], j, n + u, c, nc, off, L);
-                j->K->bnb_bwd_sums(a1, a2, g[0], j->in + off + (size_t)n * stride, cnt, stride,
-                                   BN_BLOCK, L, mq, raq, rbq, j->relu);
-            }
-        } else {
-            j->K->bnb_bwd_sums(a1, a2, j->dout + off, j->in + off, j->N, stride, j->ostride, L,
-                               mq, raq, rbq, j->relu);
-        }
+        j->K->bnb_bwd_sums(a1, a2, j->dout + off, j->in + off, j->N, stride, j->ostride, L, mq,
+                           raq, rbq, j->relu);
         bn_add_totals(sdy, a1, j, L);
         bn_add_totals(sdyxm, a2, j, L);
     }
@@ -908,7 +860,6 @@ static void bn_group_bwd_apply(const bn_job *j, int c, int nc, const float *gmea
                                const float *proj, const float *mean, const float *a,
                                const float *ra, const float *rb) {
     const size_t stride = (size_t)j->C * j->HW;
-    const int flags = j->relu | j->overwrite << 1;
     for (int s = 0; s < bn_segments(j->HW); s++) {
         size_t off;
         int L;
@@ -919,18 +870,8 @@ static void bn_group_bwd_apply(const bn_job *j, int c, int nc, const float *gmea
         bn_expand_f(mq, mean, j, L);
         bn_expand_f(aq, a, j, L);
         if (j->relu) { bn_expand_f(raq, ra, j, L); bn_expand_f(rbq, rb, j, L); }
-        if (j->pool_dout) {
-            float g[BN_BLOCK];
-            for (int n = 0; n < j->N; n++) {
-                const size_t at = off + (size_t)n * stride;
-                bn_pool_grad(g, j, n, c, nc, off, L);
-                j->K->bnb_bwd_apply(j->din + at, g, j->in + at, 1, stride, BN_BLOCK, L, gq, pq,
-                                    mq, aq, raq, rbq, flags);
-            }
-        } else {
-            j->K->bnb_bwd_apply(j->din + off, j->dout + off, j->in + off, j->N, stride,
-                                j->ostride, L, gq, pq, mq, aq, raq, rbq, flags);
-        }
+        j->K->bnb_bwd_apply(j->din + off, j->dout + off, j->in + off, j->N, stride, j->ostride, L,
+                            gq, pq, mq, aq, raq, rbq, j->relu | j->overwrite << 1);
     }
 }
 
@@ -1358,24 +1299,6 @@ void batchnorm2d_relu_maxpool_fast_forward_train(
                              .momentum = momentum},
                       .mk = &mk, .pool_out = pool_out, .arg = argmax};
     cpu_parallel(bn_pool_fwd_task, &bp, bn_threads(N, C, HW));
-}
-
-void batchnorm2d_relu_maxpool_fast_backward_train(
-    float *din, float *dgamma, float *dbeta, const float *pool_dout, const int32_t *argmax,
-    const float *in, const float *gamma, const float *save_mean, const float *save_invstd,
-    const float *save_affine, int N, int C, int H, int W, int k, int stride, int pad,
-    int ceil_mode, int flags) {
-    const int HW = H * W;
-    if ((!din && !dgamma && !dbeta) || bn_empty(N, C, HW)) return;
-    const int OH = pool_out_size(H, k, stride, pad, ceil_mode);
-    const int OW = pool_out_size(W, k, stride, pad, ceil_mode);
-    bn_job j = {.K = kernels(), .din = din, .dgamma = dgamma, .dbeta = dbeta, .in = in,
-                .gamma = gamma, .mean_in = save_mean, .invstd_in = save_invstd,
-                .affine_in = save_affine, .N = N, .C = C, .HW = HW, .relu = 1,
-                .overwrite = (flags & BN_DIN_OVERWRITE) != 0, .pool_dout = pool_dout,
-                .pool_arg = argmax, .pool_ohw = (size_t)OH * OW, .pool_W = W, .pool_OH = OH,
-                .pool_OW = OW, .pool_k = k, .pool_s = stride, .pool_pad = pad};
-    cpu_parallel(bn_bwd_train_task, &j, bn_threads(N, C, HW));
 }
 
 static void maxpool_bwd_task(void *ctx, int t, int nt) {

@@ -56,21 +56,14 @@ void batchnorm2d_fast_backward_eval(float *din, float *dgamma, float *dbeta, con
 // pass over each plane: as batchnorm2d_fast_forward_train with relu = 1 then
 // maxpool2d_fast_forward on its output, bit for bit (pool_out, argmax, saved and running
 // statistics), but the ReLU's output is never stored. Planes of at most BN_POOL_MAX_HW.
+// Backward: maxpool2d_fast_backward into the ReLU's gradient, then
+// batchnorm2d_fast_backward_train with BN_FUSED_RELU, as after the separate passes.
 enum { BN_POOL_MAX_HW = 4096 };
 void batchnorm2d_relu_maxpool_fast_forward_train(
     float *pool_out, int32_t *argmax, float *save_mean, float *save_invstd, float *save_affine,
     float *running_mean, float *running_var, const float *in, const float *gamma,
     const float *beta, int N, int C, int H, int W, float eps, float momentum, int k, int stride,
     int pad, int ceil_mode);
-// Its backward from the pool's output gradient and argmax: as maxpool2d_fast_backward
-// (overwriting) into the ReLU's gradient, then batchnorm2d_fast_backward_train with
-// BN_FUSED_RELU and these flags (BN_DIN_OVERWRITE), bit for bit, but the ReLU's gradient is
-// built a segment at a time and never stored.
-void batchnorm2d_relu_maxpool_fast_backward_train(
-    float *din, float *dgamma, float *dbeta, const float *pool_dout, const int32_t *argmax,
-    const float *in, const float *gamma, const float *save_mean, const float *save_invstd,
-    const float *save_affine, int N, int C, int H, int W, int k, int stride, int pad,
-    int ceil_mode, int flags);
 
 // ---- relu (as relu_forward / relu_backward) ----
 void relu_fast_forward(float *out, const float *in, size_t n);
