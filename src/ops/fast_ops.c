@@ -1148,40 +1148,8 @@ typedef struct {
     const float *in;
     size_t planes;
     int H, W, OH, OW, k, s, pad;
-    const mp_table *table;  // NULL: the row kernel
     int overwrite;          // max pool backward: out = the gradient (else +=)
 } pool_job;
-
-static void maxpool_fwd_task(void *ctx, int t, int nt) {
-    const pool_job *j = ctx;
-    size_t p0, p1;
-    cpu_part_range(j->planes, t, nt, &p0, &p1);
-    if (j->table) {
-        // Whole blocks per thread: block boundaries do not change results, only speed.
-        const size_t B = (size_t)j->table->B, nblk = (j->planes + B - 1) / B;
-        cpu_part_range(nblk, t, nt, &p0, &p1);
-        p0 *= B;
-        p1 = p1 * B < j->planes ? p1 * B : j->planes;
-        if (p0 < p1) j->K->maxpool_table(j->out, j->arg, j->in, p0, p1, j->table);
-        return;
-    }
-    j->K->maxpool(j->out, j->arg, j->in, p0, p1, j->H, j->W, j->OH, j->OW, j->k, j->s, j->pad);
-}
-
-typedef struct {
-    float *out;
-    int32_t *arg;
-    const float *in;
-    size_t planes;
-    const mpv_plan *P;
-} mpv_job;
-
-static void maxpool_direct_task(void *ctx, int t, int nt) {
-    const mpv_job *v = ctx;
-    size_t p0, p1;
-    cpu_part_range(v->planes, t, nt, &p0, &p1);
-    if (p0 < p1) maxpool_direct_avx512(v->out, v->arg, v->in, p0, p1, v->P);
-}
 
 // The kernel max pool uses for one geometry, with its tables (built in place: never copied).
 typedef struct {
@@ -1220,23 +1188,34 @@ static void mp_kernel_run(const mp_kernel *mk, float *out, int32_t *arg, const f
     else mk->K->maxpool(out, arg, in, p0, p1, mk->H, mk->W, mk->OH, mk->OW, mk->k, mk->s, mk->pad);
 }
 
+typedef struct {
+    const mp_kernel *mk;
+    float *out;
+    int32_t *arg;
+    const float *in;
+    size_t planes;
+} mp_job;
+
+static void maxpool_fwd_task(void *ctx, int t, int nt) {
+    const mp_job *j = ctx;
+    // The table kernel takes whole blocks of planes: block boundaries do not change results,
+    // only speed.
+    const size_t B = j->mk->table ? (size_t)j->mk->T.B : 1, nblk = (j->planes + B - 1) / B;
+    size_t p0, p1;
+    cpu_part_range(nblk, t, nt, &p0, &p1);
+    p0 *= B;
+    p1 = p1 * B < j->planes ? p1 * B : j->planes;
+    if (p0 < p1) mp_kernel_run(j->mk, j->out, j->arg, j->in, p0, p1);
+}
+
 void maxpool2d_fast_forward(float *out, int32_t *argmax, const float *in, int N, int C, int H,
                             int W, int k, int stride, int pad, int ceil_mode) {
-    pool_job j = {.K = kernels(), .out = out, .arg = argmax, .in = in,
-                  .planes = (size_t)N * C, .H = H, .W = W,
-                  .OH = pool_out_size(H, k, stride, pad, ceil_mode),
-                  .OW = pool_out_size(W, k, stride, pad, ceil_mode), .k = k, .s = stride,
-                  .pad = pad};
-    int nt = threads_for(j.planes * H * W);
+    const int OH = pool_out_size(H, k, stride, pad, ceil_mode);
+    const int OW = pool_out_size(W, k, stride, pad, ceil_mode);
     mp_kernel mk;
-    mp_kernel_init(&mk, H, W, j.OH, j.OW, k, stride, pad);
-    if (mk.direct) {
-        mpv_job v = {out, argmax, in, j.planes, &mk.P};
-        cpu_parallel(maxpool_direct_task, &v, nt);
-        return;
-    }
-    if (mk.table) j.table = &mk.T;
-    cpu_parallel(maxpool_fwd_task, &j, nt);
+    mp_kernel_init(&mk, H, W, OH, OW, k, stride, pad);
+    mp_job j = {&mk, out, argmax, in, (size_t)N * C};
+    cpu_parallel(maxpool_fwd_task, &j, threads_for(j.planes * H * W));
 }
 
 // ---- batch norm + ReLU + max pool (training forward) ----
