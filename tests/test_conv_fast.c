@@ -187,6 +187,15 @@ static const cshape fixed[] = {
     // loaded or gathered straight into tiles): two K blocks, a tail, 2-pixel and 8-pixel planes
     {40, 7, 4, 4, 9, 1, 1, 0},   {70, 13, 2, 2, 11, 1, 1, 0},  {33, 5, 1, 2, 6, 1, 1, 0},
     {9, 6, 2, 4, 5, 1, 1, 0},
+    // "same" convolutions on planes of 16 to 64 pixels (bf16 on AMX: the weight gradient's 16
+    // pixels are whole rows, one masked load per tap): 8x8 and 4x4 as in 3a-4e, a tail half,
+    // three K blocks, 5x5, 2- and 4-pixel rows
+    {18, 7, 8, 8, 9, 3, 1, 1},   {40, 6, 4, 4, 10, 3, 1, 1},  {3, 5, 4, 4, 7, 3, 1, 1},
+    {5, 3, 8, 8, 4, 5, 1, 2},    {6, 3, 8, 2, 5, 3, 1, 1},    {3, 4, 8, 4, 6, 3, 1, 1},
+    // stride 2, output rows of 16 and 32 (bf16 on AMX: even floats of two loads per tap):
+    // a grayscale conv1 at 64x64, padded or not, odd heights
+    {2, 1, 64, 64, 8, 7, 2, 3},  {3, 3, 32, 33, 5, 3, 2, 1},  {1, 2, 34, 64, 4, 5, 2, 2},
+    {2, 2, 33, 33, 3, 3, 2, 0},
     // big enough (>= 4M multiply-adds) to be split over threads
     {7, 24, 20, 20, 40, 3, 1, 1}, {2, 300, 9, 9, 200, 1, 1, 0},
     // few input channels (conv_smallc.h's weight gradient): a grayscale conv1 over three

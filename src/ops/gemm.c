@@ -67,8 +67,8 @@ static const gemm_config configs[3] = {
 // bfloat16 mode with AMX (cpu_amx()). A and dense B go straight into tiles; im2col B is packed
 // in float32 as for AVX-512, then converted. KC 512 measured best (256: more epilogues, 1024:
 // panels past L1) on the 64x64 GoogLeNet training step.
-enum { AMX_NC = 512 };
-static const gemm_config amx_config = {32, 32, 512, 512, AMX_NC, gemm_kernel_amx, NULL, copy_avx512,
+enum { AMX_KC = 512, AMX_NC = 512 };
+static const gemm_config amx_config = {32, 32, AMX_KC, 512, AMX_NC, gemm_kernel_amx, NULL, copy_avx512,
                                        gemm_transpose16_avx512, im2col_rows_avx512,
                                        im2col_line_avx512, dense_rows_avx512, 1};
 
@@ -596,10 +596,11 @@ static AVX512 void pack_b_im2col_t_small(float *dst, const gemm_operand *b, int 
 }
 
 // ---- im2col straight into AMX B tiles ----
-// Where every 16 columns of a GEMM_IM2COL block are one output row of a stride-1 convolution
-// (OW a multiple of 16: one masked load per row of B) or pixels of a small image (the tap
-// tables above: permutes or gathers), rows of B are made in registers and converted pairwise
-// into the tiles, with no float32 block in between. Tiles as in pack_b_dense_amx().
+// Where every 16 pixels (columns of a GEMM_IM2COL block, rows of a GEMM_IM2COL_T one) lie at 16
+// consecutive floats of each input plane, shifted by the tap (rows16_ok), or are pixels of a
+// small image (the tap tables above: permutes or gathers), the 16 values of one tap are made in
+// registers and converted pairwise into the tiles, with no float32 block in between. Tiles as
+// in pack_b_dense_amx().
 #define BF16CVT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // Where the B tiles of column j's group of 16 start (layout: gemm.h, gemm_amx_pack_b_rows).
@@ -612,10 +613,62 @@ static inline __mmask16 lanes16(int n) {
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
 }
 
+// Stride 1, and the 16 pixels from p (a multiple of 16) lie at 16 consecutive floats of every
+// input plane, tap by tap: output rows of a multiple of 16 pixels (conv3 at 16x16), or whole
+// output rows as wide as the input of planes of a multiple of 16 pixels ("same" convolutions
+// on 8x8 and 4x4 maps: 3a-4e, and their input gradients).
+static int rows16_ok(const gemm_operand *b, int p) {
+    if (b->stride != 1 || p % 16) return 0;
+    if (b->OW % 16 == 0) return 1;
+    return 16 % b->OW == 0 && b->OW == b->W && b->OH * b->OW % 16 == 0;
+}
+
+// Lane l of 16 rows16_ok pixels is l / OW output rows and l % OW columns past the first
+// (0 and l on rows of 16 pixels or more), and l floats past it in every input plane.
+typedef struct {
+    __m512i y, x;
+} lane_grid;
+
+static BF16CVT lane_grid rows16_grid(const gemm_operand *b) {
+    int ly[16], lx[16];
+    for (int l = 0; l < 16; l++) ly[l] = l / b->OW, lx[l] = l % b->OW;
+    return (lane_grid){_mm512_loadu_si512(ly), _mm512_loadu_si512(lx)};
+}
+
+// For the 16 pixels from p: each lane's output row (*ys) and column (*xs), and the offset of
+// lane 0 in its image's planes (returned; the image is p / (OH * OW)).
+static inline BF16CVT ptrdiff_t rows16_at(const gemm_operand *b, lane_grid g, int p,
+                                          __m512i *ys, __m512i *xs) {
+    const int ohw = b->OH * b->OW, oy = p % ohw / b->OW, ox = p % ohw % b->OW;
+    *ys = _mm512_add_epi32(g.y, _mm512_set1_epi32(oy));
+    *xs = _mm512_add_epi32(g.x, _mm512_set1_epi32(ox));
+    return (ptrdiff_t)oy * b->W + ox;
+}
+
+// The lanes of `live` whose input pixel at tap offset (dy, dx) from the output pixel is inside
+// the H x W plane.
+static inline BF16CVT __mmask16 rows16_inside(const gemm_operand *b, __mmask16 live, __m512i ys,
+                                              __m512i xs, int dy, int dx) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i y = _mm512_add_epi32(ys, _mm512_set1_epi32(dy));
+    __m512i x = _mm512_add_epi32(xs, _mm512_set1_epi32(dx));
+    __mmask16 m = _mm512_mask_cmpge_epi32_mask(live, y, zero);
+    m = _mm512_mask_cmplt_epi32_mask(m, y, _mm512_set1_epi32(b->H));
+    m = _mm512_mask_cmpge_epi32_mask(m, x, zero);
+    return _mm512_mask_cmplt_epi32_mask(m, x, _mm512_set1_epi32(b->W));
+}
+
+// Stride 2 with output rows of a multiple of 16 pixels (conv1, 7x7/2, at 64x64 and larger).
+enum { ROW2_TAPS_MAX = 49 };
+static int rows16_s2_ok(const gemm_operand *b, int p) {
+    return b->stride == 2 && b->OW % 16 == 0 && p % 16 == 0 && b->k * b->k <= ROW2_TAPS_MAX;
+}
+
 static int im2col_amx_ok(const gemm_operand *b, int j0, int nc) {
-    if (b->kind != GEMM_IM2COL || b->k * b->k > SMALL_TAPS_MAX) return 0;
-    if (b->stride == 1 && b->OW % 16 == 0 && j0 % 16 == 0) return 1;
-    return im2col_small_ok(b, j0, nc);
+    if (b->kind != GEMM_IM2COL) return 0;
+    if (rows16_s2_ok(b, j0)) return 1;
+    if (b->k * b->k > SMALL_TAPS_MAX) return 0;
+    return rows16_ok(b, j0) || im2col_small_ok(b, j0, nc);
 }
 
 // Rows (q, q+1) of 16 columns, bf16 pairs side by side, at pair-row k of a tile column group.
@@ -627,22 +680,20 @@ static inline BF16CVT void tile_pair(unsigned short *d, int k, __m512 x, __m512 
     _mm512_storeu_si512(d + (size_t)(k / 32) * 1024 + (k % 32 / 2) * 32, v);
 }
 
-// Rows k0.. of pixels p..p+n-1, one output row (stride 1): row (c, dy, dx) is input row
-// oy + dy - pad of channel c from x = ox + dx - pad, lanes outside [0, W) masked off.
-static BF16CVT void im2col_amx_row(unsigned short *d, const gemm_operand *b, int k0, int kc,
-                                   int kcp, int p, int n) {
-    int kk = b->k * b->k, ohw = b->OH * b->OW, img = p / ohw;
-    int oy = p % ohw / b->OW, ox = p % ohw % b->OW;
+// Rows k0.. of pixels p..p+n-1 (rows16_ok): row (c, dy, dx) is one masked load from channel
+// c's plane at tap offset (dy - pad, dx - pad) from the pixels, lanes outside the plane off.
+static BF16CVT void im2col_amx_row(unsigned short *d, const gemm_operand *b, lane_grid g,
+                                   int k0, int kc, int kcp, int p, int n) {
+    int kk = b->k * b->k, img = p / (b->OH * b->OW);
     size_t plane = (size_t)b->H * b->W;
-    __mmask16 ok[SMALL_TAPS_MAX], lanes = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    __mmask16 ok[SMALL_TAPS_MAX];
     ptrdiff_t off[SMALL_TAPS_MAX];
+    __m512i ys, xs;
+    ptrdiff_t at = rows16_at(b, g, p, &ys, &xs);
     for (int t = 0; t < kk; t++) {
-        int y = oy + t / b->k - b->pad, x = ox + t % b->k - b->pad;
-        unsigned m = 0;
-        if (y >= 0 && y < b->H)
-            for (int l = 0; l < 16; l++) m |= (unsigned)(x + l >= 0 && x + l < b->W) << l;
-        ok[t] = (__mmask16)m & lanes;
-        off[t] = (ptrdiff_t)y * b->W + x;   // may point before the plane: masked lanes only
+        int dy = t / b->k - b->pad, dx = t % b->k - b->pad;
+        ok[t] = rows16_inside(b, lanes16(n), ys, xs, dy, dx);
+        off[t] = at + (ptrdiff_t)dy * b->W + dx;   // may point before the plane: masked lanes only
     }
     uintptr_t base = (uintptr_t)(b->p + ((size_t)img * b->C + (size_t)(k0 / kk)) * plane);
     int t = k0 % kk;
@@ -693,11 +744,48 @@ static BF16CVT void im2col_amx_small(unsigned short *d, const gemm_operand *b, i
     }
 }
 
+// The same for rows16_s2_ok pixels: row (c, dy, dx) of lane l is input column
+// 2 (ox + l) + dx - pad, the even floats of two masked loads of 16, picked by one permute.
+static BF16CVT void im2col_amx_row_s2(unsigned short *d, const gemm_operand *b, int k0, int kc,
+                                      int kcp, int p, int n) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    int kk = b->k * b->k, ohw = b->OH * b->OW, img = p / ohw;
+    int oy = p % ohw / b->OW, ox = p % ohw % b->OW;
+    size_t plane = (size_t)b->H * b->W;
+    __mmask16 lo[ROW2_TAPS_MAX], hi[ROW2_TAPS_MAX], keep = lanes16(n);
+    ptrdiff_t off[ROW2_TAPS_MAX];
+    for (int t = 0; t < kk; t++) {
+        int y = 2 * oy + t / b->k - b->pad, x = 2 * ox + t % b->k - b->pad;
+        // floats i of the 32 from x with 0 <= x + i < W (none on a padding row)
+        int i0 = x < 0 ? -x : 0, i1 = y >= 0 && y < b->H ? b->W - x : 0;
+        if (i0 > 32) i0 = 32;
+        if (i1 > 32) i1 = 32;
+        uint32_t m = i1 > i0 ? (uint32_t)((((uint64_t)1 << i1) - 1) & ~(((uint64_t)1 << i0) - 1)) : 0;
+        lo[t] = (__mmask16)m, hi[t] = (__mmask16)(m >> 16);
+        off[t] = (ptrdiff_t)y * b->W + x;   // may point outside the plane: masked lanes only
+    }
+    uintptr_t base = (uintptr_t)(b->p + ((size_t)img * b->C + (size_t)(k0 / kk)) * plane);
+    int t = k0 % kk;
+    __m512 v[2];
+    for (int k = 0; k < kcp; k += 2) {
+        for (int h = 0; h < 2; h++) {
+            v[h] = _mm512_setzero_ps();
+            if (k + h >= kc) continue;
+            const float *src = (const float *)(base + (uintptr_t)(off[t] * 4));
+            v[h] = _mm512_maskz_permutex2var_ps(keep, _mm512_maskz_loadu_ps(lo[t], src), even,
+                                                _mm512_maskz_loadu_ps(hi[t], src + 16));
+            if (++t == kk) t = 0, base += plane * sizeof(float);
+        }
+        tile_pair(d, k, v[0], v[1]);
+    }
+}
+
 // B rows k0..k0+kc-1, columns j0..j0+nc-1 of GEMM_IM2COL (im2col_amx_ok) into B tiles; the
 // columns past nc in the last sliver are zero.
 static BF16CVT void pack_b_im2col_amx(unsigned short *d, const gemm_operand *b, int k0, int kc,
                                       int kcp, int j0, int nc) {
-    const int row = b->stride == 1 && b->OW % 16 == 0;
+    const int row = rows16_ok(b, j0), row_s2 = rows16_s2_ok(b, j0);
+    const lane_grid grid = row ? rows16_grid(b) : (lane_grid){0};
     for (int g = 0; g < (int)round_up((size_t)nc, 32); g += 16) {
         unsigned short *dg = b_tiles_at(d, g, kcp);
         if (g >= nc) {
@@ -705,7 +793,8 @@ static BF16CVT void pack_b_im2col_amx(unsigned short *d, const gemm_operand *b, 
             continue;
         }
         int n = nc - g < 16 ? nc - g : 16;
-        if (row) im2col_amx_row(dg, b, k0, kc, kcp, j0 + g, n);
+        if (row_s2) im2col_amx_row_s2(dg, b, k0, kc, kcp, j0 + g, n);
+        else if (row) im2col_amx_row(dg, b, grid, k0, kc, kcp, j0 + g, n);
         else im2col_amx_small(dg, b, k0, kc, kcp, j0 + g, n);
     }
 }
@@ -748,20 +837,31 @@ static BF16CVT void pack_b_im2col_t_amx(unsigned short *d, const gemm_operand *b
     }
 }
 
-// GEMM_IM2COL_T of a stride-1 convolution with output rows of a multiple of 16 pixels
-// (conv3's weight gradient at 16x16), from pixel k0 a multiple of 16: every 16 pixels of B's
-// rows are one output row's, so column (c, dy, dx) of them is one masked load from input row
-// oy + dy - pad; two such loads convert to the 16 bf16 pairs of one tile column, and a 16 x 16
+// GEMM_IM2COL_T of rows16_ok pixels from k0 (conv3's weight gradient at 16x16, the 3x3 ones
+// on 8x8 and 4x4 maps): column (c, dy, dx) of 16 pixels is one masked load from channel c's
+// plane; two such loads convert to the 16 bf16 pairs of one tile column, and a 16 x 16
 // transpose of 16 columns' pairs makes their tile. No float32 line in between.
 static int im2col_t_amx_rows_ok(const gemm_operand *b, int k0) {
-    return b->kind == GEMM_IM2COL_T && b->stride == 1 && b->OW % 16 == 0 && k0 % 16 == 0 &&
-           b->k > 1;   // pointwise: pack_b_im2col_t_amx's whole-plane runs are quicker
+    return b->kind == GEMM_IM2COL_T && rows16_ok(b, k0) &&
+           b->k > 1;   // pointwise: pack_b_pointwise_t_amx or pack_b_im2col_t_amx's runs
 }
 
 static BF16CVT void pack_b_im2col_t_amx_rows(unsigned short *d, const gemm_operand *b, int k0,
                                              int kc, int kcp, int j0, int nc) {
     const int kk = b->k * b->k, ohw = b->OH * b->OW;
     const size_t plane = (size_t)b->H * b->W;
+    // the 16-pixel halves of the tile steps, the same for every group of 16 columns
+    const float *px[AMX_KC / 16];      // channel 0 of the half's image, at its first pixel
+    __m512i ys[AMX_KC / 16], xs[AMX_KC / 16];   // each lane's output row and column
+    __mmask16 live[AMX_KC / 16];
+    const lane_grid grid = rows16_grid(b);
+    for (int h = 0; h < kcp / 16; h++) {
+        int p = k0 + 16 * h;
+        live[h] = lanes16(kc - 16 * h);
+        px[h] = NULL;
+        if (live[h])
+            px[h] = b->p + (size_t)(p / ohw) * b->C * plane + rows16_at(b, grid, p, &ys[h], &xs[h]);
+    }
     float pairs[16 * 16] __attribute__((aligned(64)));
     for (int jc = 0; jc < (int)round_up((size_t)nc, 32); jc += 16) {
         unsigned short *dg = b_tiles_at(d, jc, kcp);
@@ -772,28 +872,16 @@ static BF16CVT void pack_b_im2col_t_amx_rows(unsigned short *d, const gemm_opera
             ch[c] = q / kk, dy[c] = q % kk / b->k - b->pad, dx[c] = q % b->k - b->pad;
         }
         for (int s = 0; s < kcp; s += 32) {
-            const float *row[2];   // channel 0 of the half's image, at its output row's start
-            int oy[2], ox[2];
-            __mmask16 live[2];
-            for (int h = 0; h < 2; h++) {
-                int r = s + 16 * h, n = kc - r, p = k0 + r;
-                live[h] = lanes16(n);
-                oy[h] = p % ohw / b->OW, ox[h] = p % ohw % b->OW;
-                row[h] = b->p + (size_t)(p / ohw) * b->C * plane;
-            }
             for (int c = 0; c < 16; c++) {
                 __m512 v[2];
-                for (int h = 0; h < 2; h++) {
-                    v[h] = _mm512_setzero_ps();
-                    int y = oy[h] + dy[c], x = ox[h] + dx[c];
-                    if (c >= cols || !live[h] || y < 0 || y >= b->H || x <= -16 || x >= b->W)
-                        continue;
-                    // lanes l with 0 <= x + l < W (masked lanes are never read)
-                    unsigned m = live[h];
-                    if (x < 0) m &= ~((1u << -x) - 1u);
-                    if (b->W - x < 16) m &= (1u << (b->W - x)) - 1u;   // (x < W here)
-                    v[h] = _mm512_maskz_loadu_ps((__mmask16)m,
-                                                 row[h] + ch[c] * plane + (ptrdiff_t)y * b->W + x);
+                for (int i = 0; i < 2; i++) {
+                    const int h = s / 16 + i;
+                    v[i] = _mm512_setzero_ps();
+                    if (c >= cols || !live[h]) continue;
+                    __mmask16 m = rows16_inside(b, live[h], ys[h], xs[h], dy[c], dx[c]);
+                    if (m)   // (masked lanes are never read)
+                        v[i] = _mm512_maskz_loadu_ps(
+                            m, px[h] + ch[c] * plane + (ptrdiff_t)dy[c] * b->W + dx[c]);
                 }
                 _mm512_store_si512(pairs + c * 16, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
             }
