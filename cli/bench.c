@@ -137,7 +137,7 @@ int cmd_bench(int argc, char **argv) {
         printf("%s %s batch %d input %dx%dx%d, %d thread%s, %s kernels%s\n", cfg.name,
                train ? "training step" : "inference", batch, cfg.in_channels, cfg.H, cfg.W,
                cpu_threads(), cpu_threads() > 1 ? "s" : "", m.reference ? "reference" : cpu_isa_name(cpu_isa()),
-               !cpu_bf16() ? "" : cpu_amx() ? ", bfloat16 products on AMX" : ", bfloat16 products (float32 kernels)");
+               cli_bf16_note());
         printf("median %.2f ms per batch (min %.2f, max %.2f over %d runs), %.1f img/s\n",
                med * 1e3, times[2] * 1e3, times[iters + 1] * 1e3, iters, batch / med);
         printf("%.1f GFLOP/s = %.0f %% of the measured FMA peak (%.0f GFLOP/s), peak RSS %.1f MiB\n",

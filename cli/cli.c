@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "ops/cpu.h"
 #include "util/err.h"
 
 const char *const CLI_MODEL_OPTIONS =
@@ -23,6 +24,10 @@ int cli_usage(const char *fmt, ...) {
 int cli_fail(void) {
     fprintf(stderr, "incept: %s\n", err_msg());
     return 1;
+}
+
+const char *cli_bf16_note(void) {
+    return !cpu_bf16() ? "" : cpu_amx() ? ", bfloat16 products on AMX" : ", bfloat16 products (float32 kernels)";
 }
 
 int cli_int(const char *flag, const char *s, long lo, long hi, int *out) {

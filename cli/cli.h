@@ -17,6 +17,9 @@ int cli_model_name(model_config *cfg, int argc, char **argv);
 // when --in-channels was given.
 int cli_model_option(model_config *cfg, int argc, char **argv, int *i, int *set_in_channels);
 extern const char *const CLI_MODEL_OPTIONS;   // usage text of the options above
+// How products run after --bf16, for report lines: "", ", bfloat16 products on AMX" or
+// ", bfloat16 products (float32 kernels)".
+const char *cli_bf16_note(void);
 
 // The verbs implemented outside incept.c.
 int cmd_train(int argc, char **argv);

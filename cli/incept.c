@@ -19,8 +19,9 @@ static const char *USAGE =
     "  train MODEL --data SOURCE [options]      train, evaluating every epoch (train --help)\n"
     "  train --resume RUN_DIR [--epochs N]      continue a run exactly where it stopped\n"
     "  eval MODEL --weights W --data SOURCE [--output CSV] [--batch-size N] [--limit-test N]\n"
-    "                                          [--tta]  (--tta: also score each image's mirror)\n"
-    "  predict MODEL --weights W [--labels FILE] [--top K] IMAGE...\n";
+    "                                          [--tta] [--bf16]  (--tta: also score each image's mirror)\n"
+    "  predict MODEL --weights W [--labels FILE] [--top K] [--bf16] IMAGE...\n"
+    "                                          (--bf16: bfloat16 products, as train --bf16)\n";
 
 static void usage(FILE *f) { fprintf(f, "%s%s", USAGE, CLI_MODEL_OPTIONS); }
 

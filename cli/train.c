@@ -408,6 +408,7 @@ typedef struct {
     model_config cfg;
     const char *weights, *data, *output, *labels;
     int batch, limit, image_size, folder_size, top, in_set, n_model_opts, tta;
+    int bf16;   // --bf16: as in training (cpu_bf16_set before the model is built)
     const char *model_opt;
     const char **images; int n_images;
 } infer_opts;
@@ -432,6 +433,7 @@ static int infer_parse(int argc, char **argv, infer_opts *o, int predict) {
         if (rc) return rc;
         if (predict && a[0] != '-') { o->images[o->n_images++] = a; continue; }
         if (!predict && !strcmp(a, "--tta")) { o->tta = 1; continue; }
+        if (!strcmp(a, "--bf16")) { o->bf16 = 1; continue; }
         if (!v) return cli_usage("unknown option '%s' for '%s', or it needs a value", a, argv[1]);
         if (!strcmp(a, "--weights")) o->weights = v;
         else if (!strcmp(a, "--threads")) rc = threads_set(a, v);
@@ -530,6 +532,7 @@ int cmd_eval(int argc, char **argv) {
         rc = 1;
         goto done;
     }
+    cpu_bf16_set(o.bf16);   // (inference folds and packs the weights for the mode it is in)
     if (model_ready(&m, &o.cfg, o.weights)) { rc = cli_fail(); goto done; }
     progress_view view = {.tty = isatty(STDERR_FILENO)};
     if (evaluate(&m, &te, &pre, o.batch, o.tta, &r, progress_draw, &view)) {
@@ -546,8 +549,8 @@ int cmd_eval(int argc, char **argv) {
         snprintf(num[k], sizeof num[k], "%d", k);
         names[k] = k < te.n_classes ? te.class_names[k] : num[k];
     }
-    printf("%s on %s test split (%d images%s), weights %s\n", m.cfg.name, o.data, r.n,
-           o.tta ? ", each scored with its mirror image" : "", o.weights);
+    printf("%s on %s test split (%d images%s%s), weights %s\n", m.cfg.name, o.data, r.n,
+           o.tta ? ", each scored with its mirror image" : "", cli_bf16_note(), o.weights);
     printf("loss %.4f  top-1 %.2f%% (%lld/%d)  top-%d %.2f%% (%lld/%d)\n\n", r.loss,
            100.0 * r.correct1 / r.n, r.correct1, r.n, r.K < 5 ? r.K : 5, 100.0 * r.correct5 / r.n,
            r.correct5, r.n);
@@ -627,6 +630,7 @@ int cmd_predict(int argc, char **argv) {
     // Every image is decoded before anything is printed: a bad one stops the run with no output.
     for (int i = 0; i < n; i++)
         if (image_load(x + (size_t)i * per, o.images[i], resize, &pre)) { rc = cli_fail(); goto done; }
+    cpu_bf16_set(o.bf16);
     if (model_ready(&m, &o.cfg, o.weights) || model_prepare(&m, Nb)) { rc = cli_fail(); goto done; }
     const int top = o.top < K ? o.top : K;
     float *xb = malloc(Nb * per * sizeof *xb);

@@ -506,7 +506,8 @@ def test_resume_is_bit_exact_bf16():
 def test_bf16_test_pass_near_pytorch():
     """--bf16: each epoch's test pass runs in the mode too (on AMX, the folded convolutions'
     GEMMs on tiles, merged 1x1 groups included); its loss and top-1 in metrics.csv stay within
-    bfloat16's rounding of torchvision's float32 evaluation of the same checkpoint. The weights
+    bfloat16's rounding of torchvision's float32 evaluation of the same checkpoint, and so does
+    `incept eval --bf16`'s. The weights
     are the short run's (~70 % top-1: logits that a wrong channel would change), trained one
     more epoch at a negligible learning rate."""
     d = os.path.join(tmpdir(), "bf16")
@@ -519,6 +520,18 @@ def test_bf16_test_pass_near_pytorch():
           f"top-1 {last['test_acc1']:.1f} % ({top1 / 5:.1f} %)")
     assert abs(last["test_loss"] - loss) <= 0.01 * max(1, loss), (last, loss)
     assert abs(last["test_acc1"] - top1 / 5) <= 1.0, (last, top1)
+    # `incept eval --bf16` runs the same mode: as near, and not the float32 evaluation
+    w = os.path.join(d, "last.safetensors")
+    ev = ["eval", "googlenet", "--weights", w, "--data", "fashion-mnist", "--limit-test", 500]
+    out, _ = run(ev + ["--bf16"])
+    plain, _ = run(ev)
+    pat = r"loss ([\d.]+)  top-1 [\d.]+% \((\d+)/500\)"
+    m, p = re.search(pat, out), re.search(pat, plain)
+    assert m and p and "bfloat16 products" in out and "bfloat16" not in plain, (out, plain)
+    print(f"eval --bf16: loss {m.group(1)}, top-1 {m.group(2)}/500; float32 {p.group(1)}, {p.group(2)}/500")
+    assert abs(float(m.group(1)) - loss) <= 0.01 * max(1, loss), (m.group(1), loss)
+    assert abs(int(m.group(2)) - top1) <= 5, (m.group(2), top1)
+    assert m.group(1) != p.group(1), (m.group(1), p.group(1))
 
 
 def test_time_budget_fixes_the_length():
