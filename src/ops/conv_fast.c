@@ -368,7 +368,7 @@ static void flip_weights(float *wt, const float *w, int K, int C, int kk) {
 }
 
 // ---- 1x1 convolutions of one input as one GEMM (training) ----
-// Workspace: the stacked weights (their transpose for din), the stacked biases, the stacked
+// Workspace: the stacked weights (read transposed for din), the stacked biases, the stacked
 // output gradient [N, Ktot, H*W], then the GEMM's packing space.
 
 size_t conv2d_fast_1x1_group_workspace_size(int N, int C, int H, int W, int Ktot) {
