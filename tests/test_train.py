@@ -265,6 +265,14 @@ def test_predict_matches_pytorch():
             k = int(m.group(3))
             assert k == ref.indices[j].item() or abs(ref.values[j].item() - probs[i, k].item()) < 1e-5
             assert abs(float(m.group(1)) - probs[i, k].item()) < 2e-5 and m.group(2) == names[k]
+    # --bf16: the same format, probabilities within bfloat16's rounding of PyTorch's
+    out16, _ = run(["predict", "googlenet", "--weights", w, "--bf16"] + paths)
+    lines16 = out16.strip().split("\n")
+    assert len(lines16) == 18 and out16 != out, out16
+    for i in range(3):
+        for line in lines16[6 * i + 1:6 * i + 6]:
+            m = re.fullmatch(r"  ([\d.]+)  (.+) \((\d+)\)", line)
+            assert m and abs(float(m.group(1)) - probs[i, int(m.group(3))].item()) < 2e-2, line
 
 
 # ---------------------------------------------------------------- one step against torch.optim
