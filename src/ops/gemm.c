@@ -680,12 +680,37 @@ static inline BF16CVT void tile_pair(unsigned short *d, int k, __m512 x, __m512 
     _mm512_storeu_si512(d + (size_t)(k / 32) * 1024 + (k % 32 / 2) * 32, v);
 }
 
+// Rows k0..k0+kc-1 of 16 pixels of image img from their taps' load masks and offsets (from a
+// channel's plane), walking (channel, tap) down the rows: tap t is one masked load (lo[t]),
+// or with hi the even floats of two (lo[t], hi[t]: stride 2), lanes of `keep` kept.
+static inline __attribute__((always_inline)) BF16CVT void im2col_amx_taps(
+    unsigned short *d, const gemm_operand *b, int img, int k0, int kc, int kcp,
+    const __mmask16 *lo, const __mmask16 *hi, const ptrdiff_t *off, __mmask16 keep) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const int kk = b->k * b->k;
+    const size_t plane = (size_t)b->H * b->W;
+    uintptr_t base = (uintptr_t)(b->p + ((size_t)img * b->C + (size_t)(k0 / kk)) * plane);
+    int t = k0 % kk;
+    __m512 v[2];
+    for (int k = 0; k < kcp; k += 2) {
+        for (int h = 0; h < 2; h++) {
+            v[h] = _mm512_setzero_ps();
+            if (k + h >= kc) continue;
+            const float *src = (const float *)(base + (uintptr_t)(off[t] * 4));
+            v[h] = !hi ? _mm512_maskz_loadu_ps(lo[t], src)
+                       : _mm512_maskz_permutex2var_ps(keep, _mm512_maskz_loadu_ps(lo[t], src), even,
+                                                      _mm512_maskz_loadu_ps(hi[t], src + 16));
+            if (++t == kk) t = 0, base += plane * sizeof(float);
+        }
+        tile_pair(d, k, v[0], v[1]);
+    }
+}
+
 // Rows k0.. of pixels p..p+n-1 (rows16_ok): row (c, dy, dx) is one masked load from channel
 // c's plane at tap offset (dy - pad, dx - pad) from the pixels, lanes outside the plane off.
 static BF16CVT void im2col_amx_row(unsigned short *d, const gemm_operand *b, lane_grid g,
                                    int k0, int kc, int kcp, int p, int n) {
     int kk = b->k * b->k, img = p / (b->OH * b->OW);
-    size_t plane = (size_t)b->H * b->W;
     __mmask16 ok[SMALL_TAPS_MAX];
     ptrdiff_t off[SMALL_TAPS_MAX];
     __m512i ys, xs;
@@ -695,18 +720,7 @@ static BF16CVT void im2col_amx_row(unsigned short *d, const gemm_operand *b, lan
         ok[t] = rows16_inside(b, lanes16(n), ys, xs, dy, dx);
         off[t] = at + (ptrdiff_t)dy * b->W + dx;   // may point before the plane: masked lanes only
     }
-    uintptr_t base = (uintptr_t)(b->p + ((size_t)img * b->C + (size_t)(k0 / kk)) * plane);
-    int t = k0 % kk;
-    __m512 v[2];
-    for (int k = 0; k < kcp; k += 2) {
-        for (int h = 0; h < 2; h++) {
-            v[h] = _mm512_setzero_ps();
-            if (k + h >= kc) continue;
-            v[h] = _mm512_maskz_loadu_ps(ok[t], (const float *)(base + (uintptr_t)(off[t] * 4)));
-            if (++t == kk) t = 0, base += plane * sizeof(float);
-        }
-        tile_pair(d, k, v[0], v[1]);
-    }
+    im2col_amx_taps(d, b, img, k0, kc, kcp, ok, NULL, off, 0);
 }
 
 // The same for pixels p..p+n-1 of small images, through their tap table (as in
@@ -748,11 +762,9 @@ static BF16CVT void im2col_amx_small(unsigned short *d, const gemm_operand *b, i
 // 2 (ox + l) + dx - pad, the even floats of two masked loads of 16, picked by one permute.
 static BF16CVT void im2col_amx_row_s2(unsigned short *d, const gemm_operand *b, int k0, int kc,
                                       int kcp, int p, int n) {
-    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     int kk = b->k * b->k, ohw = b->OH * b->OW, img = p / ohw;
     int oy = p % ohw / b->OW, ox = p % ohw % b->OW;
-    size_t plane = (size_t)b->H * b->W;
-    __mmask16 lo[ROW2_TAPS_MAX], hi[ROW2_TAPS_MAX], keep = lanes16(n);
+    __mmask16 lo[ROW2_TAPS_MAX], hi[ROW2_TAPS_MAX];
     ptrdiff_t off[ROW2_TAPS_MAX];
     for (int t = 0; t < kk; t++) {
         int y = 2 * oy + t / b->k - b->pad, x = 2 * ox + t % b->k - b->pad;
@@ -764,20 +776,7 @@ static BF16CVT void im2col_amx_row_s2(unsigned short *d, const gemm_operand *b, 
         lo[t] = (__mmask16)m, hi[t] = (__mmask16)(m >> 16);
         off[t] = (ptrdiff_t)y * b->W + x;   // may point outside the plane: masked lanes only
     }
-    uintptr_t base = (uintptr_t)(b->p + ((size_t)img * b->C + (size_t)(k0 / kk)) * plane);
-    int t = k0 % kk;
-    __m512 v[2];
-    for (int k = 0; k < kcp; k += 2) {
-        for (int h = 0; h < 2; h++) {
-            v[h] = _mm512_setzero_ps();
-            if (k + h >= kc) continue;
-            const float *src = (const float *)(base + (uintptr_t)(off[t] * 4));
-            v[h] = _mm512_maskz_permutex2var_ps(keep, _mm512_maskz_loadu_ps(lo[t], src), even,
-                                                _mm512_maskz_loadu_ps(hi[t], src + 16));
-            if (++t == kk) t = 0, base += plane * sizeof(float);
-        }
-        tile_pair(d, k, v[0], v[1]);
-    }
+    im2col_amx_taps(d, b, img, k0, kc, kcp, lo, hi, off, lanes16(n));
 }
 
 // B rows k0..k0+kc-1, columns j0..j0+nc-1 of GEMM_IM2COL (im2col_amx_ok) into B tiles; the
