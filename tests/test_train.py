@@ -515,9 +515,8 @@ def test_bf16_test_pass_near_pytorch():
     """--bf16: each epoch's test pass runs in the mode too (on AMX, the folded convolutions'
     GEMMs on tiles, merged 1x1 groups included); its loss and top-1 in metrics.csv stay within
     bfloat16's rounding of torchvision's float32 evaluation of the same checkpoint, and so does
-    `incept eval --bf16`'s. The weights
-    are the short run's (~70 % top-1: logits that a wrong channel would change), trained one
-    more epoch at a negligible learning rate."""
+    `incept eval --bf16`'s. The weights are the short run's (~70 % top-1: logits that a wrong
+    channel would change), trained one more epoch at a negligible learning rate."""
     d = os.path.join(tmpdir(), "bf16")
     train(["googlenet", "--data", "fashion-mnist", "--no-aux", "--limit-train", 256, "--limit-test",
            500, "--batch-size", 32, "--epochs", 1, "--lr", 1e-6, "--bf16", "--init-weights",
