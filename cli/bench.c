@@ -7,6 +7,7 @@
 #include <sys/resource.h>
 #include "cli/cli.h"
 #include "ops/cpu.h"
+#include "ops/gemm.h"
 #include "train/optim.h"
 #include "util/err.h"
 #include "util/clock.h"
@@ -142,6 +143,11 @@ int cmd_bench(int argc, char **argv) {
                med * 1e3, times[2] * 1e3, times[iters + 1] * 1e3, iters, batch / med);
         printf("%.1f GFLOP/s = %.0f %% of the measured FMA peak (%.0f GFLOP/s), peak RSS %.1f MiB\n",
                gflops, 100 * gflops / peak, peak, ru.ru_maxrss / 1024.0);
+        if (cpu_bf16() && cpu_amx()) {   // the AMX unit's own pace on this host, right now
+            double amx = gemm_amx_peak_gflops();
+            printf("measured AMX peak: %.0f GFLOP/s per core (%.1f ns per 16x16x32 TDPBF16PS)\n",
+                   amx, amx > 0 ? 16 * 16 * 32 * 2 / amx : 0.0);
+        }
     }
     if (!rc && prof) print_layers(&m, prof, iters);
     free(prof);

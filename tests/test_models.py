@@ -482,6 +482,13 @@ def test_bench_verb():
     _, err = run(["bench", "googlenet", "--weights", f"{d}/w.safetensors", "--iters", "1"], rc=1)
     assert "fc.weight" in err, err
     run(["bench", "googlenet", "--batch", "0"], rc=2)
+    # --bf16 on an AMX CPU also measures the AMX unit's pace (TDPBF16PS back to back)
+    out, _ = run(["bench", "googlenet", "--input", "1x32x32", "--iters", "1", "--train", "--batch", "2",
+                  "--no-aux", "--in-channels", "1", "--bf16"])
+    amx = re.search(r"measured AMX peak: (\d+) GFLOP/s per core \(([\d.]+) ns", out)
+    assert bool(amx) == ("on AMX" in out), out
+    if amx:
+        assert int(amx.group(1)) > 0 and abs(int(amx.group(1)) * float(amx.group(2)) - 16384) < 0.1 * 16384, out
     # --layers: a row per timed layer with its type, backward times in training, totals per
     # type summing to the per-pass total
     out, _ = run(["bench", "googlenet", "--input", "3x64x64", "--iters", "2", "--train", "--batch", "2",

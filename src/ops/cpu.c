@@ -235,17 +235,13 @@ static float peak_scalar(long iters) {
     return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
 }
 
-double cpu_fma_peak_gflops(cpu_isa_level level) {
-    if (level > cpu_isa_detected()) level = cpu_isa_detected();
-    // flops per loop iteration: chains x lanes x 2
-    double flops = level == CPU_ISA_AVX512 ? 16 * 16 * 2 : level == CPU_ISA_AVX2 ? 12 * 8 * 2 : 8 * 2;
+double cpu_loop_peak_gflops(float (*loop)(long iters), double flops_per_iter) {
     volatile float sink = 0;
-    long iters = 1000;
+    long iters = 100;
     double t;
     for (;;) {  // calibrate to ~10 ms per run
         double t0 = clock_now_s();
-        sink += level == CPU_ISA_AVX512 ? peak_avx512(iters)
-              : level == CPU_ISA_AVX2   ? peak_avx2(iters) : peak_scalar(iters);
+        sink += loop(iters);
         t = clock_now_s() - t0;
         if (t > 2e-3 || iters > (1L << 40)) break;
         iters *= 4;
@@ -254,14 +250,21 @@ double cpu_fma_peak_gflops(cpu_isa_level level) {
     double best = 0;
     for (int r = 0; r < 5; r++) {
         double t0 = clock_now_s();
-        sink += level == CPU_ISA_AVX512 ? peak_avx512(iters)
-              : level == CPU_ISA_AVX2   ? peak_avx2(iters) : peak_scalar(iters);
+        sink += loop(iters);
         t = clock_now_s() - t0;
-        double g = flops * (double)iters / t * 1e-9;
+        double g = flops_per_iter * (double)iters / t * 1e-9;
         if (g > best) best = g;
     }
     (void)sink;
     return best;
+}
+
+double cpu_fma_peak_gflops(cpu_isa_level level) {
+    if (level > cpu_isa_detected()) level = cpu_isa_detected();
+    // flops per loop iteration: chains x lanes x 2
+    if (level == CPU_ISA_AVX512) return cpu_loop_peak_gflops(peak_avx512, 16 * 16 * 2);
+    if (level == CPU_ISA_AVX2) return cpu_loop_peak_gflops(peak_avx2, 12 * 8 * 2);
+    return cpu_loop_peak_gflops(peak_scalar, 8 * 2);
 }
 
 // ---------------------------------------------------------------------------------------------

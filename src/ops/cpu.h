@@ -55,6 +55,9 @@ void cpu_amx_allow(int on);
 // level, with a ~50 ms loop of independent FMAs; the best of a few short runs, so a briefly
 // busy machine does not lower it much. For benchmarks that report % of peak.
 double cpu_fma_peak_gflops(cpu_isa_level level);
+// The same measurement of any loop: loop(iters) does iters x flops_per_iter flops and returns
+// a value the caller sinks (so that the work is not optimised away).
+double cpu_loop_peak_gflops(float (*loop)(long iters), double flops_per_iter);
 
 // ---- thread pool ----
 // Worker threads are created on demand and then persist, sleeping on a condition variable

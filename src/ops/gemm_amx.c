@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+#include "ops/cpu.h"
 
 #define AVX512 __attribute__((target("avx512f")))
 #define AMX __attribute__((target("avx512f,amx-tile,amx-bf16")))
@@ -174,4 +175,38 @@ AMX void gemm_kernel_amx(int kcp, const float *af, const float *bf, float *c, pt
                          int mr, int nr, const gemm_epilogue *e) {
     float *q[4] = {c, c + 16, c + 16 * ldc, c + 16 * ldc + 16};
     gemm_kernel_amx_quads(kcp, af, bf, q, ldc, mr, nr, e);
+}
+
+// ---- the AMX unit's rate, for benchmarks ----
+// TDPBF16PS back to back into the 4 accumulator tiles (independent chains, as the kernel's),
+// on non-zero operands: all-zero ones ran up to 2x faster on one VM. Returns a value to sink.
+AMX static float amx_peak_loop(long iters) {
+    static const uint16_t ops[512] __attribute__((aligned(64))) = {[0 ... 511] = 0x3c00};  // 2^-7
+    _tile_loadd(4, ops, 64);
+    _tile_loadd(5, ops, 64);
+    _tile_loadd(6, ops, 64);
+    _tile_loadd(7, ops, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (long i = 0; i < iters; i++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    float out[256] __attribute__((aligned(64)));
+    _tile_stored(0, out, 64);
+    return out[0];
+}
+
+// As cpu_fma_peak_gflops(), single core. On a shared VM this rate moves with the host's load
+// (seen: 5.9 to 17.5 ns per TDPBF16PS within minutes), likely a hyperthread neighbour on the
+// core's one AMX unit: the bench prints it beside the step's time.
+double gemm_amx_peak_gflops(void) {
+    gemm_amx_begin();
+    double g = cpu_loop_peak_gflops(amx_peak_loop, 4.0 * 16 * 16 * 32 * 2);
+    gemm_amx_end();
+    return g;
 }
