@@ -179,7 +179,7 @@ AMX void gemm_kernel_amx(int kcp, const float *af, const float *bf, float *c, pt
 
 // ---- the AMX unit's rate, for benchmarks ----
 // TDPBF16PS back to back into the 4 accumulator tiles (independent chains, as the kernel's),
-// on non-zero operands: all-zero ones ran up to 2x faster on one VM. Returns a value to sink.
+// on non-zero operands like real data's. Returns a value to sink.
 AMX static float amx_peak_loop(long iters) {
     static const uint16_t ops[512] __attribute__((aligned(64))) = {[0 ... 511] = 0x3c00};  // 2^-7
     _tile_loadd(4, ops, 64);
