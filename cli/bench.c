@@ -146,7 +146,7 @@ int cmd_bench(int argc, char **argv) {
         if (cpu_bf16() && cpu_amx()) {   // the AMX unit's own pace on this host, right now
             double amx = gemm_amx_peak_gflops();
             printf("measured AMX peak: %.0f GFLOP/s per core (%.1f ns per 16x16x32 TDPBF16PS)\n",
-                   amx, amx > 0 ? 16 * 16 * 32 * 2 / amx : 0.0);
+                   amx, amx > 0 ? GEMM_AMX_TDP_FLOPS / amx : 0.0);
         }
     }
     if (!rc && prof) print_layers(&m, prof, iters);

@@ -127,8 +127,10 @@ void gemm_amx_pack_b_rows(unsigned short *d, const float *b, ptrdiff_t rs, int k
 void gemm_amx_begin(void);
 void gemm_amx_end(void);
 gemm_kernel_fn gemm_kernel_amx;     // MR 32, NR 32 (kc a multiple of 32)
-// Single-core TDPBF16PS rate in GFLOP/s, for benchmarks (call only where cpu_amx()).
+// Single-core TDPBF16PS rate in GFLOP/s, for benchmarks (call only where cpu_amx()); one
+// TDPBF16PS is 16 x 16 x 32 multiply-adds.
 double gemm_amx_peak_gflops(void);
+enum { GEMM_AMX_TDP_FLOPS = 16 * 16 * 32 * 2 };
 // The same with C's four 16 x 16 quarters anywhere: rows 16h.., columns 16v.. at q[2h + v]
 // (rows ldc apart in each), for tiles that cross a fold (image) or row group at 16.
 void gemm_kernel_amx_quads(int kcp, const float *a, const float *b, float *const *q,

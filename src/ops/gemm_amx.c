@@ -206,7 +206,7 @@ AMX static float amx_peak_loop(long iters) {
 // core's one AMX unit: the bench prints it beside the step's time.
 double gemm_amx_peak_gflops(void) {
     gemm_amx_begin();
-    double g = cpu_loop_peak_gflops(amx_peak_loop, 4.0 * 16 * 16 * 32 * 2);
+    double g = cpu_loop_peak_gflops(amx_peak_loop, 4.0 * GEMM_AMX_TDP_FLOPS);
     gemm_amx_end();
     return g;
 }
