@@ -581,3 +581,44 @@ def test_image_load_vs_torchvision():
     write(f"{d}/bad.jpg", b"\xff\xd8\xff\xe0 truncated jpeg")
     dc_error("image", f"{d}/bad.jpg", f"{d}/o", 256, "imagenet", must_name=f"{d}/bad.jpg")
     dc_error("image", f"{d}/a.png", f"{d}/o", 100, "imagenet", must_name=f"{d}/a.png")
+
+
+def test_image_hostile_files():
+    """Files crafted against the decoder: one error line, no memory error (SAN build)."""
+    import io, zlib
+    from PIL import Image
+    rs = np.random.RandomState(9)
+    d = tmpdir()
+    rgb = rs.randint(0, 256, size=(20, 23, 3)).astype(np.uint8)
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, "JPEG", quality=80, progressive=progressive)
+        good = buf.getvalue()
+        path = f"{d}/ok.jpg"
+        write(path, good)
+        assert dc_json("decode", path, 3, f"{d}/raw") == {"H": 20, "W": 23}
+        # Each Huffman table's 16 code counts made to add up past 256 (stb_image 2022-09
+        # writes past its tables there): every DHT segment in turn, the progressive file's
+        # later ones sitting between scans.
+        at = [i for i in range(len(good) - 1) if good[i:i + 2] == b"\xff\xc4"]
+        assert len(at) >= (3 if progressive else 2), at
+        for i in at:
+            counts = i + 5              # marker, length (2), class/slot, then the counts
+            bad = good[:counts] + b"\xff" * 16 + good[counts + 16:]
+            write(path, bad)
+            line = dc_error("decode", path, 3, f"{d}/raw", must_name=path)
+            assert "Huffman" in line, line
+            write(path, bad[:counts + 5])   # cut inside the counts: the rest read as 0
+            line = dc_error("decode", path, 3, f"{d}/raw", must_name=path)
+            assert "Huffman" in line, line
+    # An unknown critical PNG chunk whose name holds a newline: stb copies the name into its
+    # message, which must stay one line.
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    png = buf.getvalue()
+    body = b"A\nBC" + b"xy"
+    chunk = struct.pack(">I", 2) + body + struct.pack(">I", zlib.crc32(body))
+    path = f"{d}/odd.png"
+    write(path, png[:33] + chunk + png[33:])   # after IHDR (8 + 25 bytes)
+    line = dc_error("decode", path, 3, f"{d}/raw", must_name=path)
+    assert "A?BC" in line, line

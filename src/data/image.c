@@ -49,6 +49,48 @@ static int file_slurp(unsigned char **buf, size_t *len, const char *path) {
     return 0;
 }
 
+// Debian's stb_image (2022-09 snapshot) trusts a JPEG Huffman table's code counts: counts
+// summing past 256 make it write past its tables (fixed upstream by stb PR 1297). Walk the
+// file's marker segments as stb does, and refuse such a table before stb reads it. Where stb would
+// scan byte by byte (entropy-coded data, junk between segments) this looks at every marker, a
+// superset of the ones stb processes; where stb skips a segment by its length, so does this.
+static int jpeg_huffman_ok(const unsigned char *p, size_t n) {
+    if (n < 2 || p[0] != 0xFF || p[1] != 0xD8) return 1;     // not a JPEG
+    size_t i = 2;
+    while (i < n) {
+        if (p[i] != 0xFF) { i++; continue; }
+        while (i < n && p[i] == 0xFF) i++;                     // fill bytes
+        if (i + 2 >= n) break;
+        const unsigned m = p[i++];
+        if (m == 0x00 || m == 0x01 || (m >= 0xD0 && m <= 0xD8)) continue;  // no length
+        if (m == 0xD9) break;                                  // EOI: stb stops
+        size_t end = i + ((size_t)p[i] << 8 | p[i + 1]);       // the length counts itself
+        if (m == 0xC4) {
+            // stb reads each table's 16 counts (0 past the end of the file), then as many
+            // values as they add up to, and only then compares what it read with the
+            // segment's length
+            size_t t = i + 2;
+            while (t < end && t < n) {
+                unsigned sum = 0;
+                for (size_t k = t + 1; k <= t + 16 && k < n; k++) sum += p[k];
+                if (sum > 256) return 0;
+                t += 17 + sum;
+            }
+        }
+        i = end;
+    }
+    return 1;
+}
+
+// stb's failure reason, with any byte it copied from the file (an unknown PNG chunk's name)
+// made printable: the message stays one line.
+static const char *stb_reason(char *buf, size_t size) {
+    snprintf(buf, size, "%s", stbi_failure_reason() ? stbi_failure_reason() : "unknown error");
+    for (char *c = buf; *c; c++)
+        if ((unsigned char)*c < 0x20 || (unsigned char)*c > 0x7e) *c = '?';
+    return buf;
+}
+
 int image_decode(uint8_t **pix, int *H, int *W, const char *path, int C) {
     *pix = NULL;
     if (C != 1 && C != 3) return err_set("%s: cannot decode to %d channels (1 or 3)", path, C);
@@ -56,13 +98,19 @@ int image_decode(uint8_t **pix, int *H, int *W, const char *path, int C) {
     size_t len;
     if (file_slurp(&buf, &len, path)) return -1;
     if (len == 0) { free(buf); return err_set("%s: empty file, not an image", path); }
+    if (!jpeg_huffman_ok(buf, len)) {
+        free(buf);
+        return err_set("%s: cannot decode image (corrupt JPEG: a Huffman table of over 256 codes)",
+                       path);
+    }
     int w, h, comp;
     // Colour to grey is done below with PIL's weights, so ask stb for RGB unless the file is grey.
     int ok = stbi_info_from_memory(buf, (int)len, &w, &h, &comp);
     int want = (C == 3 || (ok && comp >= 3)) ? 3 : 1;
     unsigned char *img = ok ? stbi_load_from_memory(buf, (int)len, &w, &h, &comp, want) : NULL;
     free(buf);
-    if (!img) return err_set("%s: cannot decode image (%s)", path, stbi_failure_reason());
+    char why[128];
+    if (!img) return err_set("%s: cannot decode image (%s)", path, stb_reason(why, sizeof why));
     size_t hw = (size_t)w * h;
     uint8_t *out = malloc(hw * C);
     if (!out) { stbi_image_free(img); return err_set("%s: out of memory (%dx%d)", path, w, h); }
