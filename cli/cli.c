@@ -75,10 +75,10 @@ int cli_model_option(model_config *cfg, int argc, char **argv, int *i, int *set_
     int rc;
     if (!strcmp(a, "--num-classes")) {
         if (!v) return cli_usage("%s needs a value", a);
-        rc = cli_int(a, v, 1, 1 << 20, &cfg->num_classes);
+        rc = cli_int(a, v, 1, MODEL_MAX_CLASSES, &cfg->num_classes);
     } else if (!strcmp(a, "--in-channels")) {
         if (!v) return cli_usage("%s needs a value", a);
-        rc = cli_int(a, v, 1, 4096, &cfg->in_channels);
+        rc = cli_int(a, v, 1, MODEL_MAX_IN_CHANNELS, &cfg->in_channels);
         if (set_in_channels) *set_in_channels = 1;
     } else if (!strcmp(a, "--dropout")) {
         if (!v) return cli_usage("%s needs a value", a);

@@ -482,6 +482,10 @@ def test_bench_verb():
     _, err = run(["bench", "googlenet", "--weights", f"{d}/w.safetensors", "--iters", "1"], rc=1)
     assert "fc.weight" in err, err
     run(["bench", "googlenet", "--batch", "0"], rc=2)
+    # sides past 16384 are refused (past 46340 a plane's H*W overflowed an int: a crash)
+    for verb in ("bench", "summary"):
+        _, err = run([verb, "googlenet", "--input", "1x100000x100000"], rc=1)
+        assert len(err.strip().splitlines()) == 1 and "16384" in err, err
     # --bf16 on an AMX CPU also measures the AMX unit's pace (TDPBF16PS back to back)
     out, _ = run(["bench", "googlenet", "--input", "1x32x32", "--iters", "1", "--train", "--batch", "2",
                   "--no-aux", "--in-channels", "1", "--bf16"])

@@ -869,4 +869,21 @@ def test_bad_predict_inputs():
     one_error_line(err, w, "googlenet")
     _, err = run(["predict", "googlenet", "--weights", os.path.join(tmp, "none.safetensors"), good], rc=1)
     one_error_line(err, "none.safetensors")
+    # Metadata that the CLI would have refused, or a preprocessing and a model that disagree
+    # (predict once fed such images to the model as they were: a read past its input).
+    sd, meta = st_load(w, with_meta=True)
+    size = int(meta["model.height"])
+    for key, value, says in [("preprocess.height", size - 1, "makes 1x%dx%d images" % (size - 1, size)),
+                             ("preprocess.channels", 3, "makes 3x"),
+                             ("preprocess.width", -1, "image size"),
+                             ("model.in_channels", 1 << 30, "image"),
+                             ("model.num_classes", 1 << 21, "10 class names for a model with 2097152"),
+                             ("model.dropout", 2, "dropout")]:
+        edited = os.path.join(tmp, "edited.safetensors")
+        st_save(edited, sd, dict(meta, **{key: value}))
+        for verb in (["predict", "googlenet", "--weights", edited, good],
+                     ["eval", "googlenet", "--weights", edited, "--data", "fashion-mnist", "--limit-test", 8]):
+            out, err = run(verb, rc=1)
+            one_error_line(err, says)
+            assert out == "", out
     assert "--no-aux" in usage_error(["predict", "googlenet", "--weights", w, "--no-aux", good])

@@ -57,9 +57,15 @@ int model_build(model *m, const model_config *cfg) {
     if (c->dropout < 0) c->dropout = vgg ? 0.5f : !strcmp(c->name, "googlenet-paper") ? 0.4f : 0.2f;
     if (c->dropout_aux < 0) c->dropout_aux = 0.7f;
     if (vgg) c->aux = 0;
-    if (c->num_classes < 1) return err_set("--num-classes must be at least 1, not %d", c->num_classes);
-    if (c->in_channels < 1) return err_set("--in-channels must be at least 1, not %d", c->in_channels);
-    if (c->H < 1 || c->W < 1) return err_set("input size %dx%d is not valid", c->H, c->W);
+    // (checked here too for the options a checkpoint's metadata gives)
+    if (c->num_classes < 1 || c->num_classes > MODEL_MAX_CLASSES)
+        return err_set("--num-classes must be 1..%d, not %d", MODEL_MAX_CLASSES, c->num_classes);
+    if (c->in_channels < 1 || c->in_channels > MODEL_MAX_IN_CHANNELS)
+        return err_set("--in-channels must be 1..%d, not %d", MODEL_MAX_IN_CHANNELS, c->in_channels);
+    if (!(c->dropout >= 0 && c->dropout <= 1) || !(c->dropout_aux >= 0 && c->dropout_aux <= 1))
+        return err_set("dropout %g / aux dropout %g must be in [0, 1]", c->dropout, c->dropout_aux);
+    if (c->H < 1 || c->W < 1 || c->H > MODEL_MAX_SIDE || c->W > MODEL_MAX_SIDE)
+        return err_set("input size %dx%d is not valid (sides 1..%d)", c->H, c->W, MODEL_MAX_SIDE);
     const char *ref = getenv("INCEPT_REFERENCE");
     m->reference = ref && *ref && strcmp(ref, "0");
     const char *arena = getenv("INCEPT_ARENA");
@@ -131,8 +137,9 @@ int model_build(model *m, const model_config *cfg) {
     m->grads = mem_calloc(m->n_floats, sizeof(float));
     m->counters = calloc(m->n_counters ? (size_t)m->n_counters : 1, sizeof(int64_t));
     if (!m->params || !m->grads || !m->counters) {
+        const size_t n = m->n_floats;   // (model_free clears it)
         model_free(m);
-        return err_set("out of memory allocating %zu parameters", m->n_floats);
+        return err_set("out of memory allocating %zu parameters", n);
     }
     return 0;
 }

@@ -25,6 +25,10 @@ typedef struct {
     int H, W;               // input size the graph is built for (default 224×224)
 } model_config;
 
+// Limits on the options (the CLI's and a checkpoint's alike; model_build checks them). The
+// side keeps a plane's H*W, and the planning's sizes, within int.
+enum { MODEL_MAX_CLASSES = 1 << 20, MODEL_MAX_IN_CHANNELS = 4096, MODEL_MAX_SIDE = 16384 };
+
 // The supported names, NULL-terminated.
 extern const char *const model_names[];
 // Fills cfg with the defaults for NAME. -1 (err_msg set) if the name is unknown.

@@ -243,13 +243,25 @@ int ckpt_meta_read(ckpt_meta *meta, const st_file *f, const char *path) {
         snprintf(why, sizeof why, "%s", err_msg());
         return err_set("%s: metadata 'model': %s", path, why);
     }
+    // eval and predict feed the stored preprocessing's images to the stored model as they are
+    if (preprocess_check(&m.pre, m.pre.out_C)) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", err_msg());
+        return err_set("%s: metadata: %s", path, why);
+    }
+    if (m.pre.out_C != m.cfg.model.in_channels || m.pre.out_H != m.cfg.model.H ||
+        m.pre.out_W != m.cfg.model.W)
+        return err_set("%s: metadata: the preprocessing makes %dx%dx%d images, the model "
+                       "takes %dx%dx%d", path, m.pre.out_C, m.pre.out_H, m.pre.out_W,
+                       m.cfg.model.in_channels, m.cfg.model.H, m.cfg.model.W);
     const char *classes = st_meta(f, CLASSES_KEY);
     if (!classes) return err_set("%s: metadata '" CLASSES_KEY "' is missing", path);
     if (classes_parse(&m, classes, path)) { ckpt_meta_free(&m); return -1; }
     if (m.n_classes != m.cfg.model.num_classes) {
+        const int n = m.n_classes;   // (ckpt_meta_free clears it)
         ckpt_meta_free(&m);
-        return err_set("%s: metadata lists %d class names for a model with %d classes", path,
-                       m.n_classes, m.cfg.model.num_classes);
+        return err_set("%s: metadata lists %d class names for a model with %d classes", path, n,
+                       m.cfg.model.num_classes);
     }
     *meta = m;
     return 1;
