@@ -26,7 +26,7 @@ typedef struct {
 } model_config;
 
 // Limits on the options (the CLI's and a checkpoint's alike; model_build checks them). The
-// side keeps a plane's H*W, and the planning's sizes, within int.
+// side keeps a plane's H*W within int (100000 a side overflowed it: a crash).
 enum { MODEL_MAX_CLASSES = 1 << 20, MODEL_MAX_IN_CHANNELS = 4096, MODEL_MAX_SIDE = 16384 };
 
 // The supported names, NULL-terminated.
