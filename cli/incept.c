@@ -204,11 +204,7 @@ static int cmd_gradients(int argc, char **argv) {
     if (!rc) {
         model_zero_grad(&m);
         rc = model_loss_backward(&m, x, target, o.smoothing, &loss);
-        if (rc) {
-            char why[512];
-            snprintf(why, sizeof why, "%s", err_msg());
-            err_set("%s: %s", o.input, why);
-        }
+        if (rc) err_set("%s: %s", o.input, err_msg());
     }
     if (rc) {
         rc = cli_fail();

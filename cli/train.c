@@ -222,11 +222,11 @@ int cmd_train(int argc, char **argv) {
         else if (!strcmp(a, "--folder-size")) rc = cli_int(a, v, 8, 4096, &cfg.folder_size);
         else if (!strcmp(a, "--limit-train")) rc = cli_int(a, v, 1, 1 << 30, &cfg.limit_train);
         else if (!strcmp(a, "--limit-test")) rc = cli_int(a, v, 1, 1 << 30, &cfg.limit_test);
-        else if (!strcmp(a, "--batch-size")) rc = cli_int(a, v, 2, 1 << 16, &cfg.batch_size);
-        else if (!strcmp(a, "--eval-batch-size")) rc = cli_int(a, v, 1, 1 << 16, &cfg.eval_batch_size);
+        else if (!strcmp(a, "--batch-size")) rc = cli_int(a, v, 2, TRAIN_MAX_BATCH, &cfg.batch_size);
+        else if (!strcmp(a, "--eval-batch-size")) rc = cli_int(a, v, 1, TRAIN_MAX_BATCH, &cfg.eval_batch_size);
         else if (!strcmp(a, "--label-smoothing")) rc = cli_float(a, v, 0, 1, &cfg.label_smoothing);
         else if (!strcmp(a, "--random-erasing")) rc = cli_float(a, v, 0, 1, &cfg.random_erasing);
-        else if (!strcmp(a, "--precise-bn")) rc = cli_int(a, v, 0, 1 << 20, &cfg.precise_bn);
+        else if (!strcmp(a, "--precise-bn")) rc = cli_int(a, v, 0, TRAIN_MAX_PRECISE_BN, &cfg.precise_bn);
         else if (!strcmp(a, "--time-budget")) rc = parse_duration(a, v, &cfg.time_budget);
         else if (!strcmp(a, "--lr")) rc = parse_double_opt(a, v, 0, 1e300, &lr);
         else if (!strcmp(a, "--optimizer")) optimizer = v;
@@ -250,7 +250,7 @@ int cmd_train(int argc, char **argv) {
         else {
             recipe = 0;
             if (!strcmp(a, "--resume")) resume = v;
-            else if (!strcmp(a, "--epochs")) rc = cli_int(a, v, 1, 1 << 20, &epochs);
+            else if (!strcmp(a, "--epochs")) rc = cli_int(a, v, 1, TRAIN_MAX_EPOCHS, &epochs);
             else if (!strcmp(a, "--stop-after")) rc = cli_int(a, v, 1, 1 << 20, &stop_after);
             else if (!strcmp(a, "--threads")) rc = threads_set(a, v);
             else return cli_usage("unknown option '%s' for 'train'", a);

@@ -2,7 +2,7 @@
 (torchvision's GoogLeNet, torch.optim.SGD, softmax top-5) and against themselves (exact resume),
 plus every bad-input case: one clear line naming the file, exit 1 (2 for usage), nothing
 half-written."""
-import csv, gzip, math, os, pty, re, signal, subprocess, struct, time, zlib
+import csv, gzip, math, os, pty, re, shutil, signal, subprocess, struct, time, zlib
 import numpy as np
 import torch
 import torch.nn as nn
@@ -843,6 +843,21 @@ def test_bad_resume_and_run_dirs():
     one_error_line(err, d, "googlenet")
     _, err = run(["train", "googlenet", "--data", "mnist", "--resume", d], rc=1)
     one_error_line(err, d, "fashion-mnist", "mnist")
+    # Lengths and sizes the CLI would refuse, in edited metadata (a batch of 2^30 once ended
+    # in "out of memory", an epoch count of 2^30 trained on).
+    sd, meta = st_load(os.path.join(d, "last.safetensors"), with_meta=True)
+    for key, value, says in [("train.eval_batch_size", 1 << 30, "--eval-batch-size"),
+                             ("train.batch_size", 1, "--batch-size"),
+                             ("train.epochs", 1 << 30, "--epochs"),
+                             ("train.precise_bn", -3, "--precise-bn"),
+                             ("train.time_budget", -1, "--time-budget"),
+                             ("train.label_smoothing", 2, "--label-smoothing")]:
+        edited = os.path.join(tmp, "edited")
+        shutil.rmtree(edited, ignore_errors=True)
+        shutil.copytree(d, edited)
+        st_save(os.path.join(edited, "last.safetensors"), sd, dict(meta, **{key: value}))
+        _, err = run(["train", "--resume", edited], rc=1)
+        one_error_line(err, os.path.join(edited, "last.safetensors"), "metadata", says)
 
 
 def test_bad_predict_inputs():

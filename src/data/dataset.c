@@ -345,11 +345,7 @@ static void *folder_worker(void *arg) {
         int H, W, rc = image_decode(&pix, &H, &W, j->paths[i], 3);
         if (!rc) {
             rc = image_resize_square(j->d->pixels + (size_t)i * stride, pix, 3, H, W, j->size);
-            if (rc) {
-                char m[1024];   // copied: err_set overwrites the buffer err_msg() points into
-                snprintf(m, sizeof m, "%s", err_msg());
-                err_set("%s: %s", j->paths[i], m);
-            }
+            if (rc) err_set("%s: %s", j->paths[i], err_msg());
             free(pix);
         }
         if (rc) {

@@ -14,13 +14,8 @@
 #define STBI_NO_STDIO
 #include <stb_image.h>   // implementation compiled in stb_image.c
 
-// Prefixes the current error message with "path: " (copied first: err_set writes the buffer
-// err_msg() points into).
-static int err_prefix(const char *path) {
-    char m[1024];
-    snprintf(m, sizeof m, "%s", err_msg());
-    return err_set("%s: %s", path, m);
-}
+// Prefixes the current error message with "path: ".
+static int err_prefix(const char *path) { return err_set("%s: %s", path, err_msg()); }
 
 // The whole file in memory (stb reads from memory so that I/O errors get their own message).
 static int file_slurp(unsigned char **buf, size_t *len, const char *path) {

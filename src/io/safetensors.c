@@ -249,11 +249,8 @@ static int parse_file(st_file *f, const char *path) {
     const unsigned char *data = buf + 8 + n;
 
     json_value root;
-    if (json_parse(&root, text, (size_t)n)) {
-        char why[512];
-        snprintf(why, sizeof why, "%s", err_msg());
-        return err_set("%s: header is not valid JSON: %s", path, why);
-    }
+    if (json_parse(&root, text, (size_t)n))
+        return err_set("%s: header is not valid JSON: %s", path, err_msg());
     int rc = -1;
     span *spans = NULL;
     if (root.type != JSON_OBJECT) {

@@ -200,11 +200,8 @@ void ckpt_meta_free(ckpt_meta *meta) {
 
 static int classes_parse(ckpt_meta *m, const char *s, const char *path) {
     json_value v;
-    if (json_parse(&v, s, strlen(s))) {
-        char why[512];
-        snprintf(why, sizeof why, "%s", err_msg());
-        return err_set("%s: metadata '" CLASSES_KEY "' is not valid JSON: %s", path, why);
-    }
+    if (json_parse(&v, s, strlen(s)))
+        return err_set("%s: metadata '" CLASSES_KEY "' is not valid JSON: %s", path, err_msg());
     int rc = 0;
     if (v.type != JSON_ARRAY || v.n < 1 || v.n > (1u << 20))
         rc = err_set("%s: metadata '" CLASSES_KEY "' must be a non-empty JSON array of strings", path);
@@ -238,17 +235,11 @@ int ckpt_meta_read(ckpt_meta *meta, const st_file *f, const char *path) {
     }
     // The model's other options (those not stored) come from its name's defaults.
     model_config base;
-    if (model_config_init(&base, m.cfg.model.name)) {
-        char why[512];
-        snprintf(why, sizeof why, "%s", err_msg());
-        return err_set("%s: metadata 'model': %s", path, why);
-    }
+    if (model_config_init(&base, m.cfg.model.name))
+        return err_set("%s: metadata 'model': %s", path, err_msg());
     // eval and predict feed the stored preprocessing's images to the stored model as they are
-    if (preprocess_check(&m.pre, m.pre.out_C)) {
-        char why[512];
-        snprintf(why, sizeof why, "%s", err_msg());
-        return err_set("%s: metadata: %s", path, why);
-    }
+    if (preprocess_check(&m.pre, m.pre.out_C))
+        return err_set("%s: metadata: %s", path, err_msg());
     if (m.pre.out_C != m.cfg.model.in_channels || m.pre.out_H != m.cfg.model.H ||
         m.pre.out_W != m.cfg.model.W)
         return err_set("%s: metadata: the preprocessing makes %dx%dx%d images, the model "

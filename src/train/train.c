@@ -253,17 +253,30 @@ void trainer_close(trainer *t) {
     memset(t, 0, sizeof *t);
 }
 
+int train_config_check(const train_config *c) {
+    if (c->epochs < 1 || c->epochs > TRAIN_MAX_EPOCHS)
+        return err_set("--epochs must lie in 1..%d, not %d", TRAIN_MAX_EPOCHS, c->epochs);
+    if (c->batch_size < 2 || c->batch_size > TRAIN_MAX_BATCH)
+        return err_set("--batch-size must lie in 2..%d (batch norm in training mode needs more "
+                       "than one value per channel), not %d", TRAIN_MAX_BATCH, c->batch_size);
+    if (c->eval_batch_size > TRAIN_MAX_BATCH)
+        return err_set("--eval-batch-size must be at most %d, not %d", TRAIN_MAX_BATCH,
+                       c->eval_batch_size);
+    if (!(c->label_smoothing >= 0 && c->label_smoothing <= 1))
+        return err_set("--label-smoothing must lie in [0, 1], not %g", c->label_smoothing);
+    if (c->precise_bn < 0 || c->precise_bn > TRAIN_MAX_PRECISE_BN)
+        return err_set("--precise-bn must lie in 0..%d, not %d", TRAIN_MAX_PRECISE_BN, c->precise_bn);
+    if (!(c->time_budget >= 0 && c->time_budget < 1e9))
+        return err_set("--time-budget must lie in 0..1e9 seconds, not %g", c->time_budget);
+    return 0;
+}
+
 // Loads the data, resolves the model's size options, builds the model and the optimiser.
 // pre: the stored preprocessing of a resumed run, or NULL for the data set's defaults.
 static int setup(trainer *t, const preprocess *pre, int resize) {
     train_config *c = &t->cfg;
-    if (c->epochs < 1) return err_set("--epochs must be at least 1, not %d", c->epochs);
-    if (c->batch_size < 2)
-        return err_set("--batch-size must be at least 2 (batch norm in training mode needs "
-                       "more than one value per channel), not %d", c->batch_size);
+    if (train_config_check(c)) return -1;
     if (c->eval_batch_size <= 0) c->eval_batch_size = c->batch_size;
-    if (!(c->label_smoothing >= 0 && c->label_smoothing <= 1))
-        return err_set("--label-smoothing must lie in [0, 1]");
     if (dataset_load(&t->train, &t->test, c->data, c->folder_size)) return -1;
     if (c->limit_train > 0 && c->limit_train < t->train.n) t->train.n = c->limit_train;
     if (c->limit_test > 0 && c->limit_test < t->test.n) t->test.n = c->limit_test;
@@ -285,12 +298,9 @@ static int setup(trainer *t, const preprocess *pre, int resize) {
                            t->pre.out_C, t->pre.out_H, t->pre.out_W, c->in_channels, c->image_size,
                            c->image_size);
     } else {
-        if (preprocess_default(&t->pre, &t->train, c->image_size, c->in_channels, c->augment)) {
-            char why[512];
-            snprintf(why, sizeof why, "%s", err_msg());
-            return err_set("%s: %s (--in-channels %d, --image-size %d)", c->data, why,
+        if (preprocess_default(&t->pre, &t->train, c->image_size, c->in_channels, c->augment))
+            return err_set("%s: %s (--in-channels %d, --image-size %d)", c->data, err_msg(),
                            c->in_channels, c->image_size);
-        }
         t->pre.erase_p = c->random_erasing;
         if (preprocess_check(&t->pre, t->train.C)) return -1;
         // predict's single-image pipeline that reproduces the eval crop of a folder set
@@ -506,6 +516,12 @@ int trainer_resume(trainer *t, const char *run_dir, int epochs, const char *comm
     int rc = ckpt_meta_read(&meta, &f, path);
     if (rc == 0) rc = err_set("%s: not a checkpoint of incept train (no training metadata)", path);
     if (rc < 0) { st_free(&f); return -1; }
+    if (train_config_check(&meta.cfg)) {
+        err_set("%s: metadata: %s", path, err_msg());
+        ckpt_meta_free(&meta);
+        st_free(&f);
+        return -1;
+    }
     t->cfg = meta.cfg;
     t->cfg.image_size = meta.cfg.model.H;
     t->cfg.in_channels = meta.cfg.model.in_channels;

@@ -54,6 +54,13 @@ typedef struct {
     uint64_t seed;
 } train_config;
 
+// The largest values the CLI takes (and a checkpoint's metadata may hold).
+enum { TRAIN_MAX_EPOCHS = 1 << 20, TRAIN_MAX_BATCH = 1 << 16, TRAIN_MAX_PRECISE_BN = 1 << 20 };
+
+// The run's lengths and sizes in range (epochs, batch sizes, label smoothing, precise BN,
+// time budget): 0, or -1 with one line naming the option.
+int train_config_check(const train_config *c);
+
 // The recipe for MODEL (see the README): 15 epochs, SGD momentum 0.9 nesterov, weight decay
 // 5e-4 without decay on BN and biases, lr 0.05 cosine per step after one epoch of linear warmup
 // from 0.1x, batch 128, label smoothing 0.1, augmentation on. -1 if the model name is unknown.
