@@ -238,9 +238,9 @@ int cmd_train(int argc, char **argv) {
         else if (!strcmp(a, "--eps")) rc = parse_double_opt(a, v, 0, 1e300, &eps);
         else if (!strcmp(a, "--schedule")) sched_kind = v;
         else if (!strcmp(a, "--schedule-per")) sched_per = v;
-        else if (!strcmp(a, "--warmup")) rc = cli_int(a, v, 0, 1 << 20, &warmup);
+        else if (!strcmp(a, "--warmup")) rc = cli_int(a, v, 0, TRAIN_MAX_EPOCHS, &warmup);
         else if (!strcmp(a, "--warmup-factor")) rc = parse_double_opt(a, v, 1e-12, 1, &warm_f);
-        else if (!strcmp(a, "--step-size")) rc = cli_int(a, v, 1, 1 << 20, &step_size);
+        else if (!strcmp(a, "--step-size")) rc = cli_int(a, v, 1, TRAIN_MAX_EPOCHS, &step_size);
         else if (!strcmp(a, "--gamma")) rc = parse_double_opt(a, v, 1e-300, 1e300, &gamma);
         else if (!strcmp(a, "--eta-min")) rc = parse_double_opt(a, v, 0, 1e300, &eta_min);
         else if (!strcmp(a, "--power")) rc = parse_double_opt(a, v, 0, 1e300, &power);
@@ -251,7 +251,7 @@ int cmd_train(int argc, char **argv) {
             recipe = 0;
             if (!strcmp(a, "--resume")) resume = v;
             else if (!strcmp(a, "--epochs")) rc = cli_int(a, v, 1, TRAIN_MAX_EPOCHS, &epochs);
-            else if (!strcmp(a, "--stop-after")) rc = cli_int(a, v, 1, 1 << 20, &stop_after);
+            else if (!strcmp(a, "--stop-after")) rc = cli_int(a, v, 1, TRAIN_MAX_EPOCHS, &stop_after);
             else if (!strcmp(a, "--threads")) rc = threads_set(a, v);
             else return cli_usage("unknown option '%s' for 'train'", a);
         }

@@ -203,7 +203,7 @@ static int classes_parse(ckpt_meta *m, const char *s, const char *path) {
     if (json_parse(&v, s, strlen(s)))
         return err_set("%s: metadata '" CLASSES_KEY "' is not valid JSON: %s", path, err_msg());
     int rc = 0;
-    if (v.type != JSON_ARRAY || v.n < 1 || v.n > (1u << 20))
+    if (v.type != JSON_ARRAY || v.n < 1 || v.n > MODEL_MAX_CLASSES)
         rc = err_set("%s: metadata '" CLASSES_KEY "' must be a non-empty JSON array of strings", path);
     for (size_t i = 0; !rc && i < v.n; i++)
         if (v.items[i].type != JSON_STRING || strlen(v.items[i].s) != v.items[i].len)
